@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Train a model that tells whether one symbol is visible in a frame.
+
+Images in WITH_DIR show the symbol, images in WITHOUT_DIR do not; both folders are searched
+recursively. The trained model and its report are written to OUTPUT_MODEL_DIR.
+
+Example:
+  python build_binary_classifier.py frames/with_pentagram frames/without_pentagram models/pentagram
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("build_binary_classifier")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import common
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("with_dir", metavar="WITH_DIR",
+                        help="Folder of frames in which the symbol is visible.")
+    parser.add_argument("without_dir", metavar="WITHOUT_DIR",
+                        help="Folder of frames in which the symbol is not visible.")
+    parser.add_argument("output_dir", metavar="OUTPUT_MODEL_DIR",
+                        help="Folder to write the model directory to.")
+    parser.add_argument(
+        "--symbol", metavar="NAME",
+        help="Name of the model's output. Default: WITH_DIR's folder name without a 'with_' "
+             "prefix (with_pentagram/ gives pentagram).")
+    common.add_training_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import common
+
+    args = build_parser().parse_args(argv)
+    common.configure_logging(quiet=args.quiet, debug=args.debug)
+
+    def run() -> int:
+        config = common.config_from_args(args)
+        common.check_output_dir(args.output_dir, args.overwrite)
+        images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol)
+        result = common.train_and_save(images, config, args.output_dir, overwrite=args.overwrite)
+        symbol = images.symbols[0]
+        m = result.metrics["symbols"][symbol]
+        log.info("Validation on %d images: ROC-AUC %.3f, average precision %.3f, accuracy %.3f",
+                 m["frames"], m["roc_auc"], m["average_precision"], m["accuracy"])
+        log.info("Wrote %s in %.0f s", result.output_dir, result.seconds)
+        return 0
+
+    return common.run_command(run, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

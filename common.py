@@ -1,0 +1,1398 @@
+"""Shared library of the symbol trainers: data, model, training and the model directory.
+
+Both command-line scripts (`build_binary_classifier.py`, `build_multi_hot_model.py`) are thin
+wrappers around this module. It never reads flags and never exits the process: it logs through
+`logging` and raises `InputError` (the user must fix something; exit code 2) or other
+exceptions (exit code 1).
+
+The training loop:
+
+1. `scan_images` reads every image once, in parallel: content hash, size, and a full decode at
+   reduced scale, so a corrupt file is found (and skipped) before training, never in epoch 3.
+2. `split_train_validation` makes a seeded, stratified split (iterative stratification over
+   groups of frames; with no groups each frame is its own group).
+3. `build_model` builds raw pixels -> backbone preprocessing -> pretrained backbone -> pooling
+   -> dropout -> one named sigmoid output per symbol.
+4. Head phase: the backbone is frozen, so its pooled features are computed once per image
+   (`extract_features`) and the head is trained on them for many cheap epochs.
+5. Fine-tuning phase: the top of the backbone is unfrozen (BatchNorm stays frozen and in
+   inference mode) and the whole model trains on streamed images at a lower learning rate.
+6. The validation set is scored with the final model and everything is written to a temporary
+   sibling of the model directory, which is renamed into place only at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+
+
+def _import_tensorflow_quietly():
+    """Import TensorFlow with its start-up lines on stderr held back.
+
+    TensorFlow 2.20+ prints oneDNN and CUDA notices before its logging is initialised, so no
+    environment variable silences them, and they bury the one error line a user must read.
+    They are replayed if the import fails, and not captured at all when the user asked for
+    TensorFlow's logs by setting TF_CPP_MIN_LOG_LEVEL to 0 or 1.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("0", "1"):
+        import tensorflow
+        return tensorflow
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow
+            tensorflow.config.list_physical_devices()  # the CUDA probe prints here, once
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return tensorflow
+
+
+tf = _import_tensorflow_quietly()
+import keras  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# read_image refuses every image above Image.MAX_IMAGE_PIXELS itself, with the file's name;
+# Pillow's own warning for the same images would only add an anonymous line.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+MODEL_FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+HISTORY_FILE = "history.csv"
+METRICS_FILE = "metrics.json"
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+# Transparent pixels are composited onto this colour; recorded in metadata.json.
+ALPHA_BACKGROUND = "white"
+# Layer names the model uses itself; a symbol may not take one of them.
+RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout"})
+SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class SymbolTrainerError(Exception):
+    """Base class of the errors this library raises on purpose."""
+
+
+class InputError(SymbolTrainerError):
+    """Something the user gave (a flag, a path, a file, a CSV) must be fixed. Exit code 2."""
+
+
+class WeightsUnavailableError(InputError):
+    """Pretrained weights could not be downloaded or loaded."""
+
+
+class ImageReadError(InputError):
+    """One image could not be read; `path` names it, `reason` says why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: one frozen dataclass holds every training default, and the flags are made from it.
+
+
+def _setting(default, flag: str, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"flag": flag, "help": help, **argparse_kwargs})
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Every training setting, with its default. The command-line flags are generated from it."""
+
+    backbone: str = _setting(
+        "mobilenet_v2", "--backbone",
+        "Pretrained Keras Applications backbone, in snake case (see the README for the list). "
+        "Default: %(default)s.", metavar="NAME")
+    alpha: float = _setting(
+        1.0, "--alpha",
+        "Width multiplier of MobileNet backbones (for example 0.35, 0.5, 0.75, 1.0); other "
+        "backbones only accept 1.0. Default: %(default)s.", type=float)
+    weights: str = _setting(
+        "imagenet", "--weights",
+        "Backbone weights: 'imagenet' (downloaded once by Keras into $KERAS_HOME/models), "
+        "'none' (random initialisation, for tests and demos only), or the path of a weights "
+        "file (.h5 or .weights.h5) for machines without internet. Default: %(default)s.",
+        metavar="imagenet|none|PATH")
+    image_size: int = _setting(
+        224, "--image-size",
+        "Side of the square model input in pixels; images are resized to it. "
+        "Default: %(default)s.", type=int, metavar="PIXELS")
+    batch_size: int = _setting(
+        32, "--batch-size", "Images per training step. Default: %(default)s.", type=int)
+    epochs: int = _setting(
+        40, "--epochs",
+        "Most epochs of the head phase (backbone frozen, trained on features computed once); "
+        "early stopping usually ends it sooner. Default: %(default)s.", type=int)
+    fine_tune_epochs: int = _setting(
+        5, "--fine-tune-epochs",
+        "Most epochs of the fine-tuning phase (top of the backbone unfrozen, images streamed "
+        "from disk); 0 skips it. Default: %(default)s.", type=int)
+    learning_rate: float = _setting(
+        1e-3, "--learning-rate",
+        "Adam learning rate of the head phase. Default: %(default)s.", type=float)
+    fine_tune_learning_rate: float = _setting(
+        1e-4, "--fine-tune-learning-rate",
+        "Adam learning rate of the fine-tuning phase, lower so the pretrained features are "
+        "adjusted rather than overwritten. Default: %(default)s.", type=float)
+    fine_tune_fraction: float = _setting(
+        0.3, "--fine-tune-fraction",
+        "Share of the backbone's layers, counted from the top, that the fine-tuning phase "
+        "unfreezes (BatchNorm layers always stay frozen). Default: %(default)s.", type=float)
+    dropout: float = _setting(
+        0.2, "--dropout", "Dropout rate before the output layer. Default: %(default)s.",
+        type=float)
+    patience: int = _setting(
+        4, "--patience",
+        "Early stopping: epochs without a lower validation loss before a phase stops; the "
+        "best epoch's weights are kept. Default: %(default)s.", type=int)
+    positive_weighting: str = _setting(
+        "balanced", "--positive-weighting",
+        "How a symbol's positive frames are weighted in the loss: 'balanced' weights them by "
+        "negatives/positives of that symbol (capped at 100) so rare symbols are still learned; "
+        "'none' weights every frame 1. Default: %(default)s.", choices=("balanced", "none"))
+    validation_split: float = _setting(
+        0.2, "--validation-split",
+        "Share of the images held out for validation, between 0 and 0.5. Default: %(default)s.",
+        type=float)
+    seed: int = _setting(
+        0, "--seed",
+        "Random seed of the split, the shuffling and the initialisation. Default: %(default)s.",
+        type=int)
+    max_unreadable: float = _setting(
+        0.05, "--max-unreadable",
+        "Stop before training when more than this share of the images cannot be read "
+        "(corrupt, truncated, oversized); fewer are skipped and listed. Default: %(default)s.",
+        type=float)
+
+    def __post_init__(self):
+        checks = [
+            ("backbone", self.backbone in BACKBONES,
+             f"choose one of {', '.join(sorted(BACKBONES))}"),
+            ("image_size", isinstance(self.image_size, int) and self.image_size >= 32,
+             "must be an integer of at least 32"),
+            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1,
+             "must be a positive integer"),
+            ("epochs", isinstance(self.epochs, int) and self.epochs >= 1,
+             "must be a positive integer"),
+            ("fine_tune_epochs", isinstance(self.fine_tune_epochs, int)
+             and self.fine_tune_epochs >= 0, "must be 0 or a positive integer"),
+            ("learning_rate", self.learning_rate > 0, "must be greater than 0"),
+            ("fine_tune_learning_rate", self.fine_tune_learning_rate > 0,
+             "must be greater than 0"),
+            ("fine_tune_fraction", 0 < self.fine_tune_fraction <= 1,
+             "must be greater than 0 and at most 1"),
+            ("dropout", 0 <= self.dropout < 1, "must be at least 0 and below 1"),
+            ("patience", isinstance(self.patience, int) and self.patience >= 1,
+             "must be a positive integer"),
+            ("positive_weighting", self.positive_weighting in ("balanced", "none"),
+             "choose 'balanced' or 'none'"),
+            ("validation_split", 0 < self.validation_split <= 0.5,
+             "must be greater than 0 and at most 0.5"),
+            ("max_unreadable", 0 <= self.max_unreadable <= 1, "must be between 0 and 1"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise InputError(f"{flag_of(name)} {what}; got {getattr(self, name)!r}.")
+        spec = BACKBONES[self.backbone]
+        if spec.alphas and self.alpha not in spec.alphas:
+            raise InputError(
+                f"--alpha {self.alpha} is not available for {self.backbone}; choose one of "
+                f"{', '.join(str(a) for a in spec.alphas)}.")
+        if not spec.alphas and self.alpha != 1.0:
+            raise InputError(
+                f"--alpha only applies to MobileNet backbones; {self.backbone} takes 1.0, "
+                f"got {self.alpha}.")
+        if self.image_size < spec.min_size:
+            raise InputError(
+                f"--image-size {self.image_size} is too small for {self.backbone}; it needs at "
+                f"least {spec.min_size}.")
+        if self.weights.lower() not in ("imagenet", "none"):
+            path = Path(self.weights)
+            if not path.is_file():
+                raise InputError(
+                    f"--weights {self.weights!r}: no such file. Give 'imagenet', 'none', or the "
+                    "path of a weights file (.h5 or .weights.h5).")
+            if not path.name.endswith(".h5"):
+                raise InputError(
+                    f"--weights {self.weights!r}: expected a Keras weights file ending in .h5 "
+                    "or .weights.h5.")
+
+    @property
+    def weights_source(self) -> str:
+        """'imagenet', 'none', or the weights file's absolute path."""
+        lowered = self.weights.lower()
+        return lowered if lowered in ("imagenet", "none") else str(Path(self.weights).resolve())
+
+
+def flag_of(setting_name: str) -> str:
+    """The command-line flag of a TrainingConfig field."""
+    return TrainingConfig.__dataclass_fields__[setting_name].metadata["flag"]
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options every training command shares; defaults come from TrainingConfig."""
+    group = parser.add_argument_group("training options")
+    for f in dataclasses.fields(TrainingConfig):
+        meta = dict(f.metadata)
+        flag = meta.pop("flag")
+        meta.setdefault("type", type(f.default) if not isinstance(f.default, str) else str)
+        if "choices" in meta:
+            meta.pop("type")
+        group.add_argument(flag, dest=f.name, default=f.default, **meta)
+    output = parser.add_argument_group("output and logging")
+    output.add_argument(
+        "--overwrite", action="store_true",
+        help="Replace OUTPUT_MODEL_DIR if it exists and is not empty (it is only replaced once "
+             "the new model is complete).")
+    output.add_argument("--quiet", action="store_true",
+                        help="Only print warnings and errors.")
+    output.add_argument("--debug", action="store_true",
+                        help="Print full tracebacks and debug messages.")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The TrainingConfig that parsed flags describe (validated; raises InputError)."""
+    return TrainingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig)})
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line plumbing shared by the scripts
+
+
+def configure_logging(quiet: bool = False, debug: bool = False) -> None:
+    """Log to stderr, one line per message; quieten TensorFlow's own chatter."""
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.symbol_trainer = True  # replaced on the next call; other handlers are left alone
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "symbol_trainer", False)]
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("tensorflow", "absl", "h5py", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+    tf.get_logger().setLevel(logging.ERROR)
+
+
+def run_command(command: Callable[[], int], debug: bool = False) -> int:
+    """Run a script's work and turn exceptions into one clear line and an exit code."""
+    try:
+        return command()
+    except InputError as error:
+        if debug:
+            log.exception("input error")
+        log.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        log.error("Interrupted; no model directory was written.")
+        return 130
+    except Exception as error:  # the last line of defence of a command-line program
+        if debug:
+            log.exception("unexpected error")
+        else:
+            log.error("%s: %s (run again with --debug for the traceback)",
+                      type(error).__name__, error)
+        return 1
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading images
+
+
+def find_images(directory: str | os.PathLike) -> list[Path]:
+    """Image files below `directory`, recursively, sorted; hidden files and folders skipped."""
+    root = Path(directory)
+    if not root.exists():
+        raise InputError(f"{directory}: no such directory.")
+    if not root.is_dir():
+        raise InputError(f"{directory}: is a file, expected a directory of images.")
+    found = []
+    for current, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(current) / name)
+    return found
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How a decoded image becomes a model input: the target size and the resize method."""
+
+    height: int
+    width: int
+    resize: str = "squash"
+
+    def to_json(self) -> dict:
+        return {"height": self.height, "width": self.width, "resize": self.resize}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ImageGeometry":
+        return cls(int(data["height"]), int(data["width"]), str(data.get("resize", "squash")))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited onto ALPHA_BACKGROUND."""
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit data (I;16 and I as Pillow opens 16-bit PNGs) is scaled, not clipped.
+        if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def read_image(source: str | os.PathLike | bytes, min_size: tuple[int, int] | None = None,
+               *, path_for_errors: str | os.PathLike | None = None) -> Image.Image:
+    """Decode one image to an upright 8-bit RGB Pillow image.
+
+    `source` is a path or the file's bytes. With `min_size` (width, height), a JPEG is decoded
+    at the smallest DCT scale that still covers it, which is several times faster for large
+    frames. EXIF orientation is honoured. Images that claim more pixels than
+    `PIL.Image.MAX_IMAGE_PIXELS` are refused before they are decoded. Raises ImageReadError.
+    """
+    name = path_for_errors if path_for_errors is not None else source
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        width, height = image.size
+        if width * height > Image.MAX_IMAGE_PIXELS:
+            raise ImageReadError(
+                name, f"claims {width}x{height} pixels, more than the limit of "
+                      f"{Image.MAX_IMAGE_PIXELS:,}; refused without decoding (possible "
+                      "decompression bomb)")
+        if min_size is not None and image.format == "JPEG":
+            side = max(min_size)  # square request: the EXIF rotation may swap the sides
+            image.draft("RGB", (side, side))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(name, "file not found") from None
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(name, f"refused without decoding: {error}") from None
+    except Exception as error:  # Pillow raises many types on corrupt data; all mean "unreadable"
+        reason = str(error) or type(error).__name__
+        raise ImageReadError(name, f"cannot be decoded as an image ({reason})") from None
+
+
+def resize_to_geometry(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
+    """An RGB image resized to the model input, as a (height, width, 3) uint8 array."""
+    if geometry.resize != "squash":
+        raise ValueError(f"unknown resize method {geometry.resize!r}")
+    target = (geometry.width, geometry.height)
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image_array(path: str | os.PathLike, geometry: ImageGeometry) -> np.ndarray:
+    """Read one image and return the model input for it: (height, width, 3) uint8."""
+    image = read_image(path, (geometry.width, geometry.height))
+    return resize_to_geometry(image, geometry)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one pass over the image files found."""
+
+    sha1: list[str | None]           # content hash per path, None where unreadable
+    size: list[tuple[int, int] | None]  # (width, height) after EXIF rotation
+    errors: list[tuple[str, str]]    # (path, reason) of the unreadable files
+
+    @property
+    def readable(self) -> np.ndarray:
+        return np.array([h is not None for h in self.sha1], dtype=bool)
+
+
+def _scan_one(path: str) -> tuple[str, tuple[int, int]]:
+    data = Path(path).read_bytes() if os.path.isfile(path) else None
+    if data is None:
+        raise ImageReadError(path, "file not found")
+    # A reduced-scale decode still reads every compressed byte, so truncation is caught.
+    image = read_image(data, (64, 64), path_for_errors=path)
+    return hashlib.sha1(data).hexdigest(), image.size
+
+
+def scan_images(paths: Sequence[str | os.PathLike], workers: int | None = None,
+                progress_every: float = 10.0) -> ScanResult:
+    """Read and decode every image once, in parallel threads; never raises for a bad file."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    sha1: list[str | None] = [None] * len(paths)
+    size: list[tuple[int, int] | None] = [None] * len(paths)
+    errors: list[tuple[str, str]] = []
+    last_report = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = pool.map(_scan_one_safely, [str(p) for p in paths])
+        for index, (result, error) in enumerate(futures):
+            if error is None:
+                sha1[index], size[index] = result
+            else:
+                errors.append((str(paths[index]), error))
+            if time.monotonic() - last_report > progress_every:
+                last_report = time.monotonic()
+                log.info("Checked %s of %s images", f"{index + 1:,}", f"{len(paths):,}")
+    return ScanResult(sha1, size, errors)
+
+
+def _scan_one_safely(path: str):
+    try:
+        return _scan_one(path), None
+    except ImageReadError as error:
+        return None, error.reason
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled image tables
+
+
+@dataclass
+class LabelledImages:
+    """Images with their labels, as both scripts produce them before training.
+
+    `table` has a `path` column (the file to read), a `filename` column (how the user names
+    the file in messages and outputs), one float column per symbol holding 1, 0 or NaN (not
+    annotated), and any other columns the source had (kept for grouping and reports).
+    """
+
+    table: pd.DataFrame
+    symbols: list[str]
+    source: str  # where the labels came from, for metadata.json
+
+    def labels(self) -> np.ndarray:
+        return self.table[self.symbols].to_numpy(dtype=np.float32)
+
+
+def clean_symbol_name(raw: str) -> str:
+    """The output name for a symbol: runs of characters other than letters, digits and '_'
+    become one '_', and leading/trailing '_' are dropped."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", raw.strip()).strip("_")
+
+
+def check_symbol_names(names: Sequence[str], origin: str) -> None:
+    """Raise InputError unless every name is a usable, unique output name."""
+    for name in names:
+        if not SYMBOL_NAME_PATTERN.match(name):
+            raise InputError(
+                f"{origin}: symbol name {name!r} is not a valid output name; use letters, digits "
+                "and '_', starting with a letter or digit.")
+        if name in RESERVED_LAYER_NAMES:
+            raise InputError(
+                f"{origin}: symbol name {name!r} is reserved for a layer of the model; rename it "
+                f"(reserved: {', '.join(sorted(RESERVED_LAYER_NAMES))}).")
+    seen = {}
+    for name in names:
+        if name in seen:
+            raise InputError(f"{origin}: symbol name {name!r} appears twice.")
+        seen[name] = True
+
+
+def symbol_from_directory(with_dir: str | os.PathLike) -> str:
+    """`with_pentagram/` or `pentagram/` gives `pentagram`."""
+    name = Path(os.path.abspath(with_dir)).name
+    name = re.sub(r"^(with)[_\- ]+", "", name, flags=re.IGNORECASE)
+    return clean_symbol_name(name)
+
+
+def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.PathLike,
+                            symbol: str | None = None) -> LabelledImages:
+    """The labelled table of a binary task: images in `with_dir` are positives."""
+    with_path, without_path = Path(with_dir).resolve(), Path(without_dir).resolve()
+    for path, role in ((with_dir, "WITH_DIR"), (without_dir, "WITHOUT_DIR")):
+        if not Path(path).is_dir():
+            raise InputError(f"{role} {path}: no such directory.")
+    if with_path == without_path or with_path in without_path.parents \
+            or without_path in with_path.parents:
+        raise InputError(
+            f"WITH_DIR {with_dir} and WITHOUT_DIR {without_dir} overlap; the images of the "
+            "two classes must be in separate folders, neither inside the other.")
+    if symbol is None:
+        symbol = symbol_from_directory(with_dir)
+        origin = f"symbol name derived from WITH_DIR {with_dir} (pass --symbol NAME to choose)"
+    else:
+        origin = "--symbol"
+    check_symbol_names([symbol], origin)
+    positives, negatives = find_images(with_dir), find_images(without_dir)
+    log.info("Found %s images with the symbol, %s without", f"{len(positives):,}",
+             f"{len(negatives):,}")
+    for found, role, path in ((positives, "WITH_DIR", with_dir),
+                              (negatives, "WITHOUT_DIR", without_dir)):
+        if not found:
+            raise InputError(
+                f"{role} {path}: no images found (looked recursively for "
+                f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}).")
+    paths = positives + negatives
+    table = pd.DataFrame({
+        "path": [str(p) for p in paths],
+        "filename": [str(p) for p in paths],
+        symbol: np.r_[np.ones(len(positives)), np.zeros(len(negatives))].astype(np.float32),
+        "folder": [str(p.parent) for p in paths],
+    })
+    return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)")
+
+
+def drop_unreadable(images: LabelledImages, scan: ScanResult, max_unreadable: float) -> LabelledImages:
+    """Remove the files the scan could not read, or raise if there are too many."""
+    if scan.errors:
+        for path, reason in scan.errors[:20]:
+            log.warning("Skipping %s: %s", path, reason)
+        if len(scan.errors) > 20:
+            log.warning("... and %d more unreadable files", len(scan.errors) - 20)
+    share = len(scan.errors) / max(1, len(images.table))
+    if share > max_unreadable:
+        first = "; ".join(f"{p}: {r}" for p, r in scan.errors[:3])
+        raise InputError(
+            f"{len(scan.errors):,} of {len(images.table):,} images ({share:.1%}) cannot be read, "
+            f"more than --max-unreadable {max_unreadable}. First: {first}. Fix or remove them, "
+            "or raise --max-unreadable.")
+    keep = scan.readable
+    table = images.table.loc[keep].copy()
+    table["sha1"] = [h for h in scan.sha1 if h is not None]
+    table["width"] = [s[0] for s in scan.size if s is not None]
+    table["height"] = [s[1] for s in scan.size if s is not None]
+    return LabelledImages(table.reset_index(drop=True), images.symbols, images.source)
+
+
+def check_learnable(images: LabelledImages) -> None:
+    """Every symbol needs two positives and two negatives: one of each for both splits."""
+    labels = images.labels()
+    problems = []
+    for column, symbol in enumerate(images.symbols):
+        positives = int(np.nansum(labels[:, column] == 1))
+        negatives = int(np.nansum(labels[:, column] == 0))
+        if positives < 2 or negatives < 2:
+            problems.append(f"{symbol} ({positives} positive, {negatives} negative)")
+    if problems:
+        raise InputError(
+            "cannot learn " + ", ".join(problems) + ": each symbol needs at least 2 readable "
+            "images where it is visible and 2 where it is not, so both the training and the "
+            "validation split have one of each. Add images or drop the symbol.")
+
+
+# --------------------------------------------------------------------------------------------
+# Train/validation split
+
+
+def split_train_validation(labels: np.ndarray, validation_fraction: float, seed: int,
+                           groups: Sequence | None = None) -> np.ndarray:
+    """A seeded, stratified split; returns a boolean array, True for validation rows.
+
+    `labels` is (frames, symbols) with 1, 0 or NaN. Frames of one group always land in the same
+    split (with no groups every frame is its own group). Groups are assigned by iterative
+    stratification (Sechidis et al., 2011): the symbol with the fewest positives left is
+    placed first, each group going to the split that most lacks that symbol's positives, so
+    every symbol gets positives in validation in proportion. Negatives of each symbol are then
+    balanced the same way, and the remaining groups fill the validation size.
+    """
+    labels = np.asarray(labels, dtype=np.float32)
+    n = len(labels)
+    if groups is None:
+        group_ids = np.arange(n)
+    else:
+        _, group_ids = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    n_groups = int(group_ids.max()) + 1 if n else 0
+    # Per group: frames, positives and negatives per symbol.
+    frames = np.bincount(group_ids, minlength=n_groups).astype(float)
+    pos = np.zeros((n_groups, labels.shape[1]))
+    neg = np.zeros((n_groups, labels.shape[1]))
+    np.add.at(pos, group_ids, np.nan_to_num(labels == 1).astype(float))
+    np.add.at(neg, group_ids, np.nan_to_num(labels == 0).astype(float))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_groups)  # random tie-breaking, repeatable by seed
+    fractions = np.array([1 - validation_fraction, validation_fraction])
+    # Desired counts per split: rows (train, validation), columns the count kinds.
+    counts = np.concatenate([frames[:, None], pos, neg], axis=1)
+    totals = counts.sum(axis=0)
+    desired = fractions[:, None] * totals[None, :]
+    # A class with two or more frames puts at least one in validation, so small symbols are
+    # still validated on both classes (plain proportions would give a 2-positive symbol 0.4).
+    at_least_one = (totals >= 2) & (np.arange(len(totals)) > 0)
+    desired[1, at_least_one] = np.maximum(desired[1, at_least_one], 1.0)
+    desired[0] = totals - desired[1]
+    assigned = np.full(n_groups, -1)
+    unassigned = set(order.tolist())
+
+    def place(group: int, split: int) -> None:
+        assigned[group] = split
+        desired[split] -= counts[group]
+        unassigned.discard(group)
+
+    n_symbols = labels.shape[1]
+    # Positives first (rarest symbol first), then negatives; columns 1.. of counts.
+    for kind_offset in (1, 1 + n_symbols):
+        while True:
+            remaining = [g for g in order if g in unassigned]
+            if not remaining:
+                break
+            rem = np.array(remaining)
+            totals = counts[rem, kind_offset:kind_offset + n_symbols].sum(axis=0)
+            candidates = np.flatnonzero(totals > 0)
+            if len(candidates) == 0:
+                break
+            column = kind_offset + candidates[np.argmin(totals[candidates])]
+            for group in rem[counts[rem, column] > 0]:
+                need = desired[:, column]
+                if need[0] != need[1]:
+                    split = int(np.argmax(need))
+                else:
+                    split = int(np.argmax(desired[:, 0]))
+                place(int(group), split)
+    for group in [g for g in order if g in unassigned]:
+        place(int(group), int(np.argmax(desired[:, 0])))
+    return assigned[group_ids] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones and the model
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    constructor: str           # name in keras.applications
+    preprocessing: str         # 'tf' (x/127.5 - 1), 'caffe' (BGR, mean subtracted), 'included'
+    alphas: tuple[float, ...] = ()  # widths with ImageNet weights; () if no width parameter
+    min_size: int = 32
+    extra: tuple[tuple[str, object], ...] = ()  # further constructor keyword arguments
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenet": BackboneSpec("MobileNet", "tf", (0.25, 0.5, 0.75, 1.0)),
+    "mobilenet_v2": BackboneSpec("MobileNetV2", "tf", (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)),
+    "mobilenet_v3_small": BackboneSpec("MobileNetV3Small", "included", (0.75, 1.0),
+                                       extra=(("include_preprocessing", True),)),
+    "mobilenet_v3_large": BackboneSpec("MobileNetV3Large", "included", (0.75, 1.0),
+                                       extra=(("include_preprocessing", True),)),
+    "efficientnet_b0": BackboneSpec("EfficientNetB0", "included"),
+    "efficientnet_v2_b0": BackboneSpec("EfficientNetV2B0", "included",
+                                       extra=(("include_preprocessing", True),)),
+    "resnet50": BackboneSpec("ResNet50", "caffe"),
+    "inception_v3": BackboneSpec("InceptionV3", "tf", min_size=75),
+    "convnext_tiny": BackboneSpec("ConvNeXtTiny", "included",
+                                  extra=(("include_preprocessing", True),)),
+}
+
+# ImageNet channel means in BGR order, as keras.applications.imagenet_utils uses them.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def _preprocessing_layer(spec: BackboneSpec):
+    """The backbone's input preprocessing as a standard, serialisable Keras layer (no Lambda),
+    so the saved model takes raw 0-255 RGB and loads in safe mode."""
+    if spec.preprocessing == "tf":
+        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocessing")
+    if spec.preprocessing == "caffe":
+        # RGB -> BGR and mean subtraction as one fixed 1x1 convolution.
+        swap = np.zeros((1, 1, 3, 3), dtype=np.float32)
+        for rgb in range(3):
+            swap[0, 0, rgb, 2 - rgb] = 1.0
+        layer = keras.layers.Conv2D(3, 1, name="preprocessing", trainable=False)
+        layer.build((None, None, None, 3))
+        layer.set_weights([swap, -np.array(_CAFFE_MEAN_BGR, dtype=np.float32)])
+        return layer
+    return None
+
+
+def keras_models_cache() -> Path:
+    """Where Keras caches downloaded weights ($KERAS_HOME/models, default ~/.keras/models)."""
+    from keras.src.backend import config as keras_config  # Keras fixes its home at import
+    return Path(keras_config.keras_home()) / "models"
+
+
+def build_backbone(config: TrainingConfig, input_shape: tuple[int, int, int]) -> keras.Model:
+    """The pretrained backbone without its top; raises WeightsUnavailableError with the fix."""
+    spec = BACKBONES[config.backbone]
+    kwargs = dict(spec.extra)
+    if spec.alphas:
+        kwargs["alpha"] = config.alpha
+    source = config.weights_source
+    weights = None if source == "none" else source
+    constructor = getattr(keras.applications, spec.constructor)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a node behind a silent firewall must fail, not hang all night
+    try:
+        backbone = constructor(include_top=False, weights=weights, input_shape=input_shape, **kwargs)
+    except Exception as error:
+        if source == "imagenet":
+            raise WeightsUnavailableError(
+                f"could not get the ImageNet weights of {config.backbone} "
+                f"(alpha {config.alpha}, input {input_shape[0]}x{input_shape[1]}): {error}. "
+                f"On a machine without internet, either pass --weights PATH with a weights "
+                f"file (.h5), or run the same command once on a machine with internet and "
+                f"copy its Keras cache folder ({keras_models_cache()}) to the same place "
+                f"(or to $KERAS_HOME/models) on this one. Never trained on random weights."
+            ) from None
+        if source != "none":
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise WeightsUnavailableError(
+                f"--weights {config.weights}: the file does not fit {config.backbone} with "
+                f"alpha {config.alpha} ({first_line[:300]}). Use the weights file made for "
+                f"this backbone and width, without the top (no_top).") from None
+        raise
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return keras.Model(backbone.input, backbone.output, name="backbone")
+
+
+@dataclass
+class ModelParts:
+    """The full model and the two views of it that training uses (layers are shared)."""
+
+    model: keras.Model             # raw RGB image -> {symbol: probability}
+    features: keras.Model          # raw RGB image -> pooled backbone features
+    head: keras.Model              # pooled features -> {symbol: probability}
+    backbone: keras.Model
+    preprocessing: keras.layers.Layer | None
+
+
+def build_model(symbols: Sequence[str], config: TrainingConfig,
+                geometry: ImageGeometry) -> ModelParts:
+    """Raw 0-255 RGB pixels -> preprocessing -> frozen backbone -> pooling -> dropout ->
+    one Dense(1, sigmoid) output per symbol, named after it."""
+    check_symbol_names(list(symbols), "symbols")
+    input_shape = (geometry.height, geometry.width, 3)
+    backbone = build_backbone(config, input_shape)
+    backbone.trainable = False
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    preprocessing = _preprocessing_layer(BACKBONES[config.backbone])
+    if preprocessing is not None:
+        x = preprocessing(x)
+    # training=False keeps BatchNorm in inference mode in both phases, as the keras.io
+    # transfer-learning guide advises: its statistics are not relearned from small batches.
+    x = backbone(x, training=False)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pooling")(x)
+    dropout = keras.layers.Dropout(config.dropout, name="head_dropout")
+    heads = [keras.layers.Dense(1, activation="sigmoid", name=s) for s in symbols]
+    hidden = dropout(pooled)
+    model = keras.Model(inputs, {s: h(hidden) for s, h in zip(symbols, heads)},
+                        name="symbol_classifier")
+    features = keras.Model(inputs, pooled, name="feature_extractor")
+    feature_input = keras.Input(shape=(pooled.shape[-1],), name="features")
+    hidden = dropout(feature_input)
+    head = keras.Model(feature_input, {s: h(hidden) for s, h in zip(symbols, heads)}, name="head")
+    return ModelParts(model, features, head, backbone, preprocessing)
+
+
+def calibrate_batchnorm(parts: ModelParts, images: np.ndarray) -> None:
+    """Set every BatchNorm layer's statistics from one batch of training images.
+
+    Only for `--weights none`: a randomly initialised backbone whose BatchNorm layers keep
+    their initial statistics (mean 0, variance 1) shrinks activations layer after layer, and
+    its pooled features come out near 1e-11 and constant. One forward pass in training mode
+    with momentum 0 stores each layer's batch statistics, so in inference mode the random
+    network passes a signal and its features are usable (data-dependent initialisation).
+    """
+    layers = [l for l in parts.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    x = tf.convert_to_tensor(images, dtype=tf.float32)
+    if parts.preprocessing is not None:
+        x = parts.preprocessing(x)
+    trainable = parts.backbone.trainable
+    try:
+        # A frozen BatchNorm layer ignores training=True, so unfreeze for this one pass.
+        parts.backbone.trainable = True
+        for layer in layers:
+            layer.momentum = 0.0
+        parts.backbone(x, training=True)
+    finally:
+        parts.backbone.trainable = trainable
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+
+def unfreeze_top(backbone: keras.Model, fraction: float) -> int:
+    """Make the top `fraction` of the backbone's layers trainable, BatchNorm excepted;
+    returns how many layers now train."""
+    backbone.trainable = True
+    layers = backbone.layers
+    first = int(round(len(layers) * (1 - fraction)))
+    count = 0
+    for index, layer in enumerate(layers):
+        trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = trainable
+        count += bool(trainable and layer.weights)
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Input pipeline and inference
+
+
+def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int, *,
+                  targets: np.ndarray | None = None, sample_weights: np.ndarray | None = None,
+                  symbols: Sequence[str] = (), shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Stream images from disk, decoded in parallel (Pillow releases the GIL while it
+    decodes), in batches of uint8 tensors; with `targets`, yield (images, {symbol: label},
+    {symbol: weight}) for Keras."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("image_dataset needs at least one path")
+
+    def load(index):
+        return load_image_array(paths[int(index)], geometry)
+
+    def decode(index):
+        image = tf.numpy_function(load, [index], tf.uint8, stateful=False)
+        image.set_shape((geometry.height, geometry.width, 3))
+        return image
+
+    dataset = tf.data.Dataset.range(len(paths))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if targets is None:
+        dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        y = tf.constant(np.asarray(targets, dtype=np.float32))
+        w = tf.constant(np.asarray(sample_weights, dtype=np.float32))
+
+        def decode_labelled(index):
+            labels, weights = tf.gather(y, index), tf.gather(w, index)
+            return (decode(index),
+                    {s: labels[i:i + 1] for i, s in enumerate(symbols)},
+                    {s: weights[i] for i, s in enumerate(symbols)})
+
+        dataset = dataset.map(decode_labelled, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _compiled_inference(model: keras.Model):
+    @tf.function(reduce_retracing=True)
+    def infer(images):
+        return model(images, training=False)
+    return infer
+
+
+def run_inference(model: keras.Model, dataset: tf.data.Dataset,
+                  progress_label: str | None = None, total: int | None = None):
+    """Apply `model` in inference mode to every batch; returns a numpy array, or a dict of
+    them for a dict-output model, in dataset order."""
+    infer = _compiled_inference(model)
+    chunks = []
+    done, last_report, start = 0, time.monotonic(), time.monotonic()
+    for batch in dataset:
+        images = batch[0] if isinstance(batch, tuple) else batch
+        chunks.append(tf.nest.map_structure(lambda t: t.numpy(), infer(images)))
+        done += int(images.shape[0])
+        if progress_label and time.monotonic() - last_report > 10:
+            last_report = time.monotonic()
+            rate = done / (last_report - start)
+            log.info("%s: %s of %s images (%.1f images/s)", progress_label, f"{done:,}",
+                     f"{total:,}" if total else "?", rate)
+    if not chunks:
+        raise ValueError("no batches to run")
+    return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
+
+
+def extract_features(parts: ModelParts, paths: Sequence[str], geometry: ImageGeometry,
+                     batch_size: int) -> np.ndarray:
+    """Pooled backbone features of every image, computed once: (images, feature size)."""
+    start = time.monotonic()
+    dataset = image_dataset(paths, geometry, batch_size)
+    features = run_inference(parts.features, dataset, "Computing backbone features", len(paths))
+    seconds = time.monotonic() - start
+    log.info("Computed backbone features of %s images in %.1f s (%.1f images/s)",
+             f"{len(paths):,}", seconds, len(paths) / max(seconds, 1e-9))
+    return features.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def positive_weights(labels: np.ndarray, scheme: str) -> np.ndarray:
+    """Per-symbol weight of a positive frame. 'balanced': negatives / positives of the symbol
+    in the training split, clipped to [1, 100]: a symbol visible in 2 % of frames gets 49, so
+    its positives weigh as much in the loss as its negatives. 'none': 1."""
+    if scheme == "none":
+        return np.ones(labels.shape[1], dtype=np.float32)
+    positives = np.nansum(labels == 1, axis=0).astype(np.float64)
+    negatives = np.nansum(labels == 0, axis=0).astype(np.float64)
+    return np.clip(negatives / np.maximum(positives, 1), 1.0, 100.0).astype(np.float32)
+
+
+def sample_weights(labels: np.ndarray, weight_of_positive: np.ndarray) -> np.ndarray:
+    """Per frame and symbol: the positive weight, 1 for a negative, 0 where not annotated."""
+    weights = np.where(labels == 1, weight_of_positive[None, :], 1.0)
+    return np.where(np.isnan(labels), 0.0, weights).astype(np.float32)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Logs one line per epoch and collects the history rows of a phase."""
+
+    def __init__(self, phase: str, total_epochs: int, rows: list[dict]):
+        super().__init__()
+        self.phase, self.total_epochs, self.rows = phase, total_epochs, rows
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        seconds = time.monotonic() - self._start
+        row = {"phase": self.phase, "epoch": epoch + 1, "seconds": round(seconds, 3)}
+        row.update({k: float(v) for k, v in sorted(logs.items())})
+        self.rows.append(row)
+        log.info("%s epoch %d/%d: loss %.4f, val_loss %.4f (%.1f s)", self.phase, epoch + 1,
+                 self.total_epochs, logs.get("loss", float("nan")),
+                 logs.get("val_loss", float("nan")), seconds)
+
+
+def _label_dict(labels: np.ndarray, symbols: Sequence[str]) -> dict:
+    return {s: np.nan_to_num(labels[:, i:i + 1]) for i, s in enumerate(symbols)}
+
+
+def _weight_dict(weights: np.ndarray, symbols: Sequence[str]) -> dict:
+    return {s: weights[:, i] for i, s in enumerate(symbols)}
+
+
+def _compile(model: keras.Model, symbols: Sequence[str], learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss={s: keras.losses.BinaryCrossentropy() for s in symbols})
+
+
+def _callbacks(phase: str, epochs: int, patience: int, rows: list[dict]):
+    return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                          restore_best_weights=True),
+            EpochLog(phase, epochs, rows)]
+
+
+def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
+               train: tuple[np.ndarray, np.ndarray, np.ndarray],
+               validation: tuple[np.ndarray, np.ndarray, np.ndarray],
+               rows: list[dict]) -> None:
+    """Head phase on precomputed features; each tuple is (features, labels, weights)."""
+    _compile(parts.head, symbols, config.learning_rate)
+    parts.head.fit(
+        train[0], _label_dict(train[1], symbols), sample_weight=_weight_dict(train[2], symbols),
+        validation_data=(validation[0], _label_dict(validation[1], symbols),
+                         _weight_dict(validation[2], symbols)),
+        epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
+        callbacks=_callbacks("head", config.epochs, config.patience, rows))
+
+
+def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
+              geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
+              validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict]) -> None:
+    """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights)."""
+    layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
+    log.info("Fine-tuning the top %d weighted layers of %s at learning rate %g", layers,
+             config.backbone, config.fine_tune_learning_rate)
+    _compile(parts.model, symbols, config.fine_tune_learning_rate)
+    train_data = image_dataset(train[0], geometry, config.batch_size, targets=train[1],
+                               sample_weights=train[2], symbols=symbols,
+                               shuffle_seed=config.seed)
+    validation_data = image_dataset(validation[0], geometry, config.batch_size,
+                                    targets=validation[1], sample_weights=validation[2],
+                                    symbols=symbols)
+    verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
+    parts.model.fit(train_data, validation_data=validation_data,
+                    epochs=config.fine_tune_epochs, verbose=verbose,
+                    callbacks=_callbacks("fine_tune", config.fine_tune_epochs, config.patience, rows))
+    parts.backbone.trainable = False
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (numpy, so they are exact and unweighted whatever weighting training used)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); NaN without both classes."""
+    labels = np.asarray(labels, bool)
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = pd.Series(np.asarray(scores, np.float64)).rank(method="average").to_numpy()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision as scikit-learn defines it: sum over thresholds of
+    (recall step) x precision, thresholds at the distinct scores."""
+    labels = np.asarray(labels, bool)
+    positives = labels.sum()
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+    sorted_scores, sorted_labels = np.asarray(scores)[order], labels[order]
+    true_positives = np.cumsum(sorted_labels)
+    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    tp = true_positives[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall = tp / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def symbol_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict:
+    """Metrics of one symbol over the annotated frames (NaN labels are left out)."""
+    annotated = ~np.isnan(labels)
+    y = labels[annotated] == 1
+    p = np.clip(probabilities[annotated].astype(np.float64), 1e-7, 1 - 1e-7)
+    predicted = p >= threshold
+    tp = int(np.sum(predicted & y))
+    fp = int(np.sum(predicted & ~y))
+    fn = int(np.sum(~predicted & y))
+    tn = int(np.sum(~predicted & ~y))
+
+    def ratio(a, b):
+        return float(a / b) if b else float("nan")
+
+    return {
+        "frames": int(annotated.sum()),
+        "positives": int(y.sum()),
+        "loss": float(-np.mean(y * np.log(p) + (~y) * np.log(1 - p))) if len(p) else float("nan"),
+        "accuracy": ratio(tp + tn, len(p)),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "roc_auc": roc_auc(y, p),
+        "average_precision": average_precision(y, p),
+        "threshold": threshold,
+        "true_positives": tp, "false_positives": fp, "false_negatives": fn, "true_negatives": tn,
+    }
+
+
+def evaluation_metrics(labels: np.ndarray, probabilities: np.ndarray,
+                       symbols: Sequence[str]) -> dict:
+    """metrics.json content: per symbol and their macro averages."""
+    per_symbol = {s: symbol_metrics(labels[:, i], probabilities[:, i]) for i, s in enumerate(symbols)}
+    keys = ("loss", "accuracy", "precision", "recall", "roc_auc", "average_precision")
+    macro = {k: _nanmean([m[k] for m in per_symbol.values()]) for k in keys}
+    return {"split": "validation", "symbols": per_symbol, "macro": macro}
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# The model directory
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse, before any work, an output that exists and is not empty (unless overwrite)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"OUTPUT_MODEL_DIR {output_dir} is a file; give a directory path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise InputError(
+            f"OUTPUT_MODEL_DIR {output_dir} exists and is not empty; pass --overwrite to replace "
+            "it, or choose another directory.")
+    parent = path.resolve().parent
+    if not parent.exists():
+        parent.mkdir(parents=True)
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write into {parent}; choose an OUTPUT_MODEL_DIR you can write.")
+    return path
+
+
+class ModelDirectory:
+    """Writes into a temporary sibling `<name>.partial` and renames it into place on success,
+    so a failed or interrupted run never leaves a directory that looks complete."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.final = Path(output_dir).resolve()
+        self.partial = self.final.with_name(self.final.name + ".partial")
+
+    def __enter__(self) -> Path:
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return False
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f"{self.final.name}.old-{os.getpid()}")
+            self.final.rename(old)
+        self.partial.rename(self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def package_versions() -> dict:
+    import PIL
+    return {"python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+            "pillow": PIL.__version__}
+
+
+def data_fingerprint(table: pd.DataFrame, symbols: Sequence[str]) -> str:
+    """SHA-256 over every training image's content hash and labels, independent of row order."""
+    lines = []
+    for sha1, *values in table[["sha1", *symbols]].itertuples(index=False, name=None):
+        labels = ",".join("nan" if math.isnan(v) else str(int(v)) for v in values)
+        lines.append(f"{sha1} {labels}")
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    # NaN is written as null: strict JSON readers (browsers, jq) reject NaN.
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+    path.write_text(json.dumps(clean(data), indent=2, default=_json_default) + "\n",
+                    encoding="utf-8")
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    columns = ["phase", "epoch", "seconds"]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_model(parts: ModelParts, symbols: Sequence[str], directory: Path) -> None:
+    """Save an uncompiled inference model, so loading needs no custom loss or optimizer."""
+    inference = keras.Model(parts.model.inputs,
+                            {s: parts.model.get_layer(s).output for s in symbols},
+                            name="symbol_classifier")
+    inference.save(directory / MODEL_FILE)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and prediction
+
+
+class LoadedModel(NamedTuple):
+    model: keras.Model
+    metadata: dict
+
+
+def load_model_dir(path: str | os.PathLike) -> LoadedModel:
+    """Load a model directory (safe mode: no code from the file is run) and its metadata,
+    checking that they agree."""
+    directory = Path(path)
+    metadata_path, model_path = directory / METADATA_FILE, directory / MODEL_FILE
+    for required in (metadata_path, model_path):
+        if not required.is_file():
+            raise InputError(f"{directory} is not a model directory: {required.name} is missing.")
+    try:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{metadata_path}: not valid JSON ({error}).") from None
+    version = metadata.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise InputError(
+            f"{metadata_path}: model directory format version {version!r} is not supported by "
+            f"this version of the tool (it reads version {MODEL_FORMAT_VERSION}).")
+    model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    outputs = list(model.output.keys()) if isinstance(model.output, dict) else model.output_names
+    if sorted(outputs) != sorted(metadata.get("symbols", [])):
+        raise InputError(
+            f"{directory}: the model's outputs {outputs} do not match the symbols in "
+            f"{METADATA_FILE} {metadata.get('symbols')}.")
+    return LoadedModel(model, metadata)
+
+
+def predict_images(model_dir_or_loaded: str | os.PathLike | LoadedModel,
+                   paths: Sequence[str | os.PathLike], batch_size: int = 32) -> pd.DataFrame:
+    """Probabilities per symbol for each image: a table with `filename` and one
+    `<symbol>_probability` column per symbol, in the order of `paths`. Raises ImageReadError
+    naming the first unreadable image."""
+    loaded = (model_dir_or_loaded if isinstance(model_dir_or_loaded, LoadedModel)
+              else load_model_dir(model_dir_or_loaded))
+    symbols = loaded.metadata["symbols"]
+    geometry = ImageGeometry.from_json(loaded.metadata["input"])
+    paths = [str(p) for p in paths]
+    if not paths:
+        return pd.DataFrame({"filename": [], **{f"{s}_probability": [] for s in symbols}})
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ImageReadError(path, "file not found")
+    try:
+        outputs = run_inference(loaded.model, image_dataset(paths, geometry, batch_size))
+    except tf.errors.InvalidArgumentError as error:
+        match = re.search(r"ImageReadError: (.*?)(?:\n|$)", str(error))
+        raise InputError(match.group(1) if match else str(error).splitlines()[0]) from None
+    table = pd.DataFrame({"filename": paths})
+    for symbol in symbols:
+        table[f"{symbol}_probability"] = outputs[symbol][:, 0].astype(np.float64)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# The whole run
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    metrics: dict
+    seconds: float
+    counts: dict
+    model: keras.Model  # the trained model in memory, the same weights as the saved one
+
+
+def split_counts(labels: np.ndarray, is_validation: np.ndarray, symbols: Sequence[str]) -> dict:
+    """Images, positives and negatives per symbol and split."""
+    counts = {}
+    for name, mask in (("train", ~is_validation), ("validation", is_validation)):
+        part = labels[mask]
+        counts[name] = {
+            "images": int(mask.sum()),
+            "positives": {s: int(np.nansum(part[:, i] == 1)) for i, s in enumerate(symbols)},
+            "negatives": {s: int(np.nansum(part[:, i] == 0)) for i, s in enumerate(symbols)},
+        }
+    return counts
+
+
+def prepare_images(images: LabelledImages, config: TrainingConfig) -> tuple[LabelledImages, ScanResult]:
+    """Scan the images, drop unreadable ones and check that every symbol can be learned."""
+    start = time.monotonic()
+    scan = scan_images(images.table["path"].tolist())
+    log.info("Checked %s images in %.1f s: %s unreadable", f"{len(images.table):,}",
+             time.monotonic() - start, f"{len(scan.errors):,}")
+    readable = drop_unreadable(images, scan, config.max_unreadable)
+    check_learnable(readable)
+    return readable, scan
+
+
+def train_and_save(images: LabelledImages, config: TrainingConfig,
+                   output_dir: str | os.PathLike, *, overwrite: bool = False) -> TrainingResult:
+    """Train on `images` with `config` and write the model directory; the whole pipeline."""
+    started = time.monotonic()
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    check_output_dir(output_dir, overwrite)
+    images, scan = prepare_images(images, config)
+    symbols = images.symbols
+    labels = images.labels()
+    is_validation = split_train_validation(labels, config.validation_split, config.seed)
+    counts = split_counts(labels, is_validation, symbols)
+    counts["unreadable"] = len(scan.errors)
+    for split in ("train", "validation"):
+        log.info("%s: %s images; positives %s", split.capitalize(),
+                 f"{counts[split]['images']:,}",
+                 ", ".join(f"{s} {counts[split]['positives'][s]}" for s in symbols))
+    geometry = ImageGeometry(config.image_size, config.image_size, "squash")
+
+    keras.utils.set_random_seed(config.seed)
+    parts = build_model(symbols, config, geometry)
+    paths = images.table["path"].tolist()
+    if config.weights_source == "none":
+        sample = [paths[i] for i in np.flatnonzero(~is_validation)[:64]]
+        calibrate_batchnorm(parts, np.stack([load_image_array(p, geometry) for p in sample]))
+        log.warning("Random backbone weights (--weights none): fine for tests and demos, far "
+                    "less accurate than --weights imagenet on real frames.")
+    features = extract_features(parts, paths, geometry, config.batch_size)
+
+    weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
+    weights = sample_weights(labels, weight_of_positive)
+    train_idx, val_idx = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
+    rows: list[dict] = []
+    phase_seconds = {}
+    t = time.monotonic()
+    train_head(parts, symbols, config,
+               (features[train_idx], labels[train_idx], weights[train_idx]),
+               (features[val_idx], labels[val_idx], weights[val_idx]), rows)
+    phase_seconds["head"] = time.monotonic() - t
+    if config.fine_tune_epochs > 0:
+        t = time.monotonic()
+        fine_tune(parts, symbols, config, geometry,
+                  ([paths[i] for i in train_idx], labels[train_idx], weights[train_idx]),
+                  ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows)
+        phase_seconds["fine_tune"] = time.monotonic() - t
+
+    validation_outputs = run_inference(
+        parts.model, image_dataset([paths[i] for i in val_idx], geometry, config.batch_size))
+    probabilities = np.concatenate([validation_outputs[s] for s in symbols], axis=1)
+    metrics = evaluation_metrics(labels[val_idx], probabilities, symbols)
+
+    metadata = {
+        "format_version": MODEL_FORMAT_VERSION,
+        "symbols": list(symbols),
+        "outputs": {s: {"activation": "sigmoid", "meaning": f"probability that {s} is visible"}
+                    for s in symbols},
+        "input": {**geometry.to_json(), "channels": 3, "color": "RGB", "dtype": "uint8",
+                  "value_range": [0, 255], "alpha_background": ALPHA_BACKGROUND,
+                  "exif_orientation": "applied"},
+        "backbone": {"name": config.backbone, "alpha": config.alpha,
+                     "weights": config.weights_source,
+                     "preprocessing": BACKBONES[config.backbone].preprocessing},
+        "training": {"config": dataclasses.asdict(config),
+                     "positive_weights": dict(zip(symbols, map(float, weight_of_positive))),
+                     "phase_seconds": phase_seconds, "started_at": started_at},
+        "data": {"source": images.source, "counts": counts,
+                 "fingerprint_sha256": data_fingerprint(images.table, symbols)},
+        "packages": package_versions(),
+    }
+    with ModelDirectory(output_dir) as directory:
+        save_model(parts, symbols, directory)
+        write_history(directory / HISTORY_FILE, rows)
+        write_json(directory / METRICS_FILE, metrics)
+        write_json(directory / METADATA_FILE, metadata)
+    seconds = time.monotonic() - started
+    return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model)

@@ -1,0 +1,83 @@
+"""The stratified split and the numpy metrics (checked against scikit-learn's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import common
+
+
+def test_split_is_seeded_stratified_and_sized():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((500, 1)) < 0.1).astype(np.float32)
+    validation = common.split_train_validation(labels, 0.2, seed=3)
+    assert validation.sum() == 100
+    assert labels[validation].sum() == pytest.approx(labels.sum() * 0.2, abs=1)
+    np.testing.assert_array_equal(validation, common.split_train_validation(labels, 0.2, seed=3))
+    assert not np.array_equal(validation, common.split_train_validation(labels, 0.2, seed=4))
+
+
+def test_split_puts_both_classes_of_a_tiny_symbol_in_validation():
+    labels = np.zeros((40, 2), dtype=np.float32)
+    labels[:2, 0] = 1          # two positives only
+    labels[:, 1] = 1
+    labels[-2:, 1] = 0         # two negatives only
+    for seed in range(10):
+        validation = common.split_train_validation(labels, 0.1, seed)
+        for column in range(2):
+            for value in (0, 1):
+                assert (labels[validation, column] == value).any()
+                assert (labels[~validation, column] == value).any()
+
+
+def test_multi_label_split_gives_every_symbol_its_share():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((1000, 5)) < [0.02, 0.05, 0.1, 0.3, 0.5]).astype(np.float32)
+    validation = common.split_train_validation(labels, 0.25, seed=0)
+    share = labels[validation].sum(axis=0) / labels.sum(axis=0)
+    assert np.all(np.abs(share - 0.25) < 0.05), share
+
+
+def test_groups_never_straddle_the_split():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(50), 6)
+    labels = np.repeat(rng.random((50, 1)) < 0.3, 6, axis=0).astype(np.float32)
+    validation = common.split_train_validation(labels, 0.2, seed=0, groups=groups)
+    for group in range(50):
+        assert len(set(validation[groups == group])) == 1
+    assert labels[validation].sum() > 0 and (labels[validation] == 0).sum() > 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_agree_with_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(200) < 0.15).astype(float)
+    scores = np.round(np.clip(labels * 0.3 + rng.random(200) * 0.8, 0, 1), 2)  # with ties
+    assert common.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert common.average_precision(labels, scores) == pytest.approx(
+        average_precision_score(labels, scores))
+
+
+def test_symbol_metrics_counts_and_missing_labels():
+    labels = np.array([1, 1, 0, 0, 0, np.nan])
+    probabilities = np.array([0.9, 0.4, 0.6, 0.1, 0.2, 0.99])
+    m = common.symbol_metrics(labels, probabilities)
+    assert (m["true_positives"], m["false_negatives"], m["false_positives"], m["true_negatives"]) == (1, 1, 1, 2)
+    assert m["frames"] == 5 and m["positives"] == 2
+    assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["accuracy"] == 0.6
+    expected_loss = -np.mean(np.log([0.9, 0.4, 0.4, 0.9, 0.8]))
+    assert m["loss"] == pytest.approx(expected_loss)
+
+
+def test_positive_weighting_balances_rare_symbols():
+    labels = np.zeros((100, 2), dtype=np.float32)
+    labels[:2, 0] = 1
+    labels[:50, 1] = 1
+    labels[99, 1] = np.nan
+    weights = common.positive_weights(labels, "balanced")
+    np.testing.assert_allclose(weights, [49.0, 1.0])
+    per_frame = common.sample_weights(labels, weights)
+    assert per_frame[0, 0] == 49 and per_frame[50, 0] == 1 and per_frame[99, 1] == 0
+    np.testing.assert_array_equal(common.positive_weights(labels, "none"), [1, 1])

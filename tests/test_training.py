@@ -1,0 +1,146 @@
+"""End-to-end training: the model directory, reload and predict, learning, the ImageNet path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import build_binary_classifier
+import common
+from conftest import FAST, ROOT, SHARED_WEIGHTS_LEGACY, listdir, run_script
+
+
+def _train(binary_dirs, out, *extra):
+    images = common.images_from_directories(*binary_dirs)
+    args = build_binary_classifier.build_parser().parse_args(
+        [str(binary_dirs[0]), str(binary_dirs[1]), str(out), *FAST, *extra])
+    return common.train_and_save(images, common.config_from_args(args), out)
+
+
+def test_model_directory_contents(binary_dirs, tmp_path):
+    out = tmp_path / "model"
+    code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"])
+    assert code == 0
+    assert listdir(out) == ["history.csv", "metadata.json", "metrics.json", "model.keras"]
+    assert listdir(tmp_path) == ["frames", "model"]  # no .partial left behind
+
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["format_version"] == common.MODEL_FORMAT_VERSION
+    assert metadata["symbols"] == ["square"]
+    assert metadata["input"] == {"height": 32, "width": 32, "resize": "squash", "channels": 3,
+                                 "color": "RGB", "dtype": "uint8", "value_range": [0, 255],
+                                 "alpha_background": "white", "exif_orientation": "applied"}
+    assert metadata["backbone"] == {"name": "mobilenet_v2", "alpha": 0.35, "weights": "none",
+                                    "preprocessing": "tf"}
+    assert metadata["training"]["config"]["batch_size"] == 16
+    counts = metadata["data"]["counts"]
+    assert counts["train"]["images"] + counts["validation"]["images"] == 48
+    assert counts["validation"]["positives"]["square"] >= 1
+    assert counts["validation"]["negatives"]["square"] >= 1
+    assert len(metadata["data"]["fingerprint_sha256"]) == 64
+    assert set(metadata["packages"]) >= {"tensorflow", "keras", "numpy", "pandas", "pillow"}
+
+    with open(out / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["phase"] for r in rows] == ["head"] * 3 + ["fine_tune"]
+    assert {"epoch", "loss", "val_loss", "seconds"} <= set(rows[0])
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    square = metrics["symbols"]["square"]
+    assert {"loss", "accuracy", "precision", "recall", "roc_auc", "average_precision"} <= set(square)
+    assert square["frames"] == counts["validation"]["images"]
+    assert 0 <= square["roc_auc"] <= 1
+
+
+def test_reloaded_model_predicts_what_the_trained_model_predicted(binary_dirs, tmp_path):
+    out = tmp_path / "model"
+    result = _train(binary_dirs, out, "--weights", "none")
+    loaded = common.load_model_dir(out)
+    assert loaded.metadata["symbols"] == ["square"]
+    paths = sorted(str(p) for p in binary_dirs[0].rglob("*.png"))[:5]
+    table = common.predict_images(out, paths)
+    assert list(table.columns) == ["filename", "square_probability"]
+    assert table["filename"].tolist() == paths
+    geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
+    pixels = np.stack([common.load_image_array(p, geometry) for p in paths])
+    in_memory = result.model(pixels, training=False)["square"].numpy()[:, 0]
+    np.testing.assert_allclose(table["square_probability"].to_numpy(), in_memory, rtol=1e-5, atol=1e-6)
+    again = common.predict_images(loaded, paths)
+    np.testing.assert_array_equal(again["square_probability"], table["square_probability"])
+
+
+def test_overwrite_replaces_a_previous_model(binary_dirs, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert run_script(build_binary_classifier,
+                      [*binary_dirs, out, *FAST, "--weights", "none", "--overwrite"]) == 0
+    assert "old.txt" not in listdir(out) and "model.keras" in listdir(out)
+    assert listdir(tmp_path) == ["frames", "model"]
+
+
+def test_a_failure_during_training_leaves_no_model_directory(binary_dirs, tmp_path, monkeypatch, capsys):
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(common, "fine_tune", crash)
+    out = tmp_path / "model"
+    code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"])
+    assert code == 1
+    assert "RuntimeError: disk full (run again with --debug for the traceback)" in capsys.readouterr().err
+    assert listdir(tmp_path) == ["frames"]
+
+
+def test_corrupt_image_is_skipped_and_counted(binary_dirs, tmp_path, caplog):
+    (binary_dirs[1] / "ep0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp_path / "model"
+    assert run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"]) == 0
+    assert any("corrupt.jpg" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    counts = json.loads((out / "metadata.json").read_text())["data"]["counts"]
+    assert counts["unreadable"] == 1
+    assert counts["train"]["images"] + counts["validation"]["images"] == 48
+
+
+def test_learns_a_small_visual_task(binary_dirs, tmp_path, shared_weights):
+    """A red square against none, on 48 frames: a pipeline that mixed up labels, preprocessing
+    or outputs would sit near 0.5; a working one separates the validation frames."""
+    out = tmp_path / "model"
+    result = _train(binary_dirs, out, "--weights", shared_weights, "--image-size", "64",
+                    "--epochs", "60", "--fine-tune-epochs", "2")
+    square = result.metrics["symbols"]["square"]
+    assert square["frames"] >= 9
+    assert square["roc_auc"] >= 0.95 and square["accuracy"] >= 0.85, square
+
+
+def test_imagenet_weights_path_works_offline_from_the_keras_cache(binary_dirs, tmp_path):
+    """The real weights='imagenet' code path, run as a user runs it: a new process whose
+    $KERAS_HOME/models already holds the file Keras would download (Keras reads KERAS_HOME once,
+    at import). The backbone must carry exactly those weights, not random ones."""
+    if not SHARED_WEIGHTS_LEGACY.is_file():
+        pytest.skip(f"needs {SHARED_WEIGHTS_LEGACY} (absent in a clone without ../shared)")
+    keras_home = tmp_path / "keras_home"
+    (keras_home / "models").mkdir(parents=True)
+    cached = shutil.copy(SHARED_WEIGHTS_LEGACY, keras_home / "models" / SHARED_WEIGHTS_LEGACY.name)
+    out = tmp_path / "model"
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "build_binary_classifier.py"), *map(str, binary_dirs), str(out),
+         *FAST, "--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "224",
+         "--fine-tune-epochs", "0", "--epochs", "40"],
+        env={**os.environ, "KERAS_HOME": str(keras_home)}, capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    assert "Downloading" not in process.stdout + process.stderr
+    loaded = common.load_model_dir(out)
+    assert loaded.metadata["backbone"]["weights"] == "imagenet"
+    with h5py.File(cached, "r") as weights_file:
+        expected = np.asarray(weights_file["Conv1"]["Conv1/kernel"])
+    kernel = loaded.model.get_layer("backbone").get_layer("Conv1").get_weights()[0]
+    np.testing.assert_array_equal(kernel, expected)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["symbols"]["square"]["roc_auc"] >= 0.9
