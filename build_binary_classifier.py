@@ -2,7 +2,8 @@
 """Train a model that tells whether one symbol is visible in a frame.
 
 Images in WITH_DIR show the symbol, images in WITHOUT_DIR do not; both folders are searched
-recursively. The trained model and its report are written to OUTPUT_MODEL_DIR.
+recursively. The trained model, its metadata, training history and validation metrics are
+written to OUTPUT_MODEL_DIR.
 
 Example:
   python build_binary_classifier.py frames/with_pentagram frames/without_pentagram models/pentagram

@@ -155,7 +155,8 @@ class TrainingConfig:
     weights: str = _setting(
         "imagenet", "--weights",
         "Backbone weights: 'imagenet' (downloaded once by Keras into $KERAS_HOME/models), "
-        "'none' (random initialisation, for tests and demos only), or the path of a weights "
+        "'none' (random initialisation with BatchNorm statistics taken from one batch of "
+        "training images; for tests and demos only), or the path of a weights "
         "file (.h5 or .weights.h5) for machines without internet. Default: %(default)s.",
         metavar="imagenet|none|PATH")
     image_size: int = _setting(
@@ -165,7 +166,7 @@ class TrainingConfig:
     batch_size: int = _setting(
         32, "--batch-size", "Images per training step. Default: %(default)s.", type=int)
     epochs: int = _setting(
-        40, "--epochs",
+        100, "--epochs",
         "Most epochs of the head phase (backbone frozen, trained on features computed once); "
         "early stopping usually ends it sooner. Default: %(default)s.", type=int)
     fine_tune_epochs: int = _setting(
@@ -173,7 +174,7 @@ class TrainingConfig:
         "Most epochs of the fine-tuning phase (top of the backbone unfrozen, images streamed "
         "from disk); 0 skips it. Default: %(default)s.", type=int)
     learning_rate: float = _setting(
-        1e-3, "--learning-rate",
+        3e-3, "--learning-rate",
         "Adam learning rate of the head phase. Default: %(default)s.", type=float)
     fine_tune_learning_rate: float = _setting(
         1e-4, "--fine-tune-learning-rate",
@@ -187,7 +188,7 @@ class TrainingConfig:
         0.2, "--dropout", "Dropout rate before the output layer. Default: %(default)s.",
         type=float)
     patience: int = _setting(
-        4, "--patience",
+        5, "--patience",
         "Early stopping: epochs without a lower validation loss before a phase stops; the "
         "best epoch's weights are kept. Default: %(default)s.", type=int)
     positive_weighting: str = _setting(
