@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         config = common.config_from_args(args)
-        common.check_output_dir(args.output_dir, args.overwrite)
         images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol)
         result = common.train_and_save(images, config, args.output_dir, overwrite=args.overwrite)
         symbol = images.symbols[0]

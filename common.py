@@ -1042,7 +1042,7 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
                                     targets=validation[1], sample_weights=validation[2],
                                     symbols=symbols)
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
-    parts.model.fit(train_data, validation_data=validation_data,
+    parts.model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
                     epochs=config.fine_tune_epochs, verbose=verbose,
                     callbacks=_callbacks("fine_tune", config.fine_tune_epochs, config.patience, rows))
     parts.backbone.trainable = False
@@ -1276,9 +1276,13 @@ def predict_images(model_dir_or_loaded: str | os.PathLike | LoadedModel,
             raise ImageReadError(path, "file not found")
     try:
         outputs = run_inference(loaded.model, image_dataset(paths, geometry, batch_size))
-    except tf.errors.InvalidArgumentError as error:
+    except tf.errors.OpError as error:
+        # A file that became unreadable surfaces from the tf.data worker as an OpError
+        # whose text carries our ImageReadError message; give the user that line only.
         match = re.search(r"ImageReadError: (.*?)(?:\n|$)", str(error))
-        raise InputError(match.group(1) if match else str(error).splitlines()[0]) from None
+        if match is None:
+            raise
+        raise InputError(match.group(1)) from None
     table = pd.DataFrame({"filename": paths})
     for symbol in symbols:
         table[f"{symbol}_probability"] = outputs[symbol][:, 0].astype(np.float64)

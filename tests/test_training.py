@@ -75,6 +75,12 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(binary_dirs, t
     np.testing.assert_allclose(table["square_probability"].to_numpy(), in_memory, rtol=1e-5, atol=1e-6)
     again = common.predict_images(loaded, paths)
     np.testing.assert_array_equal(again["square_probability"], table["square_probability"])
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(common.InputError, match="corrupt.jpg: cannot be decoded as an image"):
+        common.predict_images(loaded, [paths[0], corrupt])
+    with pytest.raises(common.ImageReadError, match="missing.png: file not found"):
+        common.predict_images(loaded, [tmp_path / "missing.png"])
 
 
 def test_overwrite_replaces_a_previous_model(binary_dirs, tmp_path):
