@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import posixpath
 import re
 import shutil
 import socket
@@ -104,6 +105,8 @@ IMAGE_EXTENSIONS = frozenset(
 ALPHA_BACKGROUND = "white"
 # Layer names the model uses itself; a symbol may not take one of them.
 RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout"})
+# Columns of LabelledImages.table that the tool fills in itself; no symbol may take these names.
+TABLE_COLUMNS = frozenset({"path", "filename", "folder", "image_sha1", "image_width", "image_height"})
 SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 
@@ -286,6 +289,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
             meta.pop("type")
         group.add_argument(flag, dest=f.name, default=f.default, **meta)
     output = parser.add_argument_group("output and logging")
+    output.add_argument(
+        "--dry-run", action="store_true",
+        help="Do every check that comes before training (find and read the images, validate the "
+             "labels, split), print a summary table of images and positives per symbol and split, "
+             "and stop: exit code 0 if training could start, 2 with the errors otherwise. Nothing "
+             "is written.")
     output.add_argument(
         "--overwrite", action="store_true",
         help="Replace OUTPUT_MODEL_DIR if it exists and is not empty (it is only replaced once "
@@ -513,6 +522,7 @@ class LabelledImages:
     table: pd.DataFrame
     symbols: list[str]
     source: str  # where the labels came from, for metadata.json
+    details: dict = field(default_factory=dict)  # how the source was read, for metadata.json
 
     def labels(self) -> np.ndarray:
         return self.table[self.symbols].to_numpy(dtype=np.float32)
@@ -531,10 +541,10 @@ def check_symbol_names(names: Sequence[str], origin: str) -> None:
             raise InputError(
                 f"{origin}: symbol name {name!r} is not a valid output name; use letters, digits "
                 "and '_', starting with a letter or digit.")
-        if name in RESERVED_LAYER_NAMES:
+        if name in RESERVED_LAYER_NAMES | TABLE_COLUMNS:
             raise InputError(
-                f"{origin}: symbol name {name!r} is reserved for a layer of the model; rename it "
-                f"(reserved: {', '.join(sorted(RESERVED_LAYER_NAMES))}).")
+                f"{origin}: symbol name {name!r} is reserved for the tool's own use; rename it "
+                f"(reserved: {', '.join(sorted(RESERVED_LAYER_NAMES | TABLE_COLUMNS))}).")
     seen = {}
     for name in names:
         if name in seen:
@@ -586,6 +596,376 @@ def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.P
     return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)")
 
 
+# --------------------------------------------------------------------------------------------
+# Labels from a CSV
+
+VISIBLE_SUFFIX = "_visible"
+# Spellings of a label. TRUE/FALSE are accepted because Excel writes boolean cells that way and
+# pandas writes True/False; 1.0/0.0 because spreadsheets export numbers in that form. Words
+# such as yes/no are refused: they come in too many languages and forms to guess safely.
+LABEL_SPELLINGS = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0}
+ALLOWED_LABELS_TEXT = "0 or 1 (also written 0.0/1.0, or false/true in any case)"
+CSV_DELIMITERS = {",": "','", ";": "';'", "\t": "tab"}
+_VISIBLE_COLUMN = re.compile(r"^(?P<symbol>.*)_visible$", re.IGNORECASE)
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class CsvFormat:
+    """How a labels CSV was read: its text encoding and its separator."""
+
+    encoding: str  # a Python codec name
+    delimiter: str
+    bom: bool = False
+
+    def describe(self) -> str:
+        encoding = {"utf-8": "UTF-8", "utf-8-sig": "UTF-8", "utf-16": "UTF-16"}[self.encoding]
+        bom = " with a byte-order mark" if self.bom else ""
+        return f"{encoding}{bom}, separator {CSV_DELIMITERS[self.delimiter]}"
+
+
+def spreadsheet_rows(rows: Sequence[int], shown: int = 5, values: Sequence[str] | None = None) -> str:
+    """'rows 3, 7 ('yes'), ...' as a user finds them in a spreadsheet: the first few and a count."""
+    items = [f"{r} ({v!r})" if values is not None else str(r)
+             for r, v in zip(rows, values if values is not None else rows)]
+    word = "row" if len(rows) == 1 else "rows"
+    text = f"{word} {', '.join(items[:shown])}"
+    if len(rows) > shown:
+        text += f" and {len(rows) - shown:,} more ({len(rows):,} rows)"
+    return text
+
+
+def _csv_text(csv_path: Path) -> tuple[str, str, bool]:
+    """The CSV's text, its encoding and whether it had a byte-order mark; InputError if it is
+    not readable text in UTF-8 (with or without BOM) or UTF-16 with a BOM."""
+    try:
+        data = csv_path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"LABELS_CSV {csv_path}: no such file.") from None
+    except IsADirectoryError:
+        raise InputError(f"LABELS_CSV {csv_path} is a directory; give the path of the CSV file.") from None
+    except OSError as error:
+        raise InputError(f"LABELS_CSV {csv_path}: cannot be read ({error.strerror}).") from None
+    if data.startswith(b"PK\x03\x04") or data.startswith(b"\xd0\xcf\x11\xe0"):
+        raise InputError(
+            f"{csv_path} is a spreadsheet workbook (Excel .xlsx/.xls), not CSV text. Save it as "
+            "CSV: in Excel, File > Save As > 'CSV UTF-8 (Comma delimited)'.")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        # Excel's "Unicode Text" export: UTF-16 with a BOM (and tabs between cells).
+        try:
+            return data.decode("utf-16"), "utf-16", True
+        except UnicodeDecodeError as error:
+            raise InputError(f"{csv_path}: starts with a UTF-16 byte-order mark but is not valid "
+                             f"UTF-16 ({error.reason}). Save it again as 'CSV UTF-8'.") from None
+    bom = data.startswith(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        byte = data[error.start:error.start + 1]
+        raise InputError(
+            f"{csv_path}: not UTF-8 text: byte 0x{byte.hex()} on line {line} is not valid "
+            "UTF-8. The file is probably in a legacy encoding such as Windows-1252 (older Excel "
+            "versions save CSV that way). Save it as 'CSV UTF-8 (Comma delimited)', or convert "
+            f"it: iconv -f WINDOWS-1252 -t UTF-8 {csv_path.name} > labels-utf8.csv") from None
+    if "\x00" in text:
+        raise InputError(f"{csv_path}: contains NUL characters, so it is not a CSV text file. "
+                         "Check that LABELS_CSV names the right file.")
+    return text, "utf-8-sig" if bom else "utf-8", bom
+
+
+def _csv_delimiter(text: str) -> str:
+    """The separator: the candidate that makes `filename` a header cell, else the one that
+    splits the header into the most cells (comma on a tie)."""
+    header_line = re.split(r"\r\n|\r|\n", text.lstrip("\r\n"), maxsplit=1)[0]
+    best, best_cells = ",", 0
+    for delimiter in CSV_DELIMITERS:
+        try:
+            cells = [c.strip() for c in next(csv.reader([header_line], delimiter=delimiter), [])]
+        except csv.Error:  # a malformed header is reported by the full read, with its line
+            continue
+        if "filename" in cells:
+            return delimiter
+        if len(cells) > best_cells:
+            best, best_cells = delimiter, len(cells)
+    return best
+
+
+def read_csv_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[int, list[str]]], CsvFormat]:
+    """The header cells and the non-empty rows (each with its spreadsheet row number, the header
+    being row 1) of a CSV, detecting a BOM, UTF-16 and the separator (',', ';' or tab)."""
+    csv_path = Path(csv_path)
+    text, encoding, bom = _csv_text(csv_path)
+    delimiter = _csv_delimiter(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        for number, cells in enumerate(reader, start=1):
+            if any(c.strip() for c in cells):
+                rows.append((number, cells))
+            elif number == 1:
+                rows.append((number, []))  # an empty first line is reported as no header
+    except csv.Error as error:
+        raise InputError(
+            f"{csv_path}: malformed CSV near line {reader.line_num}: {error}. Usually an unclosed "
+            "quote (\"); open the file in a text editor at that line.") from None
+    fmt = CsvFormat(encoding, delimiter, bom)
+    if not rows or not rows[0][1]:
+        raise InputError(f"{csv_path}: empty; expected a header row such as "
+                         f"'filename,pentagram_visible,star_visible' and one row per image.")
+    (_, header), body = rows[0], rows[1:]
+    return [c.strip() for c in header], body, fmt
+
+
+def _csv_filename(raw: str) -> tuple[str | None, str | None]:
+    """The normalised relative path of a `filename` cell, or None and what is wrong with it."""
+    name = raw.strip().replace("\\", "/")
+    if not name:
+        return None, "empty"
+    if "\x00" in name:
+        return None, "contains a NUL character"
+    if name.startswith("/") or _WINDOWS_DRIVE.match(name):
+        return None, "absolute path"
+    normal = posixpath.normpath(name)
+    if normal == ".." or normal.startswith("../"):
+        return None, "outside IMAGE_DIR"
+    if normal == ".":
+        return None, "empty"
+    return normal, None
+
+
+def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | None) -> dict[str, str]:
+    """Map each `<symbol>_visible` column to its output name, in the CSV's column order;
+    `wanted` (symbol or column names) keeps a subset."""
+    columns: dict[str, str] = {}
+    for column in header:
+        match = _VISIBLE_COLUMN.match(column)
+        if match is None:
+            continue
+        symbol = clean_symbol_name(match.group("symbol"))
+        if not symbol or not SYMBOL_NAME_PATTERN.match(symbol):
+            raise InputError(
+                f"{csv_path}: column {column!r} gives no usable symbol name (after replacing "
+                f"characters other than letters, digits and '_' by '_' it is {symbol!r}). Name "
+                "the column <symbol>_visible, for example pentagram_visible.")
+        if symbol != match.group("symbol"):
+            log.info("Column %r gives the output name %r (characters other than letters, digits "
+                     "and '_' become '_').", column, symbol)
+        clash = [c for c, s in columns.items() if s == symbol]
+        if clash:
+            raise InputError(f"{csv_path}: columns {clash[0]!r} and {column!r} both give the symbol "
+                             f"name {symbol!r}; rename one of them.")
+        columns[column] = symbol
+    if not columns:
+        raise InputError(
+            f"{csv_path}: no column whose name ends in '{VISIBLE_SUFFIX}' (the header has: "
+            f"{', '.join(header)}). Each symbol needs a column <symbol>_visible holding 0 or 1, "
+            "for example pentagram_visible.")
+    check_symbol_names(list(columns.values()), f"{csv_path}")
+    if wanted is None:
+        return columns
+    by_name = {**{s: c for c, s in columns.items()}, **{c: c for c in columns}}
+    unknown = [w for w in wanted if w not in by_name]
+    if unknown:
+        raise InputError(
+            f"--symbols: {', '.join(map(repr, unknown))} not found in {csv_path}; its symbols are "
+            f"{', '.join(columns.values())}.")
+    chosen = {by_name[w] for w in wanted}
+    return {c: s for c, s in columns.items() if c in chosen}
+
+
+def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
+                    symbols: Sequence[str] | None = None) -> LabelledImages:
+    """The labelled table of a multi-label task from a labels CSV.
+
+    The CSV has a `filename` column (a path relative to `image_dir`, '/' or '\\\\' between
+    folders) and one `<symbol>_visible` column per symbol holding 0 or 1. Symbols keep the
+    CSV's column order; `symbols` (names, or column names) keeps a subset. Other columns are
+    kept in the table. Every problem in the cells is collected and raised as one InputError
+    that names the rows as a spreadsheet numbers them.
+    """
+    image_dir, csv_path = Path(image_dir), Path(csv_path)
+    if not image_dir.is_dir():
+        raise InputError(f"IMAGE_DIR {image_dir}: no such directory.")
+    if symbols is not None and not [s for s in symbols if s.strip()]:
+        raise InputError("--symbols: empty; give symbol names separated by commas, e.g. pentagram,star.")
+    header, rows, fmt = read_csv_rows(csv_path)
+    if not rows:
+        raise InputError(f"{csv_path}: has a header row but no rows of labels; add one row per image.")
+    log.info("Read %s: %s, %s rows", csv_path, fmt.describe(), f"{len(rows):,}")
+
+    unnamed = [i for i, c in enumerate(header) if not c]
+    for index in unnamed:
+        if any(index < len(cells) and cells[index].strip() for _, cells in rows):
+            raise InputError(f"{csv_path}: column {index + 1} has values but no name in the header "
+                             "row; name it or delete it.")
+    repeated = sorted({c for c in header if c and header.count(c) > 1})
+    if repeated:
+        raise InputError(f"{csv_path}: the header names {', '.join(map(repr, repeated))} more than "
+                         "once; every column needs its own name.")
+    if "filename" not in header:
+        similar = [c for c in header if c.lower().replace(" ", "").replace("_", "") in
+                   ("filename", "file", "path", "image", "filepath", "imagepath")]
+        hint = f" Rename {similar[0]!r} to filename." if similar else ""
+        raise InputError(
+            f"{csv_path}: no 'filename' column (read as {fmt.describe()}; the header has: "
+            f"{', '.join(header) or 'nothing'}). Add a column named filename holding each image's "
+            f"path relative to IMAGE_DIR.{hint}")
+    wanted = None if symbols is None else list(dict.fromkeys(s.strip() for s in symbols if s.strip()))
+    columns = _symbol_columns(header, csv_path, wanted)
+    index_of = {c: i for i, c in enumerate(header) if c}
+    all_visible = [c for c in header if c and _VISIBLE_COLUMN.match(c)]
+    extra = [c for c in header if c and c != "filename" and c not in all_visible]
+    if extra:
+        log.info("Ignoring columns: %s (kept with the data for later use)", ", ".join(extra))
+    unused = [c for c in all_visible if c not in columns]
+    if unused:
+        log.info("Not training on: %s (left out by --symbols)", ", ".join(unused))
+
+    problems: list[str] = []
+    too_long = [n for n, cells in rows
+                if len(cells) > len(header) and any(c.strip() for c in cells[len(header):])]
+    if too_long:
+        problems.append(
+            f"{spreadsheet_rows(too_long)}: more cells than the header's {len(header)} columns. "
+            f"A file name containing the separator {CSV_DELIMITERS[fmt.delimiter]} must be quoted.")
+
+    def cell(cells: list[str], column: str) -> str:
+        i = index_of[column]
+        return cells[i] if i < len(cells) else ""
+
+    names: list[str | None] = []
+    bad_names: dict[str, list[tuple[int, str]]] = {}
+    for number, cells in rows:
+        name, trouble = _csv_filename(cell(cells, "filename"))
+        names.append(name)
+        if trouble:
+            bad_names.setdefault(trouble, []).append((number, cell(cells, "filename")))
+    for trouble, found in bad_names.items():
+        numbers = [n for n, _ in found]
+        if trouble == "empty":
+            problems.append(f"column filename: empty in {spreadsheet_rows(numbers)}; every row needs "
+                            "the image's path relative to IMAGE_DIR.")
+        else:
+            problems.append(
+                f"column filename: {trouble} in {spreadsheet_rows(numbers, values=[v for _, v in found])}; "
+                f"file names must be relative paths inside IMAGE_DIR {image_dir} (e.g. "
+                "episode1/frame0001.jpg).")
+
+    labels = np.zeros((len(rows), len(columns)), np.float32)
+    for j, column in enumerate(columns):
+        empty, invalid, invalid_values = [], [], []
+        for i, (number, cells) in enumerate(rows):
+            raw = cell(cells, column).strip()
+            value = LABEL_SPELLINGS.get(raw.lower())
+            if value is not None:
+                labels[i, j] = value
+            elif not raw:
+                empty.append(number)
+            else:
+                invalid.append(number)
+                invalid_values.append(raw)
+        if invalid:
+            problems.append(
+                f"column {column}: {spreadsheet_rows(invalid, values=invalid_values)} "
+                f"{'is not' if len(invalid) == 1 else 'are not'} a label; write {ALLOWED_LABELS_TEXT}.")
+        if empty:
+            problems.append(
+                f"column {column}: empty in {spreadsheet_rows(empty)}. Every row needs 0 or 1 for "
+                "each symbol trained (frames annotated for only some symbols are not supported "
+                "yet); fill the cells, or leave the symbol out with --symbols.")
+
+    first_row_of: dict[str, int] = {}
+    conflicts, repeats, keep = [], [], np.ones(len(rows), bool)
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        if name in first_row_of:
+            first = first_row_of[name]
+            keep[i] = False
+            if np.array_equal(labels[first], labels[i]):
+                repeats.append(rows[i][0])
+            else:
+                conflicts.append(f"{name!r} in rows {rows[first][0]} and {rows[i][0]}")
+        else:
+            first_row_of[name] = i
+    if conflicts:
+        shown = "; ".join(conflicts[:5]) + (f"; and {len(conflicts) - 5:,} more" if len(conflicts) > 5 else "")
+        problems.append(f"{len(conflicts):,} file(s) listed twice with different labels: {shown}. "
+                        "Keep one row per file, with the right labels.")
+    if repeats:
+        log.warning("%s: %s: same file and labels as an earlier row; each file is used once.",
+                    csv_path, spreadsheet_rows(repeats))
+
+    missing, missing_names = [], []
+    for i, name in enumerate(names):
+        if name is not None and keep[i] and not os.path.isfile(os.path.join(image_dir, name)):
+            missing.append(rows[i][0])
+            missing_names.append(name)
+    if missing:
+        problems.append(
+            f"column filename: {len(missing):,} listed file(s) do not exist in IMAGE_DIR {image_dir}: "
+            f"{spreadsheet_rows(missing, values=missing_names)}.{_missing_file_hint(image_dir, missing_names)}")
+
+    if problems:
+        raise InputError(
+            f"{csv_path} ({fmt.describe()}): {len(problems)} problem(s); fix them and run again "
+            "(add --dry-run to check without training):\n  - " + "\n  - ".join(problems))
+
+    rows_kept = [rows[i] for i in np.flatnonzero(keep)]
+    labels = labels[keep]
+    hopeless = []
+    for j, symbol in enumerate(columns.values()):
+        if not (labels[:, j] == 1).any():
+            hopeless.append(f"{symbol} (no row with 1)")
+        elif not (labels[:, j] == 0).any():
+            hopeless.append(f"{symbol} (no row with 0)")
+    if hopeless:
+        raise InputError(
+            f"{csv_path}: cannot learn {', '.join(hopeless)}: a symbol needs frames where it is "
+            "visible (1) and frames where it is not (0). Label some, or leave it out with --symbols.")
+
+    kept_names = [names[i] for i in np.flatnonzero(keep)]
+    table = pd.DataFrame({
+        "path": [os.path.join(image_dir, n) for n in kept_names],
+        "filename": kept_names,
+        "folder": [posixpath.dirname(n) for n in kept_names],
+    })
+    for j, symbol in enumerate(columns.values()):
+        table[symbol] = labels[:, j]
+    for column in extra:
+        name = column if column not in table.columns else f"csv_{column}"
+        table[name] = [cell(cells, column) for _, cells in rows_kept]
+
+    listed = {os.path.normpath(p) for p in table["path"]}
+    unlisted = [p for p in find_images(image_dir) if os.path.normpath(p) not in listed]
+    if unlisted:
+        log.info("%s images in IMAGE_DIR %s are not listed in %s; they are not used (for example %s).",
+                 f"{len(unlisted):,}", image_dir, csv_path.name,
+                 Path(os.path.relpath(unlisted[0], image_dir)).as_posix())
+    details = {"labels_csv": str(csv_path), "image_dir": str(image_dir), "csv_format": fmt.describe(),
+               "rows": len(rows), "duplicate_rows_dropped": len(repeats),
+               "ignored_columns": extra, "unlisted_images": len(unlisted)}
+    return LabelledImages(table, list(columns.values()),
+                          f"labels CSV {csv_path} with images in {image_dir}", details)
+
+
+def _missing_file_hint(image_dir: Path, missing: Sequence[str]) -> str:
+    """A hint when the missing names exist with other letter case, or under another folder."""
+    by_lower, by_base = {}, {}
+    for path in find_images(image_dir):
+        relative = Path(os.path.relpath(path, image_dir)).as_posix()
+        by_lower.setdefault(relative.lower(), relative)
+        by_base.setdefault(posixpath.basename(relative), relative)
+    for name in missing:
+        if name.lower() in by_lower:
+            return (f" Names are case-sensitive: {name!r} exists as {by_lower[name.lower()]!r}.")
+        if posixpath.basename(name) in by_base:
+            return (f" {name!r} exists as {by_base[posixpath.basename(name)]!r}: is IMAGE_DIR the "
+                    "folder the file names are relative to?")
+    return " Check IMAGE_DIR, and that the names are relative to it."
+
+
 def drop_unreadable(images: LabelledImages, scan: ScanResult, max_unreadable: float) -> LabelledImages:
     """Remove the files the scan could not read, or raise if there are too many."""
     if scan.errors:
@@ -602,10 +982,10 @@ def drop_unreadable(images: LabelledImages, scan: ScanResult, max_unreadable: fl
             "or raise --max-unreadable.")
     keep = scan.readable
     table = images.table.loc[keep].copy()
-    table["sha1"] = [h for h in scan.sha1 if h is not None]
-    table["width"] = [s[0] for s in scan.size if s is not None]
-    table["height"] = [s[1] for s in scan.size if s is not None]
-    return LabelledImages(table.reset_index(drop=True), images.symbols, images.source)
+    table["image_sha1"] = [h for h in scan.sha1 if h is not None]
+    table["image_width"] = [s[0] for s in scan.size if s is not None]
+    table["image_height"] = [s[1] for s in scan.size if s is not None]
+    return dataclasses.replace(images, table=table.reset_index(drop=True))
 
 
 def check_learnable(images: LabelledImages) -> None:
@@ -1125,7 +1505,7 @@ def _nanmean(values: Iterable[float]) -> float:
 # The model directory
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, create_parent: bool = True) -> Path:
     """Refuse, before any work, an output that exists and is not empty (unless overwrite)."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -1135,6 +1515,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
             f"OUTPUT_MODEL_DIR {output_dir} exists and is not empty; pass --overwrite to replace "
             "it, or choose another directory.")
     parent = path.resolve().parent
+    if not create_parent:
+        return path
     if not parent.exists():
         parent.mkdir(parents=True)
     if not os.access(parent, os.W_OK):
@@ -1180,7 +1562,7 @@ def package_versions() -> dict:
 def data_fingerprint(table: pd.DataFrame, symbols: Sequence[str]) -> str:
     """SHA-256 over every training image's content hash and labels, independent of row order."""
     lines = []
-    for sha1, *values in table[["sha1", *symbols]].itertuples(index=False, name=None):
+    for sha1, *values in table[["image_sha1", *symbols]].itertuples(index=False, name=None):
         labels = ",".join("nan" if math.isnan(v) else str(int(v)) for v in values)
         lines.append(f"{sha1} {labels}")
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
@@ -1315,15 +1697,99 @@ def split_counts(labels: np.ndarray, is_validation: np.ndarray, symbols: Sequenc
     return counts
 
 
-def prepare_images(images: LabelledImages, config: TrainingConfig) -> tuple[LabelledImages, ScanResult]:
-    """Scan the images, drop unreadable ones and check that every symbol can be learned."""
+# Fewer validation positives than this make a symbol's validation metrics too noisy to trust.
+MIN_VALIDATION_POSITIVES = 10
+
+
+@dataclass
+class PreparedData:
+    """Everything decided before training: the readable images and their split."""
+
+    images: LabelledImages         # readable images only, with image_sha1/width/height columns
+    is_validation: np.ndarray      # bool per row of images.table
+    counts: dict                   # split_counts plus "listed" and "unreadable"
+    unreadable: list[tuple[str, str]]  # (path, reason) of skipped files
+    config: TrainingConfig
+
+
+def prepare_training_data(images: LabelledImages, config: TrainingConfig) -> PreparedData:
+    """Scan the images, drop unreadable ones, check every symbol can be learned, and split.
+
+    This is everything before training, and all that `--dry-run` does."""
     start = time.monotonic()
     scan = scan_images(images.table["path"].tolist())
     log.info("Checked %s images in %.1f s: %s unreadable", f"{len(images.table):,}",
              time.monotonic() - start, f"{len(scan.errors):,}")
     readable = drop_unreadable(images, scan, config.max_unreadable)
     check_learnable(readable)
-    return readable, scan
+    labels = readable.labels()
+    is_validation = split_train_validation(labels, config.validation_split, config.seed)
+    counts = split_counts(labels, is_validation, readable.symbols)
+    counts["listed"] = len(images.table)
+    counts["unreadable"] = len(scan.errors)
+    for split in ("train", "validation"):
+        log.info("%s: %s images; positives %s", split.capitalize(),
+                 f"{counts[split]['images']:,}",
+                 ", ".join(f"{s} {counts[split]['positives'][s]}" for s in readable.symbols))
+    few = {s: n for s, n in counts["validation"]["positives"].items() if n < MIN_VALIDATION_POSITIVES}
+    if few:
+        log.warning(
+            "Fewer than %d positives in validation for %s: their validation metrics are noisy "
+            "(one frame moves recall by 10 %% or more). Label more frames that show them.",
+            MIN_VALIDATION_POSITIVES, ", ".join(f"{s} ({n})" for s, n in few.items()))
+    return PreparedData(readable, is_validation, counts, list(scan.errors), config)
+
+
+def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> str:
+    """A plain-text table of images, positives and negatives per symbol and split."""
+    counts, symbols = prepared.counts, prepared.images.symbols
+    total = counts["train"]["images"] + counts["validation"]["images"]
+    lines = [
+        f"Images: {counts['listed']:,} listed, {total:,} readable, {counts['unreadable']:,} skipped "
+        f"as unreadable.",
+        f"Split: {counts['train']['images']:,} train, {counts['validation']['images']:,} validation "
+        f"(--validation-split {prepared.config.validation_split}, --seed {prepared.config.seed}).",
+        "",
+    ]
+    width = max(len("symbol"), *(len(s) for s in symbols))
+    head = (f"{'symbol':<{width}}  {'positives':>9}  {'share':>6}  {'train':>6}  {'valid':>6}  "
+            f"{'negatives':>9}  {'train':>6}  {'valid':>6}")
+    lines += [head, "-" * len(head)]
+    for s in symbols:
+        tp, vp = counts["train"]["positives"][s], counts["validation"]["positives"][s]
+        tn, vn = counts["train"]["negatives"][s], counts["validation"]["negatives"][s]
+        share = (tp + vp) / max(1, tp + vp + tn + vn)
+        flag = "  <- few validation positives" if vp < MIN_VALIDATION_POSITIVES else ""
+        lines.append(f"{s:<{width}}  {tp + vp:>9,}  {share:>6.1%}  {tp:>6,}  {vp:>6,}  "
+                     f"{tn + vn:>9,}  {tn:>6,}  {vn:>6,}{flag}")
+    if prepared.unreadable:
+        lines += ["", "Skipped (unreadable):"]
+        lines += [f"  {path}: {reason}" for path, reason in prepared.unreadable[:shown_unreadable]]
+        if len(prepared.unreadable) > shown_unreadable:
+            lines.append(f"  ... and {len(prepared.unreadable) - shown_unreadable:,} more")
+    return "\n".join(lines)
+
+
+def format_metrics_summary(metrics: dict) -> str:
+    """A plain-text table of the validation metrics per symbol and their macro average."""
+    keys = ("roc_auc", "average_precision", "precision", "recall")
+    names = list(metrics["symbols"])
+    width = max(len("macro average"), *(len(s) for s in names))
+    head = (f"{'symbol':<{width}}  {'frames':>6}  {'pos':>5}  {'ROC-AUC':>7}  {'AP':>6}  "
+            f"{'prec.':>6}  {'recall':>6}")
+    lines = [head, "-" * len(head)]
+
+    def number(value):
+        return f"{value:.3f}" if value is not None and math.isfinite(value) else "-"
+
+    for name, m in metrics["symbols"].items():
+        lines.append(f"{name:<{width}}  {m['frames']:>6,}  {m['positives']:>5,}  "
+                     + "  ".join(f"{number(m[k]):>{7 if k == 'roc_auc' else 6}}" for k in keys))
+    if len(names) > 1:
+        m = metrics["macro"]
+        lines.append(f"{'macro average':<{width}}  {'':>6}  {'':>5}  "
+                     + "  ".join(f"{number(m[k]):>{7 if k == 'roc_auc' else 6}}" for k in keys))
+    return "\n".join(lines)
 
 
 def train_and_save(images: LabelledImages, config: TrainingConfig,
@@ -1332,16 +1798,10 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     check_output_dir(output_dir, overwrite)
-    images, scan = prepare_images(images, config)
+    prepared = prepare_training_data(images, config)
+    images, is_validation, counts = prepared.images, prepared.is_validation, prepared.counts
     symbols = images.symbols
     labels = images.labels()
-    is_validation = split_train_validation(labels, config.validation_split, config.seed)
-    counts = split_counts(labels, is_validation, symbols)
-    counts["unreadable"] = len(scan.errors)
-    for split in ("train", "validation"):
-        log.info("%s: %s images; positives %s", split.capitalize(),
-                 f"{counts[split]['images']:,}",
-                 ", ".join(f"{s} {counts[split]['positives'][s]}" for s in symbols))
     geometry = ImageGeometry(config.image_size, config.image_size, "squash")
 
     keras.utils.set_random_seed(config.seed)
@@ -1390,7 +1850,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         "training": {"config": dataclasses.asdict(config),
                      "positive_weights": dict(zip(symbols, map(float, weight_of_positive))),
                      "phase_seconds": phase_seconds, "started_at": started_at},
-        "data": {"source": images.source, "counts": counts,
+        "data": {"source": images.source, "details": images.details, "counts": counts,
                  "fingerprint_sha256": data_fingerprint(images.table, symbols)},
         "packages": package_versions(),
     }
@@ -1401,3 +1861,22 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         write_json(directory / METADATA_FILE, metadata)
     seconds = time.monotonic() - started
     return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model)
+
+
+def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: str | os.PathLike,
+                   *, overwrite: bool = False, dry_run: bool = False) -> str:
+    """What both scripts do once they have their labelled images: with `dry_run`, every check
+    before training and the data summary; otherwise train, save, and summarise the metrics.
+    Returns the summary for the user."""
+    if dry_run:
+        try:
+            check_output_dir(output_dir, overwrite, create_parent=False)
+        except InputError as error:
+            if Path(output_dir).exists() and not Path(output_dir).is_dir():
+                raise
+            log.warning("%s The training run will stop there.", error)
+        prepared = prepare_training_data(images, config)
+        return "Dry run: all checks passed; no model was trained.\n" + format_data_summary(prepared)
+    result = train_and_save(images, config, output_dir, overwrite=overwrite)
+    return (f"Validation metrics (decision threshold 0.5):\n{format_metrics_summary(result.metrics)}\n"
+            f"Wrote {result.output_dir} in {result.seconds:.0f} s.")
