@@ -12,17 +12,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-
-log = logging.getLogger("build_binary_classifier")
 
 
 def build_parser() -> argparse.ArgumentParser:
     import common
 
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # a prefix that works today would break when a flag is added
     parser.add_argument("with_dir", metavar="WITH_DIR",
                         help="Folder of frames in which the symbol is visible.")
     parser.add_argument("without_dir", metavar="WITHOUT_DIR",
@@ -46,12 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         config = common.config_from_args(args)
         images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol)
-        result = common.train_and_save(images, config, args.output_dir, overwrite=args.overwrite)
-        symbol = images.symbols[0]
-        m = result.metrics["symbols"][symbol]
-        log.info("Validation on %d images: ROC-AUC %.3f, average precision %.3f, accuracy %.3f",
-                 m["frames"], m["roc_auc"], m["average_precision"], m["accuracy"])
-        log.info("Wrote %s in %.0f s", result.output_dir, result.seconds)
+        print(common.check_or_train(images, config, args.output_dir, overwrite=args.overwrite,
+                                    dry_run=args.dry_run))
         return 0
 
     return common.run_command(run, debug=args.debug)

@@ -1,0 +1,171 @@
+"""build_multi_hot_model.py end to end, and --dry-run for both scripts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import FAST, ROOT, listdir, run_script, scene
+
+import build_binary_classifier
+import build_multi_hot_model
+import common
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+
+
+@pytest.fixture
+def two_symbol_frames(tmp_path):
+    """96 frames in episode folders, where a red square and a blue circle appear independently
+    (all four combinations equally often), with labels.csv in the seed's format plus extra columns."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "frames"
+    rows = []
+    for index in range(96):
+        square, circle = index % 2 == 1, index // 2 % 2 == 1
+        name = f"ep{index % 4}/frame{index:03d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        scene(rng, square, circle).save(root / name)
+        rows.append({"filename": name, "episode": index % 4, "red_square_visible": int(square),
+                     "notes": "", "blue_circle_visible": int(circle)})
+    csv_path = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    return root, csv_path
+
+
+def test_learns_two_independent_symbols_and_saves_outputs_in_csv_order(two_symbol_frames, tmp_path,
+                                                                      shared_weights, capsys):
+    """Each output must see its own symbol: labels are independent, so a model that ignored one
+    symbol would score AP near its prevalence (0.5) on it."""
+    root, csv_path = two_symbol_frames
+    out = tmp_path / "model"
+    code = run_script(build_multi_hot_model, [
+        root, csv_path, out, "--weights", shared_weights, "--backbone", "mobilenet_v2",
+        "--alpha", "0.35", "--image-size", "96", "--fine-tune-epochs", "0", "--quiet",
+        "--validation-split", "0.33"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "red_square" in printed and "blue_circle" in printed and "macro average" in printed
+
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["symbols"] == ["red_square", "blue_circle"]
+    assert metadata["data"]["details"]["ignored_columns"] == ["episode", "notes"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for symbol in ("red_square", "blue_circle"):
+        m = metrics["symbols"][symbol]
+        assert set(m) >= {"precision", "recall", "roc_auc", "average_precision"}
+        assert m["average_precision"] > 0.9, (symbol, m)
+        assert m["positives"] >= 10
+    assert set(metrics["macro"]) >= {"precision", "recall", "roc_auc", "average_precision"}
+
+    loaded = common.load_model_dir(out)
+    assert list(loaded.model.output.keys()) == ["red_square", "blue_circle"]
+    frames = pd.read_csv(csv_path)
+    probabilities = common.predict_images(loaded, [root / f for f in frames["filename"]])
+    assert list(probabilities.columns) == ["filename", "red_square_probability", "blue_circle_probability"]
+    for symbol in ("red_square", "blue_circle"):
+        truth = frames[f"{symbol}_visible"].to_numpy()
+        assert common.roc_auc(truth, probabilities[f"{symbol}_probability"].to_numpy()) > 0.9
+
+
+def test_seed_example_header_trains_pentagram_and_star_outputs(tmp_path, capsys):
+    """The example shipped in examples/symbols/ has exactly the seed document's header; the
+    README's Quick start trains on it."""
+    example = ROOT / "examples" / "symbols"
+    assert (example / "labels.csv").read_text().splitlines()[0] == "filename,pentagram_visible,star_visible"
+    out = tmp_path / "model"
+    assert run_script(build_multi_hot_model, [example, example / "labels.csv", out,
+                                              "--weights", "none", *FAST]) == 0
+    loaded = common.load_model_dir(out)
+    assert loaded.metadata["symbols"] == ["pentagram", "star"]
+    assert list(loaded.model.output.keys()) == ["pentagram", "star"]
+    assert [layer for layer in ("pentagram", "star") if loaded.model.get_layer(layer).activation.__name__ == "sigmoid"] \
+        == ["pentagram", "star"]
+    table = common.predict_images(loaded, [example / "episode1" / "frame000.jpg"])
+    values = table[["pentagram_probability", "star_probability"]].to_numpy()
+    assert values.shape == (1, 2) and ((values >= 0) & (values <= 1)).all()
+
+
+def test_symbols_flag_trains_a_subset(two_symbol_frames, tmp_path):
+    root, csv_path = two_symbol_frames
+    out = tmp_path / "model"
+    assert run_script(build_multi_hot_model, [root, csv_path, out, "--weights", "none",
+                                              "--symbols", "blue_circle", *FAST]) == 0
+    assert json.loads((out / "metadata.json").read_text())["symbols"] == ["blue_circle"]
+
+
+def test_csv_error_exits_2_with_one_message_and_writes_nothing(two_symbol_frames, tmp_path, capsys):
+    root, csv_path = two_symbol_frames
+    text = csv_path.read_text().splitlines()
+    text[3] = text[3].replace(",1,", ",yes,", 1) if ",1," in text[3] else text[3].replace(",0,", ",no,", 1)
+    csv_path.write_text("\n".join(text) + "\n")
+    out = tmp_path / "model"
+    assert run_script(build_multi_hot_model, [root, csv_path, out, "--weights", "none", *FAST]) == 2
+    errors = _error_lines(capsys)
+    assert len(errors) == 1 and str(csv_path) in errors[0]
+    assert not out.exists() and not (tmp_path / "model.partial").exists()
+
+
+def test_wrong_flag_exits_2(two_symbol_frames, tmp_path, capsys):
+    root, csv_path = two_symbol_frames
+    with pytest.raises(SystemExit) as exit_info:
+        build_multi_hot_model.main([str(root), str(csv_path), str(tmp_path / "m"), "--symbol", "x,y"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --symbol" in capsys.readouterr().err  # no silent prefix match
+    assert run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m", "--symbols", "hexagram"]) == 2
+    assert "'hexagram' not found" in _error_lines(capsys)[0]
+
+
+def test_dry_run_multi_prints_the_split_table_and_writes_nothing(two_symbol_frames, tmp_path, capsys):
+    root, csv_path = two_symbol_frames
+    (root / "ep0" / "broken.png").write_bytes(b"not a png")
+    frames = pd.read_csv(csv_path)
+    broken = {"filename": "ep0/broken.png", "episode": 0, "red_square_visible": 1, "notes": "",
+              "blue_circle_visible": 0}
+    pd.concat([frames, pd.DataFrame([broken])]).to_csv(csv_path, index=False)
+    before = listdir(tmp_path)
+    out = tmp_path / "model"
+    assert run_script(build_multi_hot_model, [root, csv_path, out, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "Dry run: all checks passed; no model was trained." in captured.out
+    assert "Images: 97 listed, 96 readable, 1 skipped" in captured.out
+    table = [line.split() for line in captured.out.splitlines() if line.startswith(("red_square", "blue_circle"))]
+    assert [row[0] for row in table] == ["red_square", "blue_circle"]
+    for row in table:  # positives = train + validation, negatives likewise
+        assert int(row[1]) == 48 and int(row[3]) + int(row[4]) == 48
+        assert int(row[5]) == 48 and int(row[6]) + int(row[7]) == 48
+    assert "ep0/broken.png" in captured.out
+    assert listdir(tmp_path) == before  # nothing written, no model directory
+
+
+def test_dry_run_warns_about_few_validation_positives(two_symbol_frames, tmp_path, capsys):
+    root, csv_path = two_symbol_frames
+    assert run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "Fewer than 10 positives in validation" not in captured.err  # 48 positives: ~10 in validation
+    frames = pd.read_csv(csv_path)
+    keep = (frames["red_square_visible"] == 0) | (frames.index < 22)  # 11 red squares left
+    frames[keep].to_csv(csv_path, index=False)
+    assert run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "Fewer than 10 positives in validation for red_square (" in captured.err
+    assert "few validation positives" in captured.out
+
+
+def test_dry_run_binary_and_its_errors(binary_dirs, tmp_path, capsys):
+    with_dir, without_dir = binary_dirs
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    assert run_script(build_binary_classifier, [with_dir, without_dir, out, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "Images: 48 listed, 48 readable, 0 skipped" in captured.out
+    assert "square" in captured.out
+    assert "exists and is not empty" in captured.err  # a warning: the real run would stop there
+    assert listdir(out) == ["old.txt"]
+    assert run_script(build_binary_classifier, [with_dir, tmp_path / "nowhere", out, "--dry-run"]) == 2
+    assert "nowhere" in _error_lines(capsys)[0]
