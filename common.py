@@ -774,6 +774,99 @@ def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | N
     return {c: s for c, s in columns.items() if c in chosen}
 
 
+def _check_csv_header(header: list[str], rows: list[tuple[int, list[str]]], csv_path: Path,
+                      fmt: CsvFormat) -> None:
+    """Raise InputError for a header that cannot be read as labels: a named column missing,
+    repeated, or values under an empty header cell."""
+    for index, name in enumerate(header):
+        if not name and any(index < len(cells) and cells[index].strip() for _, cells in rows):
+            raise InputError(f"{csv_path}: column {index + 1} has values but no name in the header "
+                             "row; name it or delete it.")
+    repeated = sorted({c for c in header if c and header.count(c) > 1})
+    if repeated:
+        raise InputError(f"{csv_path}: the header names {', '.join(map(repr, repeated))} more than "
+                         "once; every column needs its own name.")
+    if "filename" not in header:
+        similar = [c for c in header if c.lower().replace(" ", "").replace("_", "") in
+                   ("filename", "file", "path", "image", "filepath", "imagepath")]
+        hint = f" Rename {similar[0]!r} to filename." if similar else ""
+        raise InputError(
+            f"{csv_path}: no 'filename' column (read as {fmt.describe()}; the header has: "
+            f"{', '.join(header) or 'nothing'}). Add a column named filename holding each image's "
+            f"path relative to IMAGE_DIR.{hint}")
+
+
+def _filenames_and_problems(values: list[tuple[int, str]], image_dir: Path) -> tuple[list[str | None], list[str]]:
+    """Each (row, filename cell) normalised, None where unusable, and what is wrong."""
+    names: list[str | None] = []
+    bad: dict[str, list[tuple[int, str]]] = {}
+    for number, raw in values:
+        name, trouble = _csv_filename(raw)
+        names.append(name)
+        if trouble:
+            bad.setdefault(trouble, []).append((number, raw))
+    problems = []
+    for trouble, found in bad.items():
+        numbers = [n for n, _ in found]
+        if trouble == "empty":
+            problems.append(f"column filename: empty in {spreadsheet_rows(numbers)}; every row needs "
+                            "the image's path relative to IMAGE_DIR.")
+        else:
+            problems.append(
+                f"column filename: {trouble} in {spreadsheet_rows(numbers, values=[v for _, v in found])}; "
+                f"file names must be relative paths inside IMAGE_DIR {image_dir} (e.g. "
+                "episode1/frame0001.jpg).")
+    return names, problems
+
+
+def _labels_and_problems(column: str, values: list[tuple[int, str]]) -> tuple[np.ndarray, list[str]]:
+    """One `_visible` column's labels as 1/0 (0 where unusable) and what is wrong with it."""
+    labels = np.zeros(len(values), np.float32)
+    empty, invalid, invalid_values = [], [], []
+    for i, (number, raw) in enumerate(values):
+        raw = raw.strip()
+        value = LABEL_SPELLINGS.get(raw.lower())
+        if value is not None:
+            labels[i] = value
+        elif not raw:
+            empty.append(number)
+        else:
+            invalid.append(number)
+            invalid_values.append(raw)
+    problems = []
+    if invalid:
+        problems.append(
+            f"column {column}: {spreadsheet_rows(invalid, values=invalid_values)} "
+            f"{'is not' if len(invalid) == 1 else 'are not'} a label; write {ALLOWED_LABELS_TEXT}.")
+    if empty:
+        problems.append(
+            f"column {column}: empty in {spreadsheet_rows(empty)}. Every row needs 0 or 1 for "
+            "each symbol trained (frames annotated for only some symbols are not supported "
+            "yet); fill the cells, or leave the symbol out with --symbols.")
+    return labels, problems
+
+
+def _first_listings(names: list[str | None], labels: np.ndarray,
+                    row_numbers: list[int]) -> tuple[np.ndarray, list[str], list[int]]:
+    """Which rows to keep (the first row of each file), the files listed again with other
+    labels, and the rows that repeat a file with the same labels."""
+    first_row_of: dict[str, int] = {}
+    conflicts, repeats, keep = [], [], np.ones(len(names), bool)
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        if name not in first_row_of:
+            first_row_of[name] = i
+            continue
+        first = first_row_of[name]
+        keep[i] = False
+        if np.array_equal(labels[first], labels[i]):
+            repeats.append(row_numbers[i])
+        else:
+            conflicts.append(f"{name!r} in rows {row_numbers[first]} and {row_numbers[i]}")
+    return keep, conflicts, repeats
+
+
 def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
                     symbols: Sequence[str] | None = None) -> LabelledImages:
     """The labelled table of a multi-label task from a labels CSV.
@@ -793,27 +886,9 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     if not rows:
         raise InputError(f"{csv_path}: has a header row but no rows of labels; add one row per image.")
     log.info("Read %s: %s, %s rows", csv_path, fmt.describe(), f"{len(rows):,}")
-
-    unnamed = [i for i, c in enumerate(header) if not c]
-    for index in unnamed:
-        if any(index < len(cells) and cells[index].strip() for _, cells in rows):
-            raise InputError(f"{csv_path}: column {index + 1} has values but no name in the header "
-                             "row; name it or delete it.")
-    repeated = sorted({c for c in header if c and header.count(c) > 1})
-    if repeated:
-        raise InputError(f"{csv_path}: the header names {', '.join(map(repr, repeated))} more than "
-                         "once; every column needs its own name.")
-    if "filename" not in header:
-        similar = [c for c in header if c.lower().replace(" ", "").replace("_", "") in
-                   ("filename", "file", "path", "image", "filepath", "imagepath")]
-        hint = f" Rename {similar[0]!r} to filename." if similar else ""
-        raise InputError(
-            f"{csv_path}: no 'filename' column (read as {fmt.describe()}; the header has: "
-            f"{', '.join(header) or 'nothing'}). Add a column named filename holding each image's "
-            f"path relative to IMAGE_DIR.{hint}")
+    _check_csv_header(header, rows, csv_path, fmt)
     wanted = None if symbols is None else list(dict.fromkeys(s.strip() for s in symbols if s.strip()))
     columns = _symbol_columns(header, csv_path, wanted)
-    index_of = {c: i for i, c in enumerate(header) if c}
     all_visible = [c for c in header if c and _VISIBLE_COLUMN.match(c)]
     extra = [c for c in header if c and c != "filename" and c not in all_visible]
     if extra:
@@ -822,6 +897,12 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     if unused:
         log.info("Not training on: %s (left out by --symbols)", ", ".join(unused))
 
+    index_of = {c: i for i, c in enumerate(header) if c}
+
+    def column_values(column: str) -> list[tuple[int, str]]:
+        i = index_of[column]
+        return [(number, cells[i] if i < len(cells) else "") for number, cells in rows]
+
     problems: list[str] = []
     too_long = [n for n, cells in rows
                 if len(cells) > len(header) and any(c.strip() for c in cells[len(header):])]
@@ -829,66 +910,14 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
         problems.append(
             f"{spreadsheet_rows(too_long)}: more cells than the header's {len(header)} columns. "
             f"A file name containing the separator {CSV_DELIMITERS[fmt.delimiter]} must be quoted.")
-
-    def cell(cells: list[str], column: str) -> str:
-        i = index_of[column]
-        return cells[i] if i < len(cells) else ""
-
-    names: list[str | None] = []
-    bad_names: dict[str, list[tuple[int, str]]] = {}
-    for number, cells in rows:
-        name, trouble = _csv_filename(cell(cells, "filename"))
-        names.append(name)
-        if trouble:
-            bad_names.setdefault(trouble, []).append((number, cell(cells, "filename")))
-    for trouble, found in bad_names.items():
-        numbers = [n for n, _ in found]
-        if trouble == "empty":
-            problems.append(f"column filename: empty in {spreadsheet_rows(numbers)}; every row needs "
-                            "the image's path relative to IMAGE_DIR.")
-        else:
-            problems.append(
-                f"column filename: {trouble} in {spreadsheet_rows(numbers, values=[v for _, v in found])}; "
-                f"file names must be relative paths inside IMAGE_DIR {image_dir} (e.g. "
-                "episode1/frame0001.jpg).")
-
+    names, found = _filenames_and_problems(column_values("filename"), image_dir)
+    problems += found
     labels = np.zeros((len(rows), len(columns)), np.float32)
     for j, column in enumerate(columns):
-        empty, invalid, invalid_values = [], [], []
-        for i, (number, cells) in enumerate(rows):
-            raw = cell(cells, column).strip()
-            value = LABEL_SPELLINGS.get(raw.lower())
-            if value is not None:
-                labels[i, j] = value
-            elif not raw:
-                empty.append(number)
-            else:
-                invalid.append(number)
-                invalid_values.append(raw)
-        if invalid:
-            problems.append(
-                f"column {column}: {spreadsheet_rows(invalid, values=invalid_values)} "
-                f"{'is not' if len(invalid) == 1 else 'are not'} a label; write {ALLOWED_LABELS_TEXT}.")
-        if empty:
-            problems.append(
-                f"column {column}: empty in {spreadsheet_rows(empty)}. Every row needs 0 or 1 for "
-                "each symbol trained (frames annotated for only some symbols are not supported "
-                "yet); fill the cells, or leave the symbol out with --symbols.")
-
-    first_row_of: dict[str, int] = {}
-    conflicts, repeats, keep = [], [], np.ones(len(rows), bool)
-    for i, name in enumerate(names):
-        if name is None:
-            continue
-        if name in first_row_of:
-            first = first_row_of[name]
-            keep[i] = False
-            if np.array_equal(labels[first], labels[i]):
-                repeats.append(rows[i][0])
-            else:
-                conflicts.append(f"{name!r} in rows {rows[first][0]} and {rows[i][0]}")
-        else:
-            first_row_of[name] = i
+        labels[:, j], found = _labels_and_problems(column, column_values(column))
+        problems += found
+    row_numbers = [number for number, _ in rows]
+    keep, conflicts, repeats = _first_listings(names, labels, row_numbers)
     if conflicts:
         shown = "; ".join(conflicts[:5]) + (f"; and {len(conflicts) - 5:,} more" if len(conflicts) > 5 else "")
         problems.append(f"{len(conflicts):,} file(s) listed twice with different labels: {shown}. "
@@ -896,23 +925,19 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     if repeats:
         log.warning("%s: %s: same file and labels as an earlier row; each file is used once.",
                     csv_path, spreadsheet_rows(repeats))
-
-    missing, missing_names = [], []
-    for i, name in enumerate(names):
-        if name is not None and keep[i] and not os.path.isfile(os.path.join(image_dir, name)):
-            missing.append(rows[i][0])
-            missing_names.append(name)
+    missing = [(row_numbers[i], name) for i, name in enumerate(names)
+               if name is not None and keep[i] and not os.path.isfile(os.path.join(image_dir, name))]
     if missing:
+        missing_names = [name for _, name in missing]
         problems.append(
             f"column filename: {len(missing):,} listed file(s) do not exist in IMAGE_DIR {image_dir}: "
-            f"{spreadsheet_rows(missing, values=missing_names)}.{_missing_file_hint(image_dir, missing_names)}")
-
+            f"{spreadsheet_rows([n for n, _ in missing], values=missing_names)}."
+            f"{_missing_file_hint(image_dir, missing_names)}")
     if problems:
         raise InputError(
             f"{csv_path} ({fmt.describe()}): {len(problems)} problem(s); fix them and run again "
             "(add --dry-run to check without training):\n  - " + "\n  - ".join(problems))
 
-    rows_kept = [rows[i] for i in np.flatnonzero(keep)]
     labels = labels[keep]
     hopeless = []
     for j, symbol in enumerate(columns.values()):
@@ -934,8 +959,8 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     for j, symbol in enumerate(columns.values()):
         table[symbol] = labels[:, j]
     for column in extra:
-        name = column if column not in table.columns else f"csv_{column}"
-        table[name] = [cell(cells, column) for _, cells in rows_kept]
+        values = [value for (_, value), kept in zip(column_values(column), keep) if kept]
+        table[column if column not in table.columns else f"csv_{column}"] = values
 
     listed = {os.path.normpath(p) for p in table["path"]}
     unlisted = [p for p in find_images(image_dir) if os.path.normpath(p) not in listed]
@@ -1869,14 +1894,18 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
     before training and the data summary; otherwise train, save, and summarise the metrics.
     Returns the summary for the user."""
     if dry_run:
+        # An existing model directory is only a note here: dry runs are repeated after every
+        # labelling session next to the model trained last time.
+        output_note = ""
         try:
             check_output_dir(output_dir, overwrite, create_parent=False)
         except InputError as error:
             if Path(output_dir).exists() and not Path(output_dir).is_dir():
                 raise
-            log.warning("%s The training run will stop there.", error)
+            output_note = f"\nNote: {error}"
         prepared = prepare_training_data(images, config)
-        return "Dry run: all checks passed; no model was trained.\n" + format_data_summary(prepared)
+        return ("Dry run: all checks of the data passed; no model was trained." + output_note
+                + "\n" + format_data_summary(prepared))
     result = train_and_save(images, config, output_dir, overwrite=overwrite)
     return (f"Validation metrics (decision threshold 0.5):\n{format_metrics_summary(result.metrics)}\n"
             f"Wrote {result.output_dir} in {result.seconds:.0f} s.")

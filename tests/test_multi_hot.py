@@ -131,7 +131,7 @@ def test_dry_run_multi_prints_the_split_table_and_writes_nothing(two_symbol_fram
     out = tmp_path / "model"
     assert run_script(build_multi_hot_model, [root, csv_path, out, "--dry-run"]) == 0
     captured = capsys.readouterr()
-    assert "Dry run: all checks passed; no model was trained." in captured.out
+    assert "Dry run: all checks of the data passed; no model was trained." in captured.out
     assert "Images: 97 listed, 96 readable, 1 skipped" in captured.out
     table = [line.split() for line in captured.out.splitlines() if line.startswith(("red_square", "blue_circle"))]
     assert [row[0] for row in table] == ["red_square", "blue_circle"]
@@ -165,7 +165,7 @@ def test_dry_run_binary_and_its_errors(binary_dirs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "Images: 48 listed, 48 readable, 0 skipped" in captured.out
     assert "square" in captured.out
-    assert "exists and is not empty" in captured.err  # a warning: the real run would stop there
+    assert "Note: OUTPUT_MODEL_DIR" in captured.out and "pass --overwrite" in captured.out
     assert listdir(out) == ["old.txt"]
     assert run_script(build_binary_classifier, [with_dir, tmp_path / "nowhere", out, "--dry-run"]) == 2
     assert "nowhere" in _error_lines(capsys)[0]
