@@ -169,3 +169,33 @@ def test_dry_run_binary_and_its_errors(binary_dirs, tmp_path, capsys):
     assert listdir(out) == ["old.txt"]
     assert run_script(build_binary_classifier, [with_dir, tmp_path / "nowhere", out, "--dry-run"]) == 2
     assert "nowhere" in _error_lines(capsys)[0]
+
+
+def test_a_symbol_in_2_percent_of_frames_is_learned(tmp_path, shared_weights):
+    """10 red squares in 500 frames: the positive weight is negatives/positives of the training
+    split, and the model finds the square in frames it has never seen."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "frames"
+    root.mkdir()
+    rows = []
+    for index in range(500):
+        square = index % 50 == 0
+        scene(rng, square, bool(rng.random() < 0.5)).save(root / f"f{index:03d}.png")
+        rows.append({"filename": f"f{index:03d}.png", "red_square_visible": int(square)})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    fresh = []
+    for index in range(40):
+        scene(rng, index < 20, bool(rng.random() < 0.5)).save(root / f"new{index:02d}.png")
+        fresh.append(root / f"new{index:02d}.png")
+
+    images = common.images_from_csv(root, tmp_path / "labels.csv")
+    config = common.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights=shared_weights,
+                                   image_size=96, fine_tune_epochs=0)
+    result = common.train_and_save(images, config, tmp_path / "model")
+    train = result.counts["train"]
+    weight = json.loads((tmp_path / "model" / "metadata.json").read_text())["training"]["positive_weights"]
+    assert weight["red_square"] == pytest.approx(train["negatives"]["red_square"] / train["positives"]["red_square"])
+    assert weight["red_square"] > 40
+    p = common.predict_images(tmp_path / "model", fresh)["red_square_probability"].to_numpy()
+    assert common.roc_auc(np.r_[np.ones(20), np.zeros(20)], p) > 0.95
+    assert (p[:20] >= 0.5).mean() >= 0.7 and (p[20:] >= 0.5).mean() <= 0.1
