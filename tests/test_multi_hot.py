@@ -94,7 +94,7 @@ def test_symbols_flag_trains_a_subset(two_symbol_frames, tmp_path):
     root, csv_path = two_symbol_frames
     out = tmp_path / "model"
     assert run_script(build_multi_hot_model, [root, csv_path, out, "--weights", "none",
-                                              "--symbols", "blue_circle", *FAST]) == 0
+                                              "--symbols", "blue_circle", *FAST, "--fine-tune-epochs", "0"]) == 0
     assert json.loads((out / "metadata.json").read_text())["symbols"] == ["blue_circle"]
 
 
