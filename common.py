@@ -86,6 +86,8 @@ def _import_tensorflow_quietly():
 tf = _import_tensorflow_quietly()
 import keras  # noqa: E402
 
+import feature_cache  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 # read_image refuses every image above Image.MAX_IMAGE_PIXELS itself, with the file's name;
@@ -212,6 +214,12 @@ class TrainingConfig:
         "Stop before training when more than this share of the images cannot be read "
         "(corrupt, truncated, oversized); fewer are skipped and listed. Default: %(default)s.",
         type=float)
+    cache_dir: str | None = _setting(
+        None, "--cache-dir",
+        "Folder in which to keep the backbone features of every image, keyed by the image's "
+        "content, the backbone, its weights and the input geometry, so that later runs on the "
+        "same images skip computing them. Shared safely by runs at the same time. Not used "
+        "with --weights none. Default: no cache.", type=str, metavar="DIR")
 
     def __post_init__(self):
         checks = [
@@ -265,6 +273,9 @@ class TrainingConfig:
                 raise InputError(
                     f"--weights {self.weights!r}: expected a Keras weights file ending in .h5 "
                     "or .weights.h5.")
+        if self.cache_dir is not None and Path(self.cache_dir).exists() \
+                and not Path(self.cache_dir).is_dir():
+            raise InputError(f"--cache-dir {self.cache_dir!r} is a file; give a folder.")
 
     @property
     def weights_source(self) -> str:
@@ -1344,6 +1355,49 @@ def run_inference(model: keras.Model, dataset: tf.data.Dataset,
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
 
 
+def feature_description(config: TrainingConfig, geometry: ImageGeometry) -> dict:
+    """Everything that turns an image file into a pooled feature vector, for the cache key.
+    A weights file is identified by its content, so a replaced file is never mistaken."""
+    weights = config.weights_source
+    if weights not in ("imagenet", "none"):
+        weights = f"sha256:{feature_cache.file_sha256(weights)}"
+    return {"backbone": config.backbone, "alpha": config.alpha, "weights": weights,
+            "input": geometry.to_json(), "preprocessing": BACKBONES[config.backbone].preprocessing,
+            "pooling": "global_average", "alpha_background": ALPHA_BACKGROUND}
+
+
+def backbone_features(parts: ModelParts, table: pd.DataFrame, geometry: ImageGeometry,
+                      config: TrainingConfig) -> np.ndarray:
+    """Pooled backbone features of every image in `table` (which has `path` and
+    `image_sha1`), from `config.cache_dir` where present there, computed and added otherwise."""
+    paths = table["path"].tolist()
+    if config.cache_dir is None:
+        return extract_features(parts, paths, geometry, config.batch_size)
+    if config.weights_source == "none":
+        log.info("Not using --cache-dir: random backbone weights (--weights none) differ per run.")
+        return extract_features(parts, paths, geometry, config.batch_size)
+    try:
+        cache = feature_cache.FeatureCache(config.cache_dir, feature_description(config, geometry),
+                                           int(parts.features.output_shape[-1]))
+    except OSError as error:
+        raise InputError(f"--cache-dir {config.cache_dir}: cannot be used ({error.strerror or error}); "
+                         "choose a folder you can write, or leave the flag out.") from None
+    sha1s = table["image_sha1"].tolist()
+    features, found = cache.load(sha1s)
+    missing = np.flatnonzero(~found)
+    log.info("Feature cache %s: %s of %s images found, %s to compute", cache.directory,
+             f"{int(found.sum()):,}", f"{len(sha1s):,}", f"{len(missing):,}")
+    if len(missing):
+        computed = extract_features(parts, [paths[i] for i in missing], geometry, config.batch_size)
+        features[missing] = computed
+        try:
+            cache.store([sha1s[i] for i in missing], computed)
+        except OSError as error:
+            log.warning("Could not write to the feature cache %s (%s); training goes on without "
+                        "storing these features.", cache.directory, error)
+    return features
+
+
 def extract_features(parts: ModelParts, paths: Sequence[str], geometry: ImageGeometry,
                      batch_size: int) -> np.ndarray:
     """Pooled backbone features of every image, computed once: (images, feature size)."""
@@ -1837,7 +1891,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         calibrate_batchnorm(parts, np.stack([load_image_array(p, geometry) for p in sample]))
         log.warning("Random backbone weights (--weights none): fine for tests and demos, far "
                     "less accurate than --weights imagenet on real frames.")
-    features = extract_features(parts, paths, geometry, config.batch_size)
+    features = backbone_features(parts, images.table, geometry, config)
 
     weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
     weights = sample_weights(labels, weight_of_positive)
