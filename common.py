@@ -1791,8 +1791,10 @@ class PreparedData:
     config: TrainingConfig
 
 
-def prepare_training_data(images: LabelledImages, config: TrainingConfig) -> PreparedData:
-    """Scan the images, drop unreadable ones, check every symbol can be learned, and split.
+def prepare_training_data(images: LabelledImages, config: TrainingConfig,
+                          is_validation: np.ndarray | None = None) -> PreparedData:
+    """Scan the images, drop unreadable ones, check every symbol can be learned, and split
+    (unless `is_validation`, one bool per row of `images.table`, gives the split).
 
     This is everything before training, and all that `--dry-run` does."""
     start = time.monotonic()
@@ -1802,7 +1804,13 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig) -> Pre
     readable = drop_unreadable(images, scan, config.max_unreadable)
     check_learnable(readable)
     labels = readable.labels()
-    is_validation = split_train_validation(labels, config.validation_split, config.seed)
+    if is_validation is None:
+        is_validation = split_train_validation(labels, config.validation_split, config.seed)
+    else:
+        is_validation = np.asarray(is_validation, bool)[scan.readable]
+        for name, mask in (("training", ~is_validation), ("validation", is_validation)):
+            if not mask.any():
+                raise InputError(f"the given split has no readable {name} images.")
     counts = split_counts(labels, is_validation, readable.symbols)
     counts["listed"] = len(images.table)
     counts["unreadable"] = len(scan.errors)
@@ -1872,12 +1880,14 @@ def format_metrics_summary(metrics: dict) -> str:
 
 
 def train_and_save(images: LabelledImages, config: TrainingConfig,
-                   output_dir: str | os.PathLike, *, overwrite: bool = False) -> TrainingResult:
-    """Train on `images` with `config` and write the model directory; the whole pipeline."""
+                   output_dir: str | os.PathLike, *, overwrite: bool = False,
+                   is_validation: np.ndarray | None = None) -> TrainingResult:
+    """Train on `images` with `config` and write the model directory; the whole pipeline.
+    `is_validation` (one bool per row of `images.table`) replaces the seeded split."""
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     check_output_dir(output_dir, overwrite)
-    prepared = prepare_training_data(images, config)
+    prepared = prepare_training_data(images, config, is_validation)
     images, is_validation, counts = prepared.images, prepared.is_validation, prepared.counts
     symbols = images.symbols
     labels = images.labels()
@@ -1891,13 +1901,15 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         calibrate_batchnorm(parts, np.stack([load_image_array(p, geometry) for p in sample]))
         log.warning("Random backbone weights (--weights none): fine for tests and demos, far "
                     "less accurate than --weights imagenet on real frames.")
+    phase_seconds = {}
+    t = time.monotonic()
     features = backbone_features(parts, images.table, geometry, config)
+    phase_seconds["features"] = time.monotonic() - t
 
     weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
     weights = sample_weights(labels, weight_of_positive)
     train_idx, val_idx = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
     rows: list[dict] = []
-    phase_seconds = {}
     t = time.monotonic()
     train_head(parts, symbols, config,
                (features[train_idx], labels[train_idx], weights[train_idx]),

@@ -11,6 +11,7 @@ import sys
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 import build_binary_classifier
@@ -150,3 +151,25 @@ def test_imagenet_weights_path_works_offline_from_the_keras_cache(binary_dirs, t
     np.testing.assert_array_equal(kernel, expected)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["symbols"]["square"]["roc_auc"] >= 0.9
+
+
+def test_a_given_validation_mask_replaces_the_split(binary_dirs, tmp_path):
+    """The library accepts an explicit split (used by the benchmark; issue 5's explicit
+    validation sets build on it): exactly the marked frames are validated on."""
+    images = common.images_from_directories(*binary_dirs)
+    names = images.table["filename"].tolist()
+    is_validation = np.array(["ep0" in name for name in names])  # one episode folder of three
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = images.table.iloc[:1].assign(path=str(tmp_path / "broken.png"),
+                                          filename=str(tmp_path / "broken.png"))
+    images.table = pd.concat([images.table, broken], ignore_index=True)
+    is_validation = np.r_[is_validation, True]
+    config = common.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights="none",
+                                   image_size=32, epochs=1, fine_tune_epochs=0)
+    result = common.train_and_save(images, config, tmp_path / "model", is_validation=is_validation)
+    assert result.counts["validation"]["images"] == int(is_validation[:-1].sum())  # broken one dropped
+    assert result.counts["train"]["images"] == int((~is_validation).sum())
+    phases = json.loads((tmp_path / "model" / "metadata.json").read_text())["training"]["phase_seconds"]
+    assert set(phases) == {"features", "head"}
+    with pytest.raises(common.InputError, match="no readable validation images"):
+        common.train_and_save(images, config, tmp_path / "model2", is_validation=np.zeros(len(is_validation), bool))

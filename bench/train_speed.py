@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Training speed, memory and accuracy: the keras.io transfer-learning recipe against ours.
+
+On one data set, one split and one backbone (MobileNetV2 alpha 0.35 with the shared ImageNet
+weights, 224x224, so it runs offline), three stages each run in a fresh process, so that each
+peak RSS is its own:
+
+1. baseline: the keras.io transfer-learning recipe, faithfully and briefly: a frozen backbone
+   (called with training=False) + global average pooling + dropout 0.2 + one sigmoid Dense per
+   symbol, Adam(1e-3) for --baseline-head-epochs, then the whole backbone unfrozen at
+   Adam(1e-5) for --baseline-fine-tune-epochs; images read and decoded (tf.io.decode_image,
+   tf.image.resize) every epoch by a standard tf.data pipeline with AUTOTUNE and prefetch.
+2. ours: common.train_and_save with the default TrainingConfig (but the backbone above), on the
+   same training and validation images.
+3. raw: images/s of train_on_batch of our fine-tuning model, and of inference of the backbone,
+   on in-memory uint8 batches of the same size: the ceilings of the fine-tuning phase and of
+   feature extraction.
+
+Held-out macro average precision is measured on a test split neither training saw, over the
+symbols with a positive there. Splits: logodet3k_clothes uses its own train/valid/test split
+(splits.csv); synthetic frames are split by episode (20 % of episodes test, then 20 % of the
+rest validation), so no shot is in two splits.
+
+    python bench/train_speed.py logodet
+    python ../shared/tools/make_symbol_frames.py /tmp/frames3000 --n 3000 --layout multi
+    python bench/train_speed.py frames --frames-dir /tmp/frames3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_0.35_no_top_imagenet.weights.h5"
+ALPHA, SIZE, BATCH = 0.35, 224, 32
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and split (computed once by the parent, written to a CSV every stage reads)
+
+
+def load_data(args):
+    import pandas as pd
+
+    import common
+    if args.data == "logodet":
+        base = SHARED / "data" / "logodet3k_clothes"
+        images = common.images_from_csv(base / "images", base / "labels.csv")
+        original = pd.read_csv(base / "splits.csv").set_index("filename")["original_split"]
+        split = images.table["filename"].map(original).map(
+            {"train": "train", "valid": "validation", "test": "test"}).to_numpy()
+    else:
+        base = Path(args.frames_dir)
+        images = common.images_from_csv(base / "images", base / "labels.csv")
+        episodes = images.table["episode"].astype(str).to_numpy()
+        rng = np.random.default_rng(0)
+        unique = rng.permutation(sorted(set(episodes)))
+        test_episodes = set(unique[: max(1, round(0.2 * len(unique)))])
+        split = np.where(np.isin(episodes, list(test_episodes)), "test", "train").astype(object)
+        rest = np.flatnonzero(split == "train")
+        is_validation = common.split_train_validation(images.labels()[rest], 0.2, 0, episodes[rest])
+        split[rest[is_validation]] = "validation"
+    table = images.table.assign(split=split)
+    if args.limit:
+        table = table.groupby("split", group_keys=False).apply(
+            lambda part: part.head(max(2, int(args.limit * len(part) / len(table)))))
+    return table, images.symbols
+
+
+def macro_ap(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    import common
+    values = [common.average_precision(labels[:, j] == 1, probabilities[:, j])
+              for j in range(labels.shape[1]) if (labels[:, j] == 1).any()]
+    return float(np.mean(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_baseline(table, symbols, args) -> dict:
+    import keras
+    import tensorflow as tf
+
+    def dataset(part, shuffle):
+        ds = tf.data.Dataset.from_tensor_slices((part["path"].tolist(),
+                                                 part[symbols].to_numpy(np.float32)))
+        if shuffle:
+            ds = ds.shuffle(len(part), seed=0, reshuffle_each_iteration=True)
+
+        def load(path, label):
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            return tf.image.resize(image, (SIZE, SIZE)), label
+
+        return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
+
+    train, validation, test = (table[table.split == s] for s in ("train", "validation", "test"))
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(alpha=ALPHA, include_top=False, weights=None,
+                                          input_shape=(SIZE, SIZE, 3))
+    base.load_weights(WEIGHTS)
+    base.trainable = False
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)  # MobileNetV2's preprocess_input
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    model = keras.Model(inputs, keras.layers.Dense(len(symbols), activation="sigmoid")(x))
+    result = {"train_images": len(train)}
+
+    started = time.monotonic()
+    model.compile(keras.optimizers.Adam(), keras.losses.BinaryCrossentropy())
+    model.fit(dataset(train, True), validation_data=dataset(validation, False),
+              epochs=args.baseline_head_epochs, verbose=2)
+    result["head_seconds"] = time.monotonic() - started
+    result["head_images_per_s"] = len(train) * args.baseline_head_epochs / result["head_seconds"]
+
+    started = time.monotonic()
+    base.trainable = True
+    model.compile(keras.optimizers.Adam(1e-5), keras.losses.BinaryCrossentropy())
+    model.fit(dataset(train, True), validation_data=dataset(validation, False),
+              epochs=args.baseline_fine_tune_epochs, verbose=2)
+    result["fine_tune_seconds"] = time.monotonic() - started
+    result["fine_tune_images_per_s"] = (len(train) * args.baseline_fine_tune_epochs
+                                        / result["fine_tune_seconds"])
+    probabilities = model.predict(dataset(test, False), verbose=0)
+    result["test_macro_ap"] = macro_ap(test[symbols].to_numpy(), probabilities)
+    return result
+
+
+def stage_ours(table, symbols, args) -> dict:
+    import pandas as pd
+
+    import common
+    trainval = table[table.split != "test"].reset_index(drop=True)
+    test = table[table.split == "test"]
+    images = common.LabelledImages(trainval.drop(columns="split"), list(symbols), "benchmark")
+    config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
+                                   batch_size=BATCH)
+    output = Path(args.work) / "ours_model"
+    result = common.train_and_save(images, config, output, overwrite=True,
+                                   is_validation=(trainval.split == "validation").to_numpy())
+    metadata = json.loads((output / "metadata.json").read_text())
+    phases = metadata["training"]["phase_seconds"]
+    history = pd.read_csv(output / "history.csv")
+    fine_epochs = int((history.phase == "fine_tune").sum())
+    head_epochs = int((history.phase == "head").sum())
+    train_images = result.counts["train"]["images"]
+    probabilities = common.predict_images(output, test["path"].tolist())
+    columns = [f"{s}_probability" for s in symbols]
+    return {
+        "train_images": train_images,
+        "wall_seconds": result.seconds,
+        "features_seconds": phases["features"],
+        "features_images_per_s": len(trainval) / phases["features"],
+        "head_seconds": phases["head"], "head_epochs": head_epochs,
+        "fine_tune_seconds": phases.get("fine_tune", 0.0), "fine_tune_epochs": fine_epochs,
+        "fine_tune_images_per_s": train_images * fine_epochs / phases["fine_tune"]
+        if fine_epochs else float("nan"),
+        "test_macro_ap": macro_ap(test[symbols].to_numpy(), probabilities[columns].to_numpy()),
+    }
+
+
+def stage_raw(table, symbols, args) -> dict:
+    import common
+    config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
+                                   batch_size=BATCH)
+    parts = common.build_model(list(symbols), config, common.ImageGeometry(SIZE, SIZE))
+    batch = np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3)).astype(np.uint8)
+    infer = common._compiled_inference(parts.features)
+    common.unfreeze_top(parts.backbone, config.fine_tune_fraction)
+    common._compile(parts.model, list(symbols), config.fine_tune_learning_rate)
+    labels = {s: np.zeros((BATCH, 1), np.float32) for s in symbols}
+    weights = {s: np.ones((BATCH,), np.float32) for s in symbols}
+
+    def rate(step, seconds=20.0):
+        step()
+        step()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            count += 1
+        return count * BATCH / (time.perf_counter() - start)
+
+    return {
+        "inference_images_per_s": rate(lambda: infer(batch).numpy()),
+        "train_on_batch_images_per_s": rate(
+            lambda: parts.model.train_on_batch(batch, labels, sample_weight=weights)),
+    }
+
+
+STAGES = {"baseline": stage_baseline, "ours": stage_ours, "raw": stage_raw}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: run the stages, print the table
+
+
+def run_stage(name: str, args) -> dict:
+    command = [sys.executable, __file__, args.data, "--stage", name, "--work", args.work,
+               "--baseline-head-epochs", str(args.baseline_head_epochs),
+               "--baseline-fine-tune-epochs", str(args.baseline_fine_tune_epochs)]
+    if args.frames_dir:
+        command += ["--frames-dir", args.frames_dir]
+    started = time.monotonic()
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"stage {name} failed with exit code {completed.returncode}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.monotonic() - started
+    return result
+
+
+def report(results: dict, args, n_images: int, n_symbols: int) -> None:
+    b, o, r = results["baseline"], results["ours"], results["raw"]
+    b_total = b["head_seconds"] + b["fine_tune_seconds"]
+    o_head = o["features_seconds"] + o["head_seconds"]
+    print(f"\nData: {args.data}, {n_images:,} images, {n_symbols} symbols; MobileNetV2 alpha {ALPHA}, "
+          f"{SIZE} px, batch {BATCH}, {os.cpu_count()} CPU threads")
+    print(f"Baseline: {args.baseline_head_epochs} head + {args.baseline_fine_tune_epochs} fine-tuning "
+          f"epochs. Ours: defaults (head {o['head_epochs']} epochs, fine-tuning {o['fine_tune_epochs']}).\n")
+    print(f"{'':<34}{'baseline':>12}{'ours':>12}{'raw':>12}")
+    rows = [
+        ("head phase, s", b["head_seconds"], o_head, None),
+        ("  of which feature extraction, s", None, o["features_seconds"], None),
+        ("fine-tuning phase, s", b["fine_tune_seconds"], o["fine_tune_seconds"], None),
+        ("total training, s", b_total, o["wall_seconds"], None),
+        ("feature extraction, images/s", None, o["features_images_per_s"], r["inference_images_per_s"]),
+        ("head phase, images/s (per epoch)", b["head_images_per_s"], None, None),
+        ("fine-tuning, images/s", b["fine_tune_images_per_s"], o["fine_tune_images_per_s"],
+         r["train_on_batch_images_per_s"]),
+        ("peak RSS, MB", b["peak_rss_mb"], o["peak_rss_mb"], r["peak_rss_mb"]),
+        ("held-out macro AP", b["test_macro_ap"], o["test_macro_ap"], None),
+    ]
+    for label, *values in rows:
+        cells = "".join(f"{'' if v is None else f'{v:,.3f}' if 'AP' in label else f'{v:,.1f}':>12}"
+                        for v in values)
+        print(f"{label:<34}{cells}")
+    print("\nRatios (targets from issue 4 in brackets):")
+    print(f"  head phase, baseline / ours:               {b['head_seconds'] / o_head:6.1f}x  [>= 10x]")
+    print(f"  fine-tuning, ours / raw train_on_batch:    "
+          f"{o['fine_tune_images_per_s'] / r['train_on_batch_images_per_s']:6.0%}   [>= 85 %]")
+    print(f"  feature extraction, ours / raw inference:  "
+          f"{o['features_images_per_s'] / r['inference_images_per_s']:6.0%}")
+    print(f"  total time, ours / baseline:               {o['wall_seconds'] / b_total:6.0%}   [<= 20 %]")
+    print(f"  held-out macro AP, ours - baseline:        {o['test_macro_ap'] - b['test_macro_ap']:+6.3f}  [> 0]")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", choices=["logodet", "frames"])
+    parser.add_argument("--frames-dir", help="Output folder of make_symbol_frames.py --layout multi.")
+    parser.add_argument("--baseline-head-epochs", type=int, default=10)
+    parser.add_argument("--baseline-fine-tune-epochs", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=0,
+                        help="Use only about this many images (a quick check of the script).")
+    parser.add_argument("--work", default="/tmp/train_speed", help="Folder for the split and models.")
+    parser.add_argument("--stages", default="raw,ours,baseline")
+    parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.data == "frames" and not args.frames_dir:
+        parser.error("frames needs --frames-dir")
+    if not WEIGHTS.is_file():
+        parser.error(f"needs the shared ImageNet weights at {WEIGHTS}")
+    import pandas as pd
+    split_file = Path(args.work) / "split.pkl"
+    if args.stage:
+        import common
+        common.configure_logging(quiet=True)
+        table, symbols = pd.read_pickle(split_file)
+        result = STAGES[args.stage](table, symbols, args)
+        result["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(result))
+        return 0
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    import common
+    common.configure_logging(quiet=True)
+    table, symbols = load_data(args)
+    pd.to_pickle((table, symbols), split_file)
+    counts = table.split.value_counts()
+    print(f"Split: {counts.get('train', 0):,} train, {counts.get('validation', 0):,} validation, "
+          f"{counts.get('test', 0):,} test images", flush=True)
+    results = {}
+    for name in args.stages.split(","):
+        print(f"Running {name} ...", flush=True)
+        results[name] = run_stage(name, args)
+        print(json.dumps({name: results[name]}), flush=True)
+    if set(results) == set(STAGES):
+        report(results, args, len(table), len(symbols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
