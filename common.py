@@ -703,8 +703,9 @@ def _csv_delimiter(text: str) -> str:
 
 
 def read_csv_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[int, list[str]]], CsvFormat]:
-    """The header cells and the non-empty rows (each with its spreadsheet row number, the header
-    being row 1) of a CSV, detecting a BOM, UTF-16 and the separator (',', ';' or tab)."""
+    """The header cells (the first non-blank row) and the non-blank rows after it, each with
+    its spreadsheet row number (the first line is row 1), detecting a BOM, UTF-16 and the
+    separator (',', ';' or tab)."""
     csv_path = Path(csv_path)
     text, encoding, bom = _csv_text(csv_path)
     delimiter = _csv_delimiter(text)
@@ -714,14 +715,12 @@ def read_csv_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[in
         for number, cells in enumerate(reader, start=1):
             if any(c.strip() for c in cells):
                 rows.append((number, cells))
-            elif number == 1:
-                rows.append((number, []))  # an empty first line is reported as no header
     except csv.Error as error:
         raise InputError(
             f"{csv_path}: malformed CSV near line {reader.line_num}: {error}. Usually an unclosed "
             "quote (\"); open the file in a text editor at that line.") from None
     fmt = CsvFormat(encoding, delimiter, bom)
-    if not rows or not rows[0][1]:
+    if not rows:
         raise InputError(f"{csv_path}: empty; expected a header row such as "
                          f"'filename,pentagram_visible,star_visible' and one row per image.")
     (_, header), body = rows[0], rows[1:]

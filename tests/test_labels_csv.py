@@ -189,6 +189,11 @@ def test_missing_csv_and_image_dir(image_dir, tmp_path):
     assert "IMAGE_DIR" in error_of(tmp_path / "nope", write(tmp_path, GOOD))
 
 
+def test_blank_lines_before_the_header_keep_spreadsheet_row_numbers(image_dir, tmp_path):
+    message = error_of(image_dir, write(tmp_path, "\n\nfilename,star_visible\na.jpg,1\nb.jpg,maybe\n"))
+    assert "row 5 ('maybe')" in message
+
+
 def test_empty_trailing_columns_and_blank_lines_are_tolerated(image_dir, tmp_path):
     images = load(image_dir, write(tmp_path, "filename,star_visible,,\na.jpg,1,,\n\n,,,\nb.jpg,0,,\n"))
     assert images.table["filename"].tolist() == ["a.jpg", "b.jpg"]
