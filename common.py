@@ -771,17 +771,17 @@ def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | N
             f"{csv_path}: no column whose name ends in '{VISIBLE_SUFFIX}' (the header has: "
             f"{', '.join(header)}). Each symbol needs a column <symbol>_visible holding 0 or 1, "
             "for example pentagram_visible.")
+    if wanted is not None:
+        by_name = {**{s: c for c, s in columns.items()}, **{c: c for c in columns}}
+        unknown = [w for w in wanted if w not in by_name]
+        if unknown:
+            raise InputError(
+                f"--symbols: {', '.join(map(repr, unknown))} not found in {csv_path}; its symbols "
+                f"are {', '.join(columns.values())}.")
+        chosen = {by_name[w] for w in wanted}
+        columns = {c: s for c, s in columns.items() if c in chosen}
     check_symbol_names(list(columns.values()), f"{csv_path}")
-    if wanted is None:
-        return columns
-    by_name = {**{s: c for c, s in columns.items()}, **{c: c for c in columns}}
-    unknown = [w for w in wanted if w not in by_name]
-    if unknown:
-        raise InputError(
-            f"--symbols: {', '.join(map(repr, unknown))} not found in {csv_path}; its symbols are "
-            f"{', '.join(columns.values())}.")
-    chosen = {by_name[w] for w in wanted}
-    return {c: s for c, s in columns.items() if c in chosen}
+    return columns
 
 
 def _check_csv_header(header: list[str], rows: list[tuple[int, list[str]]], csv_path: Path,

@@ -75,6 +75,12 @@ def test_symbols_subset_by_name_or_column_keeps_csv_order(image_dir, tmp_path):
     assert "--symbols" in message and "'hexagram'" in message and "pentagram, star" in message
 
 
+def test_a_reserved_name_in_a_column_left_out_by_symbols_is_no_error(image_dir, tmp_path):
+    path = write(tmp_path, "filename,image_visible,star_visible\na.jpg,1,1\nb.jpg,0,0\n")
+    assert "'image' is reserved" in error_of(image_dir, path)
+    assert load(image_dir, path, ["star"]).symbols == ["star"]
+
+
 def test_seed_example_header(image_dir, tmp_path):
     images = load(image_dir, write(tmp_path, "filename,pentagram_visible,star_visible\n"
                                              "a.jpg,1,0\nb.jpg,0,1\nep1/c.jpg,0,0\n"))
