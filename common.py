@@ -1806,6 +1806,9 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     if is_validation is None:
         is_validation = split_train_validation(labels, config.validation_split, config.seed)
     else:
+        if len(is_validation) != len(images.table):
+            raise ValueError(f"is_validation has {len(is_validation)} values for "
+                             f"{len(images.table)} images")
         is_validation = np.asarray(is_validation, bool)[scan.readable]
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
@@ -1865,16 +1868,14 @@ def format_metrics_summary(metrics: dict) -> str:
             f"{'prec.':>6}  {'recall':>6}")
     lines = [head, "-" * len(head)]
 
-    def number(value):
-        return f"{value:.3f}" if value is not None and math.isfinite(value) else "-"
+    def scores(m: dict) -> str:
+        text = [f"{m[k]:.3f}" if m[k] is not None and math.isfinite(m[k]) else "-" for k in keys]
+        return "  ".join(f"{t:>{7 if k == 'roc_auc' else 6}}" for k, t in zip(keys, text))
 
     for name, m in metrics["symbols"].items():
-        lines.append(f"{name:<{width}}  {m['frames']:>6,}  {m['positives']:>5,}  "
-                     + "  ".join(f"{number(m[k]):>{7 if k == 'roc_auc' else 6}}" for k in keys))
+        lines.append(f"{name:<{width}}  {m['frames']:>6,}  {m['positives']:>5,}  {scores(m)}")
     if len(names) > 1:
-        m = metrics["macro"]
-        lines.append(f"{'macro average':<{width}}  {'':>6}  {'':>5}  "
-                     + "  ".join(f"{number(m[k]):>{7 if k == 'roc_auc' else 6}}" for k in keys))
+        lines.append(f"{'macro average':<{width}}  {'':>6}  {'':>5}  {scores(metrics['macro'])}")
     return "\n".join(lines)
 
 
@@ -1961,12 +1962,11 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
     if dry_run:
         # An existing model directory is only a note here: dry runs are repeated after every
         # labelling session next to the model trained last time.
+        check_output_dir(output_dir, overwrite=True, create_parent=False)  # a file there is an error
         output_note = ""
         try:
             check_output_dir(output_dir, overwrite, create_parent=False)
         except InputError as error:
-            if Path(output_dir).exists() and not Path(output_dir).is_dir():
-                raise
             output_note = f"\nNote: {error}"
         prepared = prepare_training_data(images, config)
         return ("Dry run: all checks of the data passed; no model was trained." + output_note
