@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -40,6 +41,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -87,6 +89,7 @@ tf = _import_tensorflow_quietly()
 import keras  # noqa: E402
 
 import feature_cache  # noqa: E402
+from pixel_store import PixelStore  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +223,24 @@ class TrainingConfig:
         "content, the backbone, its weights and the input geometry, so that later runs on the "
         "same images skip computing them. Shared safely by runs at the same time. Not used "
         "with --weights none. Default: no cache.", type=str, metavar="DIR")
+    decoded_cache_gb: float = _setting(
+        20.0, "--decoded-cache-gb",
+        "Most disk space, in GB, for a temporary file of decoded and resized images in $TMPDIR, "
+        "written on the first pass over the images and read back by every fine-tuning epoch "
+        "instead of decoding each image again (224x224 inputs take 0.15 MB per image). When the "
+        "images need more, or the disk has less free space, they are decoded every epoch "
+        "instead; 0 always decodes. The file is deleted at the end. Default: %(default)s.",
+        type=float, metavar="GB")
+    mixed_precision: str = _setting(
+        "auto", "--mixed-precision",
+        "Compute in float16 with float32 weights: 'auto' turns it on when every visible GPU "
+        "has compute capability 7.0 or more (tensor cores) and off on CPU, where it is slower; "
+        "'on' or 'off' force it. The saved model always computes in float32. "
+        "Default: %(default)s.", choices=("auto", "on", "off"))
+    xla: str = _setting(
+        "auto", "--xla",
+        "Compile the training steps with XLA: 'auto' does it on GPUs (Keras's own default) and "
+        "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=("auto", "on", "off"))
 
     def __post_init__(self):
         checks = [
@@ -246,6 +267,10 @@ class TrainingConfig:
             ("validation_split", 0 < self.validation_split <= 0.5,
              "must be greater than 0 and at most 0.5"),
             ("max_unreadable", 0 <= self.max_unreadable <= 1, "must be between 0 and 1"),
+            ("decoded_cache_gb", self.decoded_cache_gb >= 0, "must be 0 or more"),
+            ("mixed_precision", self.mixed_precision in ("auto", "on", "off"),
+             "choose 'auto', 'on' or 'off'"),
+            ("xla", self.xla in ("auto", "on", "off"), "choose 'auto', 'on' or 'off'"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -1232,7 +1257,8 @@ def build_model(symbols: Sequence[str], config: TrainingConfig,
     x = backbone(x, training=False)
     pooled = keras.layers.GlobalAveragePooling2D(name="pooling")(x)
     dropout = keras.layers.Dropout(config.dropout, name="head_dropout")
-    heads = [keras.layers.Dense(1, activation="sigmoid", name=s) for s in symbols]
+    # float32 outputs keep the sigmoid and the loss exact under mixed precision.
+    heads = [keras.layers.Dense(1, activation="sigmoid", name=s, dtype="float32") for s in symbols]
     hidden = dropout(pooled)
     model = keras.Model(inputs, {s: h(hidden) for s, h in zip(symbols, heads)},
                         name="symbol_classifier")
@@ -1290,40 +1316,48 @@ def unfreeze_top(backbone: keras.Model, fraction: float) -> int:
 
 def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int, *,
                   targets: np.ndarray | None = None, sample_weights: np.ndarray | None = None,
-                  symbols: Sequence[str] = (), shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """Stream images from disk, decoded in parallel (Pillow releases the GIL while it
-    decodes), in batches of uint8 tensors; with `targets`, yield (images, {symbol: label},
-    {symbol: weight}) for Keras."""
+                  symbols: Sequence[str] = (), shuffle_seed: int | None = None,
+                  store: PixelStore | None = None) -> tf.data.Dataset:
+    """Stream images from disk in batches of uint8 tensors; with `targets`, yield (images,
+    {symbol: label}, {symbol: weight}) for Keras. With `store`, images come from it when it
+    has them and are added to it when it does not.
+
+    Each map call loads a whole batch, and several batches load in parallel (Pillow releases
+    the GIL while it decodes): one Python call per batch rather than per image keeps the
+    pipeline's own overhead small next to the model's step when images come from `store`."""
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("image_dataset needs at least one path")
 
-    def load(index):
-        return load_image_array(paths[int(index)], geometry)
+    def load_batch(indices):
+        if store is not None:
+            return np.stack([store.load(paths[i]) for i in indices])
+        return np.stack([load_image_array(paths[i], geometry) for i in indices])
 
-    def decode(index):
-        image = tf.numpy_function(load, [index], tf.uint8, stateful=False)
-        image.set_shape((geometry.height, geometry.width, 3))
-        return image
+    def decode(indices):
+        images = tf.numpy_function(load_batch, [indices], tf.uint8, stateful=False)
+        images.set_shape((None, geometry.height, geometry.width, 3))
+        return images
 
     dataset = tf.data.Dataset.range(len(paths))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
     if targets is None:
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         y = tf.constant(np.asarray(targets, dtype=np.float32))
         w = tf.constant(np.asarray(sample_weights, dtype=np.float32))
 
-        def decode_labelled(index):
-            labels, weights = tf.gather(y, index), tf.gather(w, index)
-            return (decode(index),
-                    {s: labels[i:i + 1] for i, s in enumerate(symbols)},
-                    {s: weights[i] for i, s in enumerate(symbols)})
+        def decode_labelled(indices):
+            labels, weights = tf.gather(y, indices), tf.gather(w, indices)
+            return (decode(indices),
+                    {s: labels[:, i:i + 1] for i, s in enumerate(symbols)},
+                    {s: weights[:, i] for i, s in enumerate(symbols)})
 
         dataset = dataset.map(decode_labelled, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _compiled_inference(model: keras.Model):
@@ -1354,30 +1388,63 @@ def run_inference(model: keras.Model, dataset: tf.data.Dataset,
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
 
 
-def feature_description(config: TrainingConfig, geometry: ImageGeometry) -> dict:
+def feature_description(config: TrainingConfig, geometry: ImageGeometry,
+                        compute_dtype: str = "float32") -> dict:
     """Everything that turns an image file into a pooled feature vector, for the cache key.
     A weights file is identified by its content, so a replaced file is never mistaken."""
     weights = config.weights_source
     if weights not in ("imagenet", "none"):
         weights = f"sha256:{feature_cache.file_sha256(weights)}"
-    return {"backbone": config.backbone, "alpha": config.alpha, "weights": weights,
-            "input": geometry.to_json(), "preprocessing": BACKBONES[config.backbone].preprocessing,
-            "pooling": "global_average", "alpha_background": ALPHA_BACKGROUND}
+    description = {"backbone": config.backbone, "alpha": config.alpha, "weights": weights,
+                   "input": geometry.to_json(),
+                   "preprocessing": BACKBONES[config.backbone].preprocessing,
+                   "pooling": "global_average", "alpha_background": ALPHA_BACKGROUND}
+    if compute_dtype != "float32":  # float32 keys stay as they were before this field existed
+        description["compute_dtype"] = compute_dtype
+    return description
+
+
+def decoded_image_store(paths: Sequence[str], geometry: ImageGeometry,
+                        config: TrainingConfig) -> PixelStore | None:
+    """A PixelStore for `paths` in $TMPDIR when fine-tuning will read the images again and
+    they fit both `config.decoded_cache_gb` and the free disk space; else None (decode
+    every epoch), with the reason logged."""
+    if config.fine_tune_epochs == 0 or config.decoded_cache_gb == 0:
+        return None
+    shape = (geometry.height, geometry.width, 3)
+    needed = PixelStore.bytes_needed(len(paths), shape)
+    directory = tempfile.gettempdir()
+    free = shutil.disk_usage(directory).free
+    gb = 1e9
+    if needed > config.decoded_cache_gb * gb:
+        log.info("Decoding images every fine-tuning epoch: keeping them decoded would take "
+                 "%.1f GB, more than --decoded-cache-gb %g.", needed / gb, config.decoded_cache_gb)
+        return None
+    if needed + 2 * gb > free:
+        log.info("Decoding images every fine-tuning epoch: keeping them decoded would take "
+                 "%.1f GB and %s has %.1f GB free (2 GB are left spare).", needed / gb,
+                 directory, free / gb)
+        return None
+    store = PixelStore(paths, shape, lambda path: load_image_array(path, geometry), directory)
+    log.info("Keeping decoded images for fine-tuning in %s (%.2f GB).", store.path, needed / gb)
+    return store
 
 
 def backbone_features(parts: ModelParts, table: pd.DataFrame, geometry: ImageGeometry,
-                      config: TrainingConfig) -> np.ndarray:
+                      config: TrainingConfig, store: PixelStore | None = None) -> np.ndarray:
     """Pooled backbone features of every image in `table` (which has `path` and
-    `image_sha1`), from `config.cache_dir` where present there, computed and added otherwise."""
+    `image_sha1`), from `config.cache_dir` where present there, computed and added otherwise.
+    Images decoded to compute features are also put in `store`."""
     paths = table["path"].tolist()
     if config.cache_dir is None:
-        return extract_features(parts, paths, geometry, config.batch_size)
+        return extract_features(parts, paths, geometry, config.batch_size, store)
     if config.weights_source == "none":
         log.info("Not using --cache-dir: random backbone weights (--weights none) differ per run.")
-        return extract_features(parts, paths, geometry, config.batch_size)
+        return extract_features(parts, paths, geometry, config.batch_size, store)
     try:
-        cache = feature_cache.FeatureCache(config.cache_dir, feature_description(config, geometry),
-                                           int(parts.features.output_shape[-1]))
+        cache = feature_cache.FeatureCache(
+            config.cache_dir, feature_description(config, geometry, parts.features.compute_dtype),
+            int(parts.features.output_shape[-1]))
     except OSError as error:
         raise InputError(f"--cache-dir {config.cache_dir}: cannot be used ({error.strerror or error}); "
                          "choose a folder you can write, or leave the flag out.") from None
@@ -1387,7 +1454,8 @@ def backbone_features(parts: ModelParts, table: pd.DataFrame, geometry: ImageGeo
     log.info("Feature cache %s: %s of %s images found, %s to compute", cache.directory,
              f"{int(found.sum()):,}", f"{len(sha1s):,}", f"{len(missing):,}")
     if len(missing):
-        computed = extract_features(parts, [paths[i] for i in missing], geometry, config.batch_size)
+        computed = extract_features(parts, [paths[i] for i in missing], geometry,
+                                    config.batch_size, store)
         features[missing] = computed
         try:
             cache.store([sha1s[i] for i in missing], computed)
@@ -1398,10 +1466,10 @@ def backbone_features(parts: ModelParts, table: pd.DataFrame, geometry: ImageGeo
 
 
 def extract_features(parts: ModelParts, paths: Sequence[str], geometry: ImageGeometry,
-                     batch_size: int) -> np.ndarray:
+                     batch_size: int, store: PixelStore | None = None) -> np.ndarray:
     """Pooled backbone features of every image, computed once: (images, feature size)."""
     start = time.monotonic()
-    dataset = image_dataset(paths, geometry, batch_size)
+    dataset = image_dataset(paths, geometry, batch_size, store=store)
     features = run_inference(parts.features, dataset, "Computing backbone features", len(paths))
     seconds = time.monotonic() - start
     log.info("Computed backbone features of %s images in %.1f s (%.1f images/s)",
@@ -1460,9 +1528,46 @@ def _weight_dict(weights: np.ndarray, symbols: Sequence[str]) -> dict:
     return {s: weights[:, i] for i, s in enumerate(symbols)}
 
 
-def _compile(model: keras.Model, symbols: Sequence[str], learning_rate: float) -> None:
+def _jit_compile(setting: str):
+    return {"auto": "auto", "on": True, "off": False}[setting]
+
+
+def _compile(model: keras.Model, symbols: Sequence[str], learning_rate: float,
+             xla: str = "auto") -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss={s: keras.losses.BinaryCrossentropy() for s in symbols})
+                  loss={s: keras.losses.BinaryCrossentropy() for s in symbols},
+                  jit_compile=_jit_compile(xla))
+
+
+def weighted_binary_crossentropy(labels_and_weights, logits):
+    """Sum over symbols of weight x binary cross-entropy, for one frame. `labels_and_weights`
+    is the labels and the per-symbol weights side by side, (batch, 2 x symbols)."""
+    labels, weights = keras.ops.split(labels_and_weights, 2, axis=-1)
+    losses = keras.ops.binary_crossentropy(labels, logits, from_logits=True)
+    return keras.ops.sum(losses * weights, axis=-1)
+
+
+def fused_head(parts: ModelParts, symbols: Sequence[str], dropout: float) -> keras.Model:
+    """A training twin of `parts.head`: the same dropout, then one Dense(symbols) giving
+    logits, starting from the per-symbol layers' weights.
+
+    With one small Dense per symbol, Keras's per-output bookkeeping (a loss, a weight and a
+    metric per output at every step) costs far more than the arithmetic: 7 s per epoch at
+    45 symbols. One matrix does the same sums in a single op."""
+    layers = [parts.head.get_layer(s) for s in symbols]
+    inputs = keras.Input(shape=(parts.features.output_shape[-1],), name="features")
+    x = keras.layers.Dropout(dropout, dtype="float32")(inputs)
+    dense = keras.layers.Dense(len(symbols), name="logits", dtype="float32")
+    model = keras.Model(inputs, dense(x), name="fused_head")
+    dense.set_weights([np.concatenate([l.get_weights()[0] for l in layers], axis=1),
+                       np.concatenate([l.get_weights()[1] for l in layers], axis=0)])
+    return model
+
+
+def _copy_fused_head(fused: keras.Model, parts: ModelParts, symbols: Sequence[str]) -> None:
+    kernel, bias = fused.get_layer("logits").get_weights()
+    for i, symbol in enumerate(symbols):
+        parts.head.get_layer(symbol).set_weights([kernel[:, i:i + 1], bias[i:i + 1]])
 
 
 def _callbacks(phase: str, epochs: int, patience: int, rows: list[dict]):
@@ -1475,30 +1580,38 @@ def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig
                train: tuple[np.ndarray, np.ndarray, np.ndarray],
                validation: tuple[np.ndarray, np.ndarray, np.ndarray],
                rows: list[dict]) -> None:
-    """Head phase on precomputed features; each tuple is (features, labels, weights)."""
-    _compile(parts.head, symbols, config.learning_rate)
-    parts.head.fit(
-        train[0], _label_dict(train[1], symbols), sample_weight=_weight_dict(train[2], symbols),
-        validation_data=(validation[0], _label_dict(validation[1], symbols),
-                         _weight_dict(validation[2], symbols)),
-        epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
-        callbacks=_callbacks("head", config.epochs, config.patience, rows))
+    """Head phase on precomputed features; each tuple is (features, labels, weights).
+    Trains `fused_head` and copies its weights into the per-symbol output layers."""
+    fused = fused_head(parts, symbols, config.dropout)
+    fused.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss=weighted_binary_crossentropy, jit_compile=_jit_compile(config.xla))
+
+    def targets(labels, weights):
+        # An unannotated label has weight 0; its value only has to be finite.
+        return np.concatenate([np.nan_to_num(labels), weights], axis=1).astype(np.float32)
+
+    fused.fit(train[0], targets(train[1], train[2]),
+              validation_data=(validation[0], targets(validation[1], validation[2])),
+              epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
+              callbacks=_callbacks("head", config.epochs, config.patience, rows))
+    _copy_fused_head(fused, parts, symbols)
 
 
 def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
               geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
-              validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict]) -> None:
+              validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict],
+              store: PixelStore | None = None) -> None:
     """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights)."""
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
     log.info("Fine-tuning the top %d weighted layers of %s at learning rate %g", layers,
              config.backbone, config.fine_tune_learning_rate)
-    _compile(parts.model, symbols, config.fine_tune_learning_rate)
+    _compile(parts.model, symbols, config.fine_tune_learning_rate, config.xla)
     train_data = image_dataset(train[0], geometry, config.batch_size, targets=train[1],
                                sample_weights=train[2], symbols=symbols,
-                               shuffle_seed=config.seed)
+                               shuffle_seed=config.seed, store=store)
     validation_data = image_dataset(validation[0], geometry, config.batch_size,
                                     targets=validation[1], sample_weights=validation[2],
-                                    symbols=symbols)
+                                    symbols=symbols, store=store)
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     parts.model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
                     epochs=config.fine_tune_epochs, verbose=verbose,
@@ -1879,21 +1992,46 @@ def format_metrics_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def train_and_save(images: LabelledImages, config: TrainingConfig,
-                   output_dir: str | os.PathLike, *, overwrite: bool = False,
-                   is_validation: np.ndarray | None = None) -> TrainingResult:
-    """Train on `images` with `config` and write the model directory; the whole pipeline.
-    `is_validation` (one bool per row of `images.table`) replaces the seeded split."""
-    started = time.monotonic()
-    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    check_output_dir(output_dir, overwrite)
-    prepared = prepare_training_data(images, config, is_validation)
-    images, is_validation, counts = prepared.images, prepared.is_validation, prepared.counts
-    symbols = images.symbols
-    labels = images.labels()
-    geometry = ImageGeometry(config.image_size, config.image_size, "squash")
+def mixed_precision_enabled(setting: str) -> bool:
+    """Whether --mixed-precision `setting` means float16 compute on this machine."""
+    if setting != "auto":
+        return setting == "on"
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return False
+    for gpu in gpus:
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if not capability or tuple(capability) < (7, 0):
+            return False
+    return True
 
-    keras.utils.set_random_seed(config.seed)
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Keras's global dtype policy set to `name` for the block, and restored after it."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def float32_twin(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
+                 geometry: ImageGeometry) -> ModelParts:
+    """The same model computing in float32, with the trained weights: what is saved after
+    mixed-precision training, so that the model runs at full speed on any CPU."""
+    with dtype_policy("float32"):
+        twin = build_model(symbols, dataclasses.replace(config, weights="none"), geometry)
+    twin.model.set_weights(parts.model.get_weights())
+    return twin
+
+
+def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: ImageGeometry,
+                  is_validation: np.ndarray, store: PixelStore | None):
+    """Build the model, extract features, train the head and fine-tune; returns the model
+    parts, the history rows and the seconds per phase."""
+    symbols, labels = images.symbols, images.labels()
     parts = build_model(symbols, config, geometry)
     paths = images.table["path"].tolist()
     if config.weights_source == "none":
@@ -1903,7 +2041,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
                     "less accurate than --weights imagenet on real frames.")
     phase_seconds = {}
     t = time.monotonic()
-    features = backbone_features(parts, images.table, geometry, config)
+    features = backbone_features(parts, images.table, geometry, config, store)
     phase_seconds["features"] = time.monotonic() - t
 
     weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
@@ -1919,12 +2057,46 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         t = time.monotonic()
         fine_tune(parts, symbols, config, geometry,
                   ([paths[i] for i in train_idx], labels[train_idx], weights[train_idx]),
-                  ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows)
+                  ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows, store)
         phase_seconds["fine_tune"] = time.monotonic() - t
+    return parts, rows, phase_seconds
 
-    validation_outputs = run_inference(
-        parts.model, image_dataset([paths[i] for i in val_idx], geometry, config.batch_size))
-    probabilities = np.concatenate([validation_outputs[s] for s in symbols], axis=1)
+
+def train_and_save(images: LabelledImages, config: TrainingConfig,
+                   output_dir: str | os.PathLike, *, overwrite: bool = False,
+                   is_validation: np.ndarray | None = None) -> TrainingResult:
+    """Train on `images` with `config` and write the model directory; the whole pipeline.
+    `is_validation` (one bool per row of `images.table`) replaces the seeded split."""
+    started = time.monotonic()
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    check_output_dir(output_dir, overwrite)
+    prepared = prepare_training_data(images, config, is_validation)
+    images, is_validation, counts = prepared.images, prepared.is_validation, prepared.counts
+    symbols = images.symbols
+    labels = images.labels()
+    geometry = ImageGeometry(config.image_size, config.image_size, "squash")
+
+    mixed = mixed_precision_enabled(config.mixed_precision)
+    log.info("Mixed precision (float16 compute): %s; XLA: %s.", "on" if mixed else "off",
+             config.xla)
+    keras.utils.set_random_seed(config.seed)
+    paths = images.table["path"].tolist()
+    val_idx = np.flatnonzero(is_validation)
+    store = decoded_image_store(paths, geometry, config)
+    try:
+        with dtype_policy("mixed_float16" if mixed else "float32"):
+            parts, rows, phase_seconds = _train_phases(images, config, geometry, is_validation,
+                                                       store)
+        if mixed:
+            parts = float32_twin(parts, symbols, config, geometry)
+        # Scored with the model as saved, so metrics.json describes the file users get.
+        outputs = run_inference(parts.model, image_dataset(
+            [paths[i] for i in val_idx], geometry, config.batch_size, store=store))
+    finally:
+        if store is not None:
+            store.close()
+    probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
+    weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
     metrics = evaluation_metrics(labels[val_idx], probabilities, symbols)
 
     metadata = {
@@ -1940,7 +2112,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
                      "preprocessing": BACKBONES[config.backbone].preprocessing},
         "training": {"config": dataclasses.asdict(config),
                      "positive_weights": dict(zip(symbols, map(float, weight_of_positive))),
-                     "phase_seconds": phase_seconds, "started_at": started_at},
+                     "phase_seconds": phase_seconds, "started_at": started_at,
+                     "mixed_precision": mixed},
         "data": {"source": images.source, "details": images.details, "counts": counts,
                  "fingerprint_sha256": data_fingerprint(images.table, symbols)},
         "packages": package_versions(),

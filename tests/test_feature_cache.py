@@ -52,9 +52,9 @@ def computed(monkeypatch):
     calls: list[int] = []
     original = common.extract_features
 
-    def spy(parts, paths, geometry, batch_size):
+    def spy(parts, paths, geometry, batch_size, store=None):
         calls.append(len(paths))
-        return original(parts, paths, geometry, batch_size)
+        return original(parts, paths, geometry, batch_size, store)
 
     monkeypatch.setattr(common, "extract_features", spy)
     return calls

@@ -1,0 +1,190 @@
+"""What makes training fast: decoded images kept for fine-tuning, the fused head, precision."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import threading
+
+import keras
+import numpy as np
+import pytest
+
+import common
+from conftest import FAST, scene
+from pixel_store import PixelStore
+
+SHAPE = (8, 6, 3)
+
+
+def fake_decoder(calls):
+    def decode(path):
+        calls.append(path)
+        return np.full(SHAPE, int(path.rsplit("_", 1)[1]) % 256, np.uint8)
+    return decode
+
+
+def test_pixel_store_decodes_each_image_once_and_reads_it_back(tmp_path):
+    calls = []
+    paths = [f"img_{i}" for i in range(5)]
+    store = PixelStore(paths, SHAPE, fake_decoder(calls), tmp_path)
+    first = [store.load(p) for p in paths]
+    second = [store.load(p) for p in reversed(paths)]
+    assert calls == paths
+    assert store.filled == 5
+    for a, b in zip(first, reversed(second)):
+        np.testing.assert_array_equal(a, b)
+    assert store.load("img_3")[0, 0, 0] == 3
+    assert store.load("not_listed_7")[0, 0, 0] == 7  # unknown paths are decoded, not stored
+    assert os.path.getsize(store.path) == 5 * int(np.prod(SHAPE))
+    store.close()
+    store.close()
+    assert not store.path.exists()
+
+
+def test_pixel_store_is_safe_from_many_threads(tmp_path):
+    paths = [f"img_{i}" for i in range(200)]
+    with PixelStore(paths, SHAPE, fake_decoder([]), tmp_path) as store:
+        errors = []
+
+        def worker(offset):
+            for i in range(200):
+                index = (i * 7 + offset) % 200
+                if store.load(paths[index])[5, 5, 2] != index % 256:
+                    errors.append(index)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert store.filled == 200
+
+
+def test_a_full_disk_turns_the_store_off_without_failing(tmp_path, monkeypatch, caplog):
+    calls = []
+    store = PixelStore(["img_1", "img_2"], SHAPE, fake_decoder(calls), tmp_path)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            assert store.load("img_1")[0, 0, 0] == 1
+            assert store.load("img_2")[0, 0, 0] == 2
+    assert len(calls) == 6  # decoded every time, and no error
+    assert store.filled == 0
+    assert caplog.text.count("Cannot keep more decoded images") == 1
+    assert "No space left on device" in caplog.text
+    store.close()
+
+
+def test_decoded_image_store_only_when_it_is_used_and_fits(tmp_path, caplog):
+    geometry = common.ImageGeometry(224, 224)
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(1000)]  # 0.15 GB when decoded
+    caplog.set_level(logging.INFO)
+    assert common.decoded_image_store(paths, geometry, common.TrainingConfig(
+        fine_tune_epochs=0)) is None
+    assert common.decoded_image_store(paths, geometry, common.TrainingConfig(
+        decoded_cache_gb=0)) is None
+    assert common.decoded_image_store(paths, geometry, common.TrainingConfig(
+        decoded_cache_gb=0.1)) is None
+    assert "would take 0.2 GB, more than --decoded-cache-gb 0.1" in caplog.text
+    store = common.decoded_image_store(paths, geometry, common.TrainingConfig())
+    assert store is not None and len(store) == 1000
+    store.close()
+    with pytest.raises(common.InputError, match=r"--decoded-cache-gb must be 0 or more; got -1"):
+        common.TrainingConfig(decoded_cache_gb=-1)
+
+
+def test_training_decodes_each_image_once_across_fine_tuning_epochs(binary_dirs, tmp_path,
+                                                                    monkeypatch):
+    decoded = []
+    original = common.load_image_array
+
+    def counting(path, geometry):
+        decoded.append(str(path))
+        return original(path, geometry)
+
+    monkeypatch.setattr(common, "load_image_array", counting)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    images = common.images_from_directories(*binary_dirs)
+    config = common.TrainingConfig(alpha=0.35, image_size=32, epochs=1, fine_tune_epochs=2,
+                                   batch_size=16, weights="none", patience=5)
+    result = common.train_and_save(images, config, tmp_path / "model")
+    # --weights none first sets BatchNorm statistics from (at most 64) training images.
+    calibration = min(64, result.counts["train"]["images"])
+    # Feature extraction, two fine-tuning epochs and the final scoring: one decode each.
+    assert len(decoded) - calibration == 48
+    assert len(set(decoded)) == 48
+    assert not list(scratch.glob("decoded-images-*"))  # the store's file is deleted
+
+
+def _random_parts(symbols, **settings):
+    config = common.TrainingConfig(alpha=0.35, image_size=32, weights="none", **settings)
+    return common.build_model(symbols, config, common.ImageGeometry(32, 32)), config
+
+
+def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
+    symbols = ["a", "b", "c"]
+    keras.utils.set_random_seed(1)
+    parts, _ = _random_parts(symbols, dropout=0.0)
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, parts.features.output_shape[-1])).astype(np.float32)
+    labels = (rng.random((40, 3)) < 0.3).astype(np.float32)
+    labels[3, 1] = np.nan  # not annotated: weight 0
+    weights = common.sample_weights(labels, np.array([2.0, 5.0, 1.0], np.float32))
+
+    common._compile(parts.head, symbols, 1e-3)
+    per_output = parts.head.evaluate(features, common._label_dict(labels, symbols),
+                                     sample_weight=common._weight_dict(weights, symbols),
+                                     batch_size=40, verbose=0, return_dict=True)["loss"]
+    fused = common.fused_head(parts, symbols, 0.0)
+    fused.compile(loss=common.weighted_binary_crossentropy)
+    targets = np.concatenate([np.nan_to_num(labels), weights], axis=1)
+    assert fused.evaluate(features, targets, batch_size=40, verbose=0) == pytest.approx(
+        per_output, rel=1e-5)
+
+    fused.get_layer("logits").set_weights(
+        [rng.normal(size=(features.shape[1], 3)).astype(np.float32), np.array([0.1, -2, 3], np.float32)])
+    common._copy_fused_head(fused, parts, symbols)
+    probabilities = parts.head(features, training=False)
+    logits = fused(features, training=False).numpy()
+    for i, s in enumerate(symbols):
+        np.testing.assert_allclose(probabilities[s].numpy()[:, 0], 1 / (1 + np.exp(-logits[:, i])),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_precision_is_off_on_cpu_and_the_saved_twin_computes_in_float32():
+    assert common.mixed_precision_enabled("auto") is False  # CI and this test have no GPU
+    assert common.mixed_precision_enabled("on") is True
+    assert common.mixed_precision_enabled("off") is False
+    with common.dtype_policy("mixed_float16"):
+        parts, config = _random_parts(["a", "b"])
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    assert parts.features.compute_dtype == "float16"
+    assert parts.model.get_layer("a").compute_dtype == "float32"
+    twin = common.float32_twin(parts, ["a", "b"], config, common.ImageGeometry(32, 32))
+    assert {layer.compute_dtype for layer in twin.backbone.layers} == {"float32"}
+    pixels = np.stack([np.asarray(scene(np.random.default_rng(i), True, False, (32, 32)))
+                       for i in range(4)])
+    half = parts.model(pixels, training=False)["a"].numpy()
+    full = twin.model(pixels, training=False)["a"].numpy()
+    np.testing.assert_allclose(full, half, atol=2e-2)
+    assert common.feature_description(config, common.ImageGeometry(32, 32), "float16") \
+        != common.feature_description(config, common.ImageGeometry(32, 32))
+
+
+@pytest.mark.parametrize("flag,value", [("--mixed-precision", "fp16"), ("--xla", "yes")])
+def test_precision_and_xla_flags_are_checked(flag, value, capsys):
+    import build_binary_classifier
+    with pytest.raises(SystemExit) as exit_info:
+        build_binary_classifier.build_parser().parse_args(["a", "b", "c", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
