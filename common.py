@@ -102,6 +102,7 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
+SPLIT_FILE = "split.csv"
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -208,6 +209,15 @@ class TrainingConfig:
         0.2, "--validation-split",
         "Share of the images held out for validation, between 0 and 0.5. Default: %(default)s.",
         type=float)
+    group_by: str | None = _setting(
+        None, "--group-by",
+        "Which frames must stay together on one side of the train/validation split, so that "
+        "near-identical frames of one shot or episode never validate each other: the name of a "
+        "column of the labels CSV (e.g. episode), 'folder' (the image's folder below IMAGE_DIR, "
+        "WITH_DIR or WITHOUT_DIR), a regular expression whose first group is taken from the "
+        "file name (e.g. 'ep(\\d+)_'), or 'none' to split frames one by one. Default: a CSV "
+        "column named episode, group, video or shot when there is one, else none.",
+        metavar="COLUMN|folder|REGEX|none")
     seed: int = _setting(
         0, "--seed",
         "Random seed of the split, the shuffling and the initialisation. Default: %(default)s.",
@@ -499,19 +509,29 @@ class ScanResult:
     sha1: list[str | None]           # content hash per path, None where unreadable
     size: list[tuple[int, int] | None]  # (width, height) after EXIF rotation
     errors: list[tuple[str, str]]    # (path, reason) of the unreadable files
+    look: list[int | None] = field(default_factory=list)  # perceptual_hash per path
 
     @property
     def readable(self) -> np.ndarray:
         return np.array([h is not None for h in self.sha1], dtype=bool)
 
 
-def _scan_one(path: str) -> tuple[str, tuple[int, int]]:
+def perceptual_hash(image: Image.Image) -> int:
+    """A 64-bit difference hash (dHash): whether each pixel of a 9x8 grey thumbnail is
+    brighter than its right neighbour. Frames of one shot differ in a few bits at most;
+    unrelated frames in about half of them."""
+    grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _scan_one(path: str) -> tuple[str, tuple[int, int], int]:
     data = Path(path).read_bytes() if os.path.isfile(path) else None
     if data is None:
         raise ImageReadError(path, "file not found")
     # A reduced-scale decode still reads every compressed byte, so truncation is caught.
     image = read_image(data, (64, 64), path_for_errors=path)
-    return hashlib.sha1(data).hexdigest(), image.size
+    return hashlib.sha1(data).hexdigest(), image.size, perceptual_hash(image)
 
 
 def scan_images(paths: Sequence[str | os.PathLike], workers: int | None = None,
@@ -520,19 +540,20 @@ def scan_images(paths: Sequence[str | os.PathLike], workers: int | None = None,
     workers = workers or min(8, os.cpu_count() or 1)
     sha1: list[str | None] = [None] * len(paths)
     size: list[tuple[int, int] | None] = [None] * len(paths)
+    look: list[int | None] = [None] * len(paths)
     errors: list[tuple[str, str]] = []
     last_report = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = pool.map(_scan_one_safely, [str(p) for p in paths])
         for index, (result, error) in enumerate(futures):
             if error is None:
-                sha1[index], size[index] = result
+                sha1[index], size[index], look[index] = result
             else:
                 errors.append((str(paths[index]), error))
             if time.monotonic() - last_report > progress_every:
                 last_report = time.monotonic()
                 log.info("Checked %s of %s images", f"{index + 1:,}", f"{len(paths):,}")
-    return ScanResult(sha1, size, errors)
+    return ScanResult(sha1, size, errors, look)
 
 
 def _scan_one_safely(path: str):
@@ -623,11 +644,14 @@ def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.P
                 f"{role} {path}: no images found (looked recursively for "
                 f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}).")
     paths = positives + negatives
+    # The folder below WITH_DIR or WITHOUT_DIR, so that ep1/ of both is one episode.
+    folders = [Path(os.path.relpath(p.parent, root)).as_posix()
+               for found, root in ((positives, with_dir), (negatives, without_dir)) for p in found]
     table = pd.DataFrame({
         "path": [str(p) for p in paths],
         "filename": [str(p) for p in paths],
         symbol: np.r_[np.ones(len(positives)), np.zeros(len(negatives))].astype(np.float32),
-        "folder": [str(p.parent) for p in paths],
+        "folder": ["" if f == "." else f for f in folders],
     })
     return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)")
 
@@ -640,6 +664,9 @@ VISIBLE_SUFFIX = "_visible"
 # pandas writes True/False; 1.0/0.0 because spreadsheets export numbers in that form. Words
 # such as yes/no are refused: they come in too many languages and forms to guess safely.
 LABEL_SPELLINGS = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0}
+# A frame not annotated for a symbol: it trains the other symbols, and this one's loss and
+# metrics leave it out.
+NOT_ANNOTATED_SPELLINGS = frozenset({"", "-1", "-1.0"})
 ALLOWED_LABELS_TEXT = "0 or 1 (also written 0.0/1.0, or false/true in any case)"
 CSV_DELIMITERS = {",": "','", ";": "';'", "\t": "tab"}
 _VISIBLE_COLUMN = re.compile(r"^(?P<symbol>.*)_visible$", re.IGNORECASE)
@@ -855,16 +882,17 @@ def _filenames_and_problems(values: list[tuple[int, str]], image_dir: Path) -> t
 
 
 def _labels_and_problems(column: str, values: list[tuple[int, str]]) -> tuple[np.ndarray, list[str]]:
-    """One `_visible` column's labels as 1/0 (0 where unusable) and what is wrong with it."""
+    """One `_visible` column's labels as 1, 0 or NaN (not annotated: an empty cell or -1),
+    and what is wrong with it."""
     labels = np.zeros(len(values), np.float32)
-    empty, invalid, invalid_values = [], [], []
+    invalid, invalid_values = [], []
     for i, (number, raw) in enumerate(values):
         raw = raw.strip()
         value = LABEL_SPELLINGS.get(raw.lower())
         if value is not None:
             labels[i] = value
-        elif not raw:
-            empty.append(number)
+        elif raw in NOT_ANNOTATED_SPELLINGS:
+            labels[i] = np.nan
         else:
             invalid.append(number)
             invalid_values.append(raw)
@@ -872,12 +900,8 @@ def _labels_and_problems(column: str, values: list[tuple[int, str]]) -> tuple[np
     if invalid:
         problems.append(
             f"column {column}: {spreadsheet_rows(invalid, values=invalid_values)} "
-            f"{'is not' if len(invalid) == 1 else 'are not'} a label; write {ALLOWED_LABELS_TEXT}.")
-    if empty:
-        problems.append(
-            f"column {column}: empty in {spreadsheet_rows(empty)}. Every row needs 0 or 1 for "
-            "each symbol trained (frames annotated for only some symbols are not supported "
-            "yet); fill the cells, or leave the symbol out with --symbols.")
+            f"{'is not' if len(invalid) == 1 else 'are not'} a label; write {ALLOWED_LABELS_TEXT}, "
+            "or leave the cell empty (or write -1) where the symbol was not annotated.")
     return labels, problems
 
 
@@ -895,7 +919,7 @@ def _first_listings(names: list[str | None], labels: np.ndarray,
             continue
         first = first_row_of[name]
         keep[i] = False
-        if np.array_equal(labels[first], labels[i]):
+        if np.array_equal(labels[first], labels[i], equal_nan=True):
             repeats.append(row_numbers[i])
         else:
             conflicts.append(f"{name!r} in rows {row_numbers[first]} and {row_numbers[i]}")
@@ -976,7 +1000,9 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     labels = labels[keep]
     hopeless = []
     for j, symbol in enumerate(columns.values()):
-        if not (labels[:, j] == 1).any():
+        if np.isnan(labels[:, j]).all():
+            hopeless.append(f"{symbol} (not annotated in any row)")
+        elif not (labels[:, j] == 1).any():
             hopeless.append(f"{symbol} (no row with 1)")
         elif not (labels[:, j] == 0).any():
             hopeless.append(f"{symbol} (no row with 0)")
@@ -985,6 +1011,12 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
             f"{csv_path}: cannot learn {', '.join(hopeless)}: a symbol needs frames where it is "
             "visible (1) and frames where it is not (0). Label some, or leave it out with --symbols.")
 
+    not_annotated = {symbol: int(np.isnan(labels[:, j]).sum())
+                     for j, symbol in enumerate(columns.values())}
+    if any(not_annotated.values()):
+        log.info("Not annotated (empty cell or -1), so left out of that symbol's loss and "
+                 "metrics but used for the others: %s of %s frames.",
+                 ", ".join(f"{s} {n:,}" for s, n in not_annotated.items()), f"{len(labels):,}")
     kept_names = [names[i] for i in np.flatnonzero(keep)]
     table = pd.DataFrame({
         "path": [os.path.join(image_dir, n) for n in kept_names],
@@ -1005,6 +1037,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
                  Path(os.path.relpath(unlisted[0], image_dir)).as_posix())
     details = {"labels_csv": str(csv_path), "image_dir": str(image_dir), "csv_format": fmt.describe(),
                "rows": len(rows), "duplicate_rows_dropped": len(repeats),
+               "not_annotated": not_annotated,
                "ignored_columns": extra, "unlisted_images": len(unlisted)}
     return LabelledImages(table, list(columns.values()),
                           f"labels CSV {csv_path} with images in {image_dir}", details)
@@ -1066,6 +1099,104 @@ def check_learnable(images: LabelledImages) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Train/validation split
+
+
+# Columns that name a frame's episode or shot; the first present groups the split by default.
+AUTOMATIC_GROUP_COLUMNS = ("episode", "group", "video", "shot")
+
+
+@dataclass(frozen=True)
+class FrameGroups:
+    """The group of every frame (None: each frame alone) and how it was chosen."""
+
+    groups: np.ndarray | None
+    description: str
+
+
+def frame_groups(images: LabelledImages, group_by: str | None) -> FrameGroups:
+    """The groups that the split keeps together, from --group-by (see TrainingConfig)."""
+    table = images.table
+    columns = [c for c in table.columns if c not in TABLE_COLUMNS and c not in images.symbols]
+    if group_by is None:
+        automatic = [c for name in AUTOMATIC_GROUP_COLUMNS for c in columns if c.lower() == name]
+        if not automatic:
+            return FrameGroups(None, "none (each frame alone)")
+        group_by = automatic[0]
+        how = f"the column {group_by!r} (found automatically; --group-by none splits frames one by one)"
+    elif group_by == "none":
+        return FrameGroups(None, "none (--group-by none)")
+    else:
+        how = None
+    if group_by == "folder":
+        groups = table["folder"].astype(str).to_numpy()
+        description = "folder"
+    elif group_by in columns:
+        values = table[group_by].astype(str).str.strip()
+        empty = values == ""
+        if empty.any():
+            log.warning("--group-by %s: %s frames have no value (for example %s); each of them is "
+                        "its own group.", group_by, f"{int(empty.sum()):,}",
+                        table.loc[empty, "filename"].iloc[0])
+            values = values.where(~empty, "(no group) " + table["filename"])
+        groups = values.to_numpy()
+        description = how or f"the column {group_by!r}"
+    else:
+        try:
+            pattern = re.compile(group_by)
+        except re.error as error:
+            pattern = None
+            reason = f"not a valid regular expression ({error})"
+        if pattern is not None and pattern.groups >= 1:
+            found = [pattern.search(name) for name in table["filename"]]
+            unmatched = [name for name, match in zip(table["filename"], found)
+                         if match is None or match.group(1) is None]
+            if unmatched:
+                raise InputError(
+                    f"--group-by {group_by!r}: the pattern does not match {len(unmatched):,} of "
+                    f"{len(table):,} file names (for example {unmatched[0]!r}); every file "
+                    "name needs a group. Adjust the pattern.")
+            groups = np.array([match.group(1) for match in found], dtype=object)
+            description = f"the pattern {group_by!r} on file names"
+        else:
+            if pattern is not None:
+                reason = "a regular expression needs a group in parentheses, e.g. 'ep(\\d+)_'"
+            available = ", ".join(columns) if columns else "none"
+            raise InputError(
+                f"--group-by {group_by!r}: not a column of the labels (other columns: "
+                f"{available}), not 'folder' or 'none', and {reason}.")
+    if len(set(groups)) < 2 and how is not None:
+        log.warning("The column %r has the same value for every frame; splitting frames one by "
+                    "one.", group_by)
+        return FrameGroups(None, f"none (the column {group_by!r} has one value)")
+    if len(set(groups)) < 2:
+        raise InputError(
+            f"--group-by {group_by!r}: every frame is in the same group ({groups[0]!r}), so "
+            "no split can keep groups apart. Choose another grouping, or --group-by none.")
+    return FrameGroups(np.asarray(groups, dtype=str), description)
+
+
+# Hamming distance between two frames' perceptual hashes up to which they count as
+# near-duplicates. On 3,000 make_symbol_frames.py frames, 98 % of frames have a frame of their
+# own shot within 4 bits; 31 % have one in another episode that close (the generator reuses
+# a few background photographs, so some of those are near-duplicates too).
+NEAR_DUPLICATE_BITS = 4
+# Warn about a frame-by-frame split when more of the validation frames than this have one.
+NEAR_DUPLICATE_WARNING_SHARE = 0.05
+
+
+def near_duplicates(hashes: Sequence[int], is_validation: np.ndarray,
+                    max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
+    """Which validation frames have a training frame within `max_bits` of their perceptual
+    hash: a bool per validation frame."""
+    as_array = np.array([int(h) for h in hashes], dtype=np.uint64)
+    validation, train = as_array[is_validation], as_array[~is_validation]
+    found = np.zeros(len(validation), bool)
+    if not len(train):
+        return found
+    for start in range(0, len(validation), 512):  # 512 x 20,000 comparisons at a time
+        chunk = validation[start:start + 512, None] ^ train[None, :]
+        found[start:start + 512] = (np.bitwise_count(chunk) <= max_bits).any(axis=1)
+    return found
 
 
 def split_train_validation(labels: np.ndarray, validation_fraction: float, seed: int,
@@ -1346,7 +1477,8 @@ def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int
     if targets is None:
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        y = tf.constant(np.asarray(targets, dtype=np.float32))
+        # A label that is not annotated (NaN) has weight 0, but NaN x 0 is still NaN.
+        y = tf.constant(np.nan_to_num(np.asarray(targets, dtype=np.float32)))
         w = tf.constant(np.asarray(sample_weights, dtype=np.float32))
 
         def decode_labelled(indices):
@@ -1875,13 +2007,15 @@ class TrainingResult:
     model: keras.Model  # the trained model in memory, the same weights as the saved one
 
 
-def split_counts(labels: np.ndarray, is_validation: np.ndarray, symbols: Sequence[str]) -> dict:
-    """Images, positives and negatives per symbol and split."""
+def split_counts(labels: np.ndarray, is_validation: np.ndarray, symbols: Sequence[str],
+                 groups: np.ndarray | None = None) -> dict:
+    """Images (and groups), positives and negatives per symbol and split."""
     counts = {}
     for name, mask in (("train", ~is_validation), ("validation", is_validation)):
         part = labels[mask]
         counts[name] = {
             "images": int(mask.sum()),
+            "groups": int(len(set(groups[mask]))) if groups is not None else int(mask.sum()),
             "positives": {s: int(np.nansum(part[:, i] == 1)) for i, s in enumerate(symbols)},
             "negatives": {s: int(np.nansum(part[:, i] == 0)) for i, s in enumerate(symbols)},
         }
@@ -1898,9 +2032,18 @@ class PreparedData:
 
     images: LabelledImages         # readable images only, with image_sha1/width/height columns
     is_validation: np.ndarray      # bool per row of images.table
-    counts: dict                   # split_counts plus "listed" and "unreadable"
+    counts: dict                   # split_counts plus "listed", "unreadable", "grouping"
     unreadable: list[tuple[str, str]]  # (path, reason) of skipped files
     config: TrainingConfig
+    groups: np.ndarray | None = None  # the split's group per row; None: frame by frame
+
+    def split_table(self) -> pd.DataFrame:
+        """split.csv: filename, group and split of every readable frame, in table order."""
+        filenames = self.images.table["filename"].astype(str).to_numpy()
+        return pd.DataFrame({
+            "filename": filenames,
+            "group": self.groups if self.groups is not None else filenames,
+            "split": np.where(self.is_validation, "validation", "train")})
 
 
 def prepare_training_data(images: LabelledImages, config: TrainingConfig,
@@ -1916,8 +2059,17 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     readable = drop_unreadable(images, scan, config.max_unreadable)
     check_learnable(readable)
     labels = readable.labels()
+    grouping = frame_groups(readable, config.group_by)
+    groups = grouping.groups
     if is_validation is None:
-        is_validation = split_train_validation(labels, config.validation_split, config.seed)
+        is_validation = split_train_validation(labels, config.validation_split, config.seed,
+                                               groups)
+        for name, mask in (("training", ~is_validation), ("validation", is_validation)):
+            if not mask.any():
+                raise InputError(
+                    f"the split by {grouping.description} leaves no {name} images: there are "
+                    f"too few groups ({len(set(groups)):,}). Choose a finer --group-by, or "
+                    "--group-by none.")
     else:
         if len(is_validation) != len(images.table):
             raise ValueError(f"is_validation has {len(is_validation)} values for "
@@ -1926,20 +2078,35 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
                 raise InputError(f"the given split has no readable {name} images.")
-    counts = split_counts(labels, is_validation, readable.symbols)
+    counts = split_counts(labels, is_validation, readable.symbols, groups)
     counts["listed"] = len(images.table)
     counts["unreadable"] = len(scan.errors)
+    counts["grouping"] = grouping.description
+    log.info("Split grouped by %s.", grouping.description)
     for split in ("train", "validation"):
-        log.info("%s: %s images; positives %s", split.capitalize(),
+        log.info("%s: %s images%s; positives %s", split.capitalize(),
                  f"{counts[split]['images']:,}",
+                 f" in {counts[split]['groups']:,} groups" if groups is not None else "",
                  ", ".join(f"{s} {counts[split]['positives'][s]}" for s in readable.symbols))
+    if groups is None:
+        looks = [look for look, ok in zip(scan.look, scan.readable) if ok]
+        duplicated = int(near_duplicates(looks, is_validation).sum())
+        counts["validation"]["near_duplicates_in_train"] = duplicated
+        share = duplicated / max(1, int(is_validation.sum()))
+        (log.warning if share > NEAR_DUPLICATE_WARNING_SHARE else log.info)(
+            "%s of %s validation frames (%.0f %%) look nearly identical to a training frame "
+            "(perceptual hash within %d bits)%s", f"{duplicated:,}",
+            f"{int(is_validation.sum()):,}", 100 * share, NEAR_DUPLICATE_BITS,
+            ": validation scores will flatter the model on new episodes. Keep shots and "
+            "episodes together with --group-by (a CSV column, 'folder', or a file-name pattern "
+            "such as 'ep(\\d+)_')." if share > NEAR_DUPLICATE_WARNING_SHARE else ".")
     few = {s: n for s, n in counts["validation"]["positives"].items() if n < MIN_VALIDATION_POSITIVES}
     if few:
         log.warning(
             "Fewer than %d positives in validation for %s: their validation metrics are noisy "
             "(one frame moves recall by 10 %% or more). Label more frames that show them.",
             MIN_VALIDATION_POSITIVES, ", ".join(f"{s} ({n})" for s, n in few.items()))
-    return PreparedData(readable, is_validation, counts, list(scan.errors), config)
+    return PreparedData(readable, is_validation, counts, list(scan.errors), config, groups)
 
 
 def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> str:
@@ -1951,8 +2118,15 @@ def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> s
         f"as unreadable.",
         f"Split: {counts['train']['images']:,} train, {counts['validation']['images']:,} validation "
         f"(--validation-split {prepared.config.validation_split}, --seed {prepared.config.seed}).",
-        "",
     ]
+    if prepared.groups is not None:
+        lines.append(f"Grouped by {counts['grouping']}: {counts['train']['groups']:,} groups in "
+                     f"train, {counts['validation']['groups']:,} in validation; no group is in both.")
+    else:
+        lines.append(f"Frames split one by one ({counts['grouping']}); "
+                     f"{counts['validation'].get('near_duplicates_in_train', 0):,} validation frames "
+                     "look nearly identical to a training frame.")
+    lines.append("")
     width = max(len("symbol"), *(len(s) for s in symbols))
     head = (f"{'symbol':<{width}}  {'positives':>9}  {'share':>6}  {'train':>6}  {'valid':>6}  "
             f"{'negatives':>9}  {'train':>6}  {'valid':>6}")
@@ -2123,6 +2297,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         write_history(directory / HISTORY_FILE, rows)
         write_json(directory / METRICS_FILE, metrics)
         write_json(directory / METADATA_FILE, metadata)
+        prepared.split_table().to_csv(directory / SPLIT_FILE, index=False)
     seconds = time.monotonic() - started
     return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model)
 

@@ -133,8 +133,8 @@ def test_accepted_label_spellings(image_dir, tmp_path, spelling, value):
     ("filename,star_visible\na.jpg,yes\nb.jpg,2\nep1/c.jpg,0.5\nep1/d.jpg,0\n",
      ["column star_visible: rows 2 ('yes'), 3 ('2'), 4 ('0.5') are not a label",
       "write 0 or 1 (also written 0.0/1.0, or false/true in any case)"]),
-    ("filename,star_visible\na.jpg,1\nb.jpg,\nep1/c.jpg,0\n",
-     ["column star_visible: empty in row 3", "not supported yet", "--symbols"]),
+    ("filename,star_visible,pentagram_visible\na.jpg,1,\nb.jpg,0,-1\n",
+     ["cannot learn pentagram (not annotated in any row)"]),
     ("filename,star_visible\na.jpg,1\nmissing.jpg,0\nep1/C.jpg,0\n",
      ["2 listed file(s) do not exist", "rows 3 ('missing.jpg'), 4 ('ep1/C.jpg')",
       "'ep1/C.jpg' exists as 'ep1/c.jpg'"]),
@@ -168,9 +168,22 @@ def test_many_bad_rows_are_shown_first_few_with_a_count(image_dir, tmp_path):
 
 
 def test_all_cell_problems_come_in_one_message(image_dir, tmp_path):
-    message = error_of(image_dir, write(tmp_path, "filename,star_visible\na.jpg,yes\nnope.jpg,1\nb.jpg,\n"))
+    message = error_of(image_dir, write(tmp_path, "filename,star_visible\na.jpg,yes\nnope.jpg,1\nb.jpg,1,x\n"))
     assert "3 problem(s)" in message
-    assert "'yes'" in message and "'nope.jpg'" in message and "empty in row 4" in message
+    assert "'yes'" in message and "'nope.jpg'" in message and "row 4: more cells" in message
+
+
+def test_empty_cells_and_minus_one_mean_not_annotated(image_dir, tmp_path, caplog):
+    caplog.set_level("INFO")
+    text = ("filename,star_visible,pentagram_visible\n"
+            "a.jpg,1,\nb.jpg,0,-1\nep1/c.jpg,,1\nep1/d.jpg,1,0\nb.jpg,0,\n")
+    images = common.images_from_csv(image_dir, write(tmp_path, text))
+    labels = images.labels()
+    np.testing.assert_array_equal(np.isnan(labels), [[0, 1], [0, 1], [1, 0], [0, 0]])
+    np.testing.assert_array_equal(np.nan_to_num(labels, nan=9), [[1, 9], [0, 9], [9, 1], [1, 0]])
+    assert images.details["not_annotated"] == {"star": 1, "pentagram": 2}
+    assert images.details["duplicate_rows_dropped"] == 1  # b.jpg again, same labels
+    assert "Not annotated (empty cell or -1)" in caplog.text and "star 1, pentagram 2 of 4" in caplog.text
 
 
 def test_same_file_twice_with_same_labels_warns_and_keeps_one(image_dir, tmp_path, caplog):

@@ -20,17 +20,18 @@ def _error_lines(capsys) -> list[str]:
 
 @pytest.fixture
 def two_symbol_frames(tmp_path):
-    """96 frames in episode folders, where a red square and a blue circle appear independently
-    (all four combinations equally often), with labels.csv in the seed's format plus extra columns."""
+    """96 frames in 4 episodes of 24 (folders ep0..ep3 and an `episode` column), where a red
+    square and a blue circle appear independently (all four combinations equally often in
+    every episode), with labels.csv in the seed's format plus extra columns."""
     rng = np.random.default_rng(1)
     root = tmp_path / "frames"
     rows = []
     for index in range(96):
         square, circle = index % 2 == 1, index // 2 % 2 == 1
-        name = f"ep{index % 4}/frame{index:03d}.png"
+        name = f"ep{index // 24}/frame{index:03d}.png"
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         scene(rng, square, circle).save(root / name)
-        rows.append({"filename": name, "episode": index % 4, "red_square_visible": int(square),
+        rows.append({"filename": name, "episode": index // 24, "red_square_visible": int(square),
                      "notes": "", "blue_circle_visible": int(circle)})
     csv_path = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(csv_path, index=False)
@@ -98,11 +99,36 @@ def test_symbols_flag_trains_a_subset(two_symbol_frames, tmp_path):
     assert json.loads((out / "metadata.json").read_text())["symbols"] == ["blue_circle"]
 
 
+def test_partial_labels_train_the_other_symbol_and_metrics_skip_them(two_symbol_frames, tmp_path):
+    """Annotators label one symbol per pass: a frame without a blue_circle label still trains
+    red_square (finite losses in both phases), and blue_circle's metrics count only the
+    frames annotated for it."""
+    root, csv_path = two_symbol_frames
+    frames = pd.read_csv(csv_path)
+    blank = np.arange(len(frames)) % 3 == 0
+    frames["blue_circle_visible"] = frames["blue_circle_visible"].astype(object)
+    frames.loc[blank, "blue_circle_visible"] = np.where(np.arange(blank.sum()) % 2, "", "-1")
+    frames.to_csv(csv_path, index=False)
+    out = tmp_path / "model"
+    assert run_script(build_multi_hot_model, [root, csv_path, out, "--weights", "none", *FAST]) == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["data"]["details"]["not_annotated"] == {"red_square": 0, "blue_circle": 32}
+    history = pd.read_csv(out / "history.csv")
+    assert set(history["phase"]) == {"head", "fine_tune"}
+    assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
+    metrics = json.loads((out / "metrics.json").read_text())["symbols"]
+    validation = metadata["data"]["counts"]["validation"]
+    assert metrics["red_square"]["frames"] == validation["images"]
+    assert metrics["blue_circle"]["frames"] == (validation["positives"]["blue_circle"]
+                                                + validation["negatives"]["blue_circle"])
+    assert metrics["blue_circle"]["frames"] < validation["images"]
+
+
 def test_csv_error_exits_2_with_one_message_and_writes_nothing(two_symbol_frames, tmp_path, capsys):
     root, csv_path = two_symbol_frames
-    text = csv_path.read_text().splitlines()
-    text[3] = text[3].replace(",1,", ",yes,", 1) if ",1," in text[3] else text[3].replace(",0,", ",no,", 1)
-    csv_path.write_text("\n".join(text) + "\n")
+    frames = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    frames.loc[2, "red_square_visible"] = "yes"
+    frames.to_csv(csv_path, index=False)
     out = tmp_path / "model"
     assert run_script(build_multi_hot_model, [root, csv_path, out, "--weights", "none", *FAST]) == 2
     errors = _error_lines(capsys)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import h5py
 import numpy as np
@@ -26,12 +27,25 @@ def _train(binary_dirs, out, *extra):
     return common.train_and_save(images, common.config_from_args(args), out)
 
 
-def test_model_directory_contents(binary_dirs, tmp_path):
+def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch):
+    decoded = []
+    original = common.load_image_array
+
+    def counting(path, geometry):
+        decoded.append(str(path))
+        return original(path, geometry)
+
+    monkeypatch.setattr(common, "load_image_array", counting)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "model"
     code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"])
     assert code == 0
-    assert listdir(out) == ["history.csv", "metadata.json", "metrics.json", "model.keras"]
-    assert listdir(tmp_path) == ["frames", "model"]  # no .partial left behind
+    assert listdir(out) == ["history.csv", "metadata.json", "metrics.json", "model.keras",
+                            "split.csv"]
+    assert listdir(tmp_path) == ["frames", "model", "scratch"]  # no .partial left behind
+    assert not list(scratch.glob("decoded-images-*"))  # the decoded images' file is deleted
 
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["format_version"] == common.MODEL_FORMAT_VERSION
@@ -47,6 +61,17 @@ def test_model_directory_contents(binary_dirs, tmp_path):
     assert counts["validation"]["positives"]["square"] >= 1
     assert counts["validation"]["negatives"]["square"] >= 1
     assert len(metadata["data"]["fingerprint_sha256"]) == 64
+    assert metadata["training"]["mixed_precision"] is False
+    split = pd.read_csv(out / "split.csv", keep_default_na=False)
+    assert list(split.columns) == ["filename", "group", "split"]
+    assert (split["split"] == "validation").sum() == counts["validation"]["images"]
+    assert (split["group"] == split["filename"]).all()  # no grouping: each frame alone
+    assert counts["grouping"] == "none (each frame alone)"
+    # Each image is decoded once for its features, then read back from the decoded-image file
+    # by the fine-tuning epoch and the final scoring; --weights none first sets BatchNorm
+    # statistics from (at most 64) training images.
+    assert len(decoded) == 48 + min(64, counts["train"]["images"])
+    assert len(set(decoded)) == 48
     assert set(metadata["packages"]) >= {"tensorflow", "keras", "numpy", "pandas", "pillow"}
 
     with open(out / "history.csv", newline="") as handle:

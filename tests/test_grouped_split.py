@@ -1,0 +1,136 @@
+"""Grouped splits: --group-by in each form, the automatic episode column, near-duplicates."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import scene
+
+import common
+
+
+@pytest.fixture
+def episodes(tmp_path):
+    """60 frames of 6 episodes (ep0..ep5) in 3 folders; a square in every other frame."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "frames"
+    rows = []
+    for index in range(60):
+        episode = index % 6
+        name = f"season{episode % 3}/ep{episode}_f{index:03d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        scene(rng, index % 2 == 0, False, (32, 24)).save(root / name)
+        rows.append({"filename": name, "Episode": f"E{episode}", "square_visible": int(index % 2 == 0),
+                     "note": "x"})
+    csv_path = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    return root, csv_path
+
+
+def prepared_with(root, csv_path, **settings):
+    config = common.TrainingConfig(weights="none", image_size=32, **settings)
+    return common.prepare_training_data(common.images_from_csv(root, csv_path), config)
+
+
+def assert_groups_stay_together(prepared, expected_groups):
+    split = prepared.split_table()
+    assert split["group"].tolist() == list(expected_groups)
+    per_group = split.groupby("group")["split"].nunique()
+    assert (per_group == 1).all(), per_group[per_group > 1]
+    assert set(split["split"]) == {"train", "validation"}
+
+
+def test_an_episode_column_groups_the_split_automatically(episodes, caplog):
+    caplog.set_level(logging.INFO)
+    prepared = prepared_with(*episodes)
+    table = prepared.images.table
+    assert_groups_stay_together(prepared, table["Episode"])
+    assert "Split grouped by the column 'Episode' (found automatically" in caplog.text
+    counts = prepared.counts
+    assert counts["train"]["groups"] + counts["validation"]["groups"] == 6
+    assert counts["validation"]["positives"]["square"] >= 1
+    summary = common.format_data_summary(prepared)
+    assert "Grouped by the column 'Episode'" in summary and "no group is in both" in summary
+
+
+@pytest.mark.parametrize("group_by, expected", [
+    ("folder", lambda t: t["folder"]),
+    (r"ep(\d+)_", lambda t: t["filename"].str.extract(r"ep(\d+)_")[0]),
+    ("Episode", lambda t: t["Episode"]),
+])
+def test_each_group_by_form_keeps_its_groups_together(episodes, group_by, expected):
+    prepared = prepared_with(*episodes, group_by=group_by)
+    assert_groups_stay_together(prepared, expected(prepared.images.table))
+
+
+def test_group_by_none_splits_frames_and_reports_near_duplicates(episodes, caplog):
+    root, csv_path = episodes
+    frames = pd.read_csv(csv_path)
+    # Each frame twice, as consecutive frames of a static shot would be.
+    for name in frames["filename"]:
+        (root / name.replace(".png", "_copy.png")).write_bytes((root / name).read_bytes())
+    doubled = pd.concat([frames, frames.assign(filename=frames["filename"].str.replace(".png", "_copy.png"))])
+    doubled.to_csv(csv_path, index=False)
+    with caplog.at_level(logging.WARNING):
+        prepared = prepared_with(root, csv_path, group_by="none")
+    assert prepared.groups is None
+    duplicated = prepared.counts["validation"]["near_duplicates_in_train"]
+    assert duplicated >= 0.5 * prepared.counts["validation"]["images"]
+    assert f"{duplicated:,} of {prepared.counts['validation']['images']:,} validation frames" in caplog.text
+    assert "--group-by" in caplog.text
+    assert "look nearly identical" in common.format_data_summary(prepared)
+
+
+def test_binary_folders_group_the_same_episode_of_both_classes(binary_dirs):
+    images = common.images_from_directories(*binary_dirs)
+    assert set(images.table["folder"]) == {"ep0", "ep1", "ep2"}
+    config = common.TrainingConfig(weights="none", image_size=32, group_by="folder")
+    prepared = common.prepare_training_data(images, config)
+    assert_groups_stay_together(prepared, prepared.images.table["folder"])
+
+
+@pytest.mark.parametrize("group_by, fragments", [
+    ("season", ["--group-by 'season': not a column", "other columns: Episode, note",
+                "needs a group in parentheses"]),
+    ("ep(", ["not a valid regular expression"]),
+    (r"show(\d+)", ["does not match 60 of 60 file names", "'season0/ep0_f000.png'"]),
+    ("note", ["every frame is in the same group ('x')", "--group-by none"]),
+    (r"(season)\d", ["every frame is in the same group ('season')"]),
+])
+def test_bad_group_by_names_the_value_and_the_fix(episodes, group_by, fragments):
+    with pytest.raises(common.InputError) as error:
+        prepared_with(*episodes, group_by=group_by)
+    for fragment in fragments:
+        assert fragment in str(error.value), str(error.value)
+
+
+def test_an_automatic_column_with_one_value_falls_back_to_frames(episodes, caplog):
+    root, csv_path = episodes
+    frames = pd.read_csv(csv_path).assign(Episode="E1")
+    frames.to_csv(csv_path, index=False)
+    with caplog.at_level(logging.WARNING):
+        prepared = prepared_with(root, csv_path)
+    assert prepared.groups is None
+    assert "The column 'Episode' has the same value for every frame" in caplog.text
+
+
+def test_too_few_groups_for_a_split_is_an_error(episodes):
+    root, csv_path = episodes
+    frames = pd.read_csv(csv_path)
+    frames["Episode"] = np.where(np.arange(len(frames)) < 59, "E1", "E2")  # 59 frames and 1
+    frames["square_visible"] = np.arange(len(frames)) % 2
+    frames.to_csv(csv_path, index=False)
+    prepared = prepared_with(root, csv_path)
+    assert prepared.counts["validation"]["groups"] == 1  # the split still keeps them apart
+    assert_groups_stay_together(prepared, prepared.images.table["Episode"])
+
+
+def test_near_duplicates_counts_hash_neighbours():
+    hashes = [0b0, 0b1111, 0b1, (1 << 63) | (0b111111 << 20), 0b1 << 40]
+    is_validation = np.array([False, False, True, True, True])
+    np.testing.assert_array_equal(common.near_duplicates(hashes, is_validation, max_bits=4),
+                                  [True, False, True])
+    assert not common.near_duplicates(hashes, np.ones(5, bool)).any()  # no training frames
