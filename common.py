@@ -88,6 +88,7 @@ def _import_tensorflow_quietly():
 tf = _import_tensorflow_quietly()
 import keras  # noqa: E402
 
+import augmentation  # noqa: E402
 import feature_cache  # noqa: E402
 from pixel_store import PixelStore  # noqa: E402
 
@@ -193,6 +194,18 @@ class TrainingConfig:
         0.3, "--fine-tune-fraction",
         "Share of the backbone's layers, counted from the top, that the fine-tuning phase "
         "unfreezes (BatchNorm layers always stay frozen). Default: %(default)s.", type=float)
+    augment: str = _setting(
+        "default", "--augment",
+        "Augmentation of the fine-tuning images (training only; the saved model has none): "
+        "'none'; 'light'; 'default' (rotations up to 5 degrees, zoom from 20 %% in to 10 %% "
+        "out, shifts up to 10 %% that cut symbols at the frame edge, brightness, contrast and "
+        "saturation up to 20 %%, blur, and 30 %% of images at half resolution); 'heavy'. "
+        "Never mirrors: a mirrored logo is a different logo (see --flip). "
+        "Default: %(default)s.", choices=augmentation.POLICIES)
+    flip: bool = _setting(
+        False, "--flip",
+        "Also mirror images left to right at random while fine-tuning; only for symbols that "
+        "look the same mirrored. Default: off.", action="store_true")
     dropout: float = _setting(
         0.2, "--dropout", "Dropout rate before the output layer. Default: %(default)s.",
         type=float)
@@ -281,6 +294,8 @@ class TrainingConfig:
             ("mixed_precision", self.mixed_precision in ("auto", "on", "off"),
              "choose 'auto', 'on' or 'off'"),
             ("xla", self.xla in ("auto", "on", "off"), "choose 'auto', 'on' or 'off'"),
+            ("augment", self.augment in augmentation.POLICIES,
+             f"choose one of {', '.join(augmentation.POLICIES)}"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -330,7 +345,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainingConfig):
         meta = dict(f.metadata)
         flag = meta.pop("flag")
-        meta.setdefault("type", type(f.default) if not isinstance(f.default, str) else str)
+        if "action" not in meta:
+            meta.setdefault("type", type(f.default) if not isinstance(f.default, str) else str)
         if "choices" in meta:
             meta.pop("type")
         group.add_argument(flag, dest=f.name, default=f.default, **meta)
@@ -1059,6 +1075,36 @@ def _missing_file_hint(image_dir: Path, missing: Sequence[str]) -> str:
     return " Check IMAGE_DIR, and that the names are relative to it."
 
 
+def with_validation_set(train: LabelledImages, validation: LabelledImages,
+                        validation_origin: str) -> tuple[LabelledImages, np.ndarray]:
+    """Training and given validation images in one table, and the mask of the validation
+    rows, for a split chosen by the user rather than drawn. The validation images must have
+    the training symbols (in any order) and no file in common with the training images."""
+    missing = [s for s in train.symbols if s not in validation.symbols]
+    if missing:
+        raise InputError(f"{validation_origin}: has no labels for {', '.join(missing)}, which "
+                         "the training labels have; validation needs every trained symbol.")
+    extra = [s for s in validation.symbols if s not in train.symbols]
+    if extra:
+        log.info("%s: not validating %s (not in the training labels).", validation_origin,
+                 ", ".join(extra))
+    resolved = {os.path.realpath(p) for p in train.table["path"]}
+    shared = [name for name, path in zip(validation.table["filename"], validation.table["path"])
+              if os.path.realpath(path) in resolved]
+    if shared:
+        raise InputError(
+            f"{validation_origin}: {len(shared):,} image(s) are also training images (for "
+            f"example {shared[0]!r}); a validation image must not be trained on. Remove them "
+            "from one of the two.")
+    table = pd.concat([train.table, validation.table.drop(columns=extra)], ignore_index=True)
+    is_validation = np.r_[np.zeros(len(train.table), bool), np.ones(len(validation.table), bool)]
+    details = {**train.details, "validation": {"source": validation.source, **validation.details}}
+    combined = LabelledImages(table, list(train.symbols), train.source, details)
+    log.info("Validating on the %s images of %s instead of a split.",
+             f"{len(validation.table):,}", validation_origin)
+    return combined, is_validation
+
+
 def drop_unreadable(images: LabelledImages, scan: ScanResult, max_unreadable: float) -> LabelledImages:
     """Remove the files the scan could not read, or raise if there are too many."""
     if scan.errors:
@@ -1729,6 +1775,17 @@ def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig
     _copy_fused_head(fused, parts, symbols)
 
 
+def training_model(parts: ModelParts, config: TrainingConfig) -> keras.Model:
+    """The model that fine-tuning fits: `parts.model` behind the augmentation layers of
+    `config`, sharing its weights, or `parts.model` itself without augmentation. The
+    augmentation acts in training steps only, so validation sees the images as they are."""
+    augmenter = augmentation.augmentation_layers(config.augment, config.flip, config.seed)
+    if augmenter is None:
+        return parts.model
+    inputs = keras.Input(shape=parts.model.input_shape[1:], name="image")
+    return keras.Model(inputs, parts.model(augmenter(inputs)), name="augmented_training")
+
+
 def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
               geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
               validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict],
@@ -1737,7 +1794,8 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
     log.info("Fine-tuning the top %d weighted layers of %s at learning rate %g", layers,
              config.backbone, config.fine_tune_learning_rate)
-    _compile(parts.model, symbols, config.fine_tune_learning_rate, config.xla)
+    model = training_model(parts, config)
+    _compile(model, symbols, config.fine_tune_learning_rate, config.xla)
     train_data = image_dataset(train[0], geometry, config.batch_size, targets=train[1],
                                sample_weights=train[2], symbols=symbols,
                                shuffle_seed=config.seed, store=store)
@@ -1745,7 +1803,7 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
                                     targets=validation[1], sample_weights=validation[2],
                                     symbols=symbols, store=store)
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
-    parts.model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
+    model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
                     epochs=config.fine_tune_epochs, verbose=verbose,
                     callbacks=_callbacks("fine_tune", config.fine_tune_epochs, config.patience, rows))
     parts.backbone.trainable = False
@@ -2061,6 +2119,7 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     labels = readable.labels()
     grouping = frame_groups(readable, config.group_by)
     groups = grouping.groups
+    given_split = is_validation is not None
     if is_validation is None:
         is_validation = split_train_validation(labels, config.validation_split, config.seed,
                                                groups)
@@ -2078,10 +2137,18 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
                 raise InputError(f"the given split has no readable {name} images.")
+        if groups is not None:
+            both = set(groups[is_validation]) & set(groups[~is_validation])
+            if both:
+                log.warning("%s groups (by %s) have frames in both training and the given "
+                            "validation set, for example %r: their validation scores will "
+                            "flatter the model.", f"{len(both):,}", grouping.description,
+                            sorted(both)[0])
     counts = split_counts(labels, is_validation, readable.symbols, groups)
     counts["listed"] = len(images.table)
     counts["unreadable"] = len(scan.errors)
     counts["grouping"] = grouping.description
+    counts["validation_set"] = "given" if given_split else "split"
     log.info("Split grouped by %s.", grouping.description)
     for split in ("train", "validation"):
         log.info("%s: %s images%s; positives %s", split.capitalize(),
@@ -2117,7 +2184,8 @@ def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> s
         f"Images: {counts['listed']:,} listed, {total:,} readable, {counts['unreadable']:,} skipped "
         f"as unreadable.",
         f"Split: {counts['train']['images']:,} train, {counts['validation']['images']:,} validation "
-        f"(--validation-split {prepared.config.validation_split}, --seed {prepared.config.seed}).",
+        + ("(the given validation set)." if counts.get("validation_set") == "given" else
+           f"(--validation-split {prepared.config.validation_split}, --seed {prepared.config.seed})."),
     ]
     if prepared.groups is not None:
         lines.append(f"Grouped by {counts['grouping']}: {counts['train']['groups']:,} groups in "
@@ -2303,7 +2371,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
 
 
 def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: str | os.PathLike,
-                   *, overwrite: bool = False, dry_run: bool = False) -> str:
+                   *, overwrite: bool = False, dry_run: bool = False,
+                   is_validation: np.ndarray | None = None) -> str:
     """What both scripts do once they have their labelled images: with `dry_run`, every check
     before training and the data summary; otherwise train, save, and summarise the metrics.
     Returns the summary for the user."""
@@ -2316,9 +2385,10 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
             check_output_dir(output_dir, overwrite, create_parent=False)
         except InputError as error:
             output_note = f"\nNote: {error}"
-        prepared = prepare_training_data(images, config)
+        prepared = prepare_training_data(images, config, is_validation)
         return ("Dry run: all checks of the data passed; no model was trained." + output_note
                 + "\n" + format_data_summary(prepared))
-    result = train_and_save(images, config, output_dir, overwrite=overwrite)
+    result = train_and_save(images, config, output_dir, overwrite=overwrite,
+                            is_validation=is_validation)
     return (f"Validation metrics (decision threshold 0.5):\n{format_metrics_summary(result.metrics)}\n"
             f"Wrote {result.output_dir} in {result.seconds:.0f} s.")

@@ -101,6 +101,10 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(binary_dirs, t
     np.testing.assert_allclose(table["square_probability"].to_numpy(), in_memory, rtol=1e-5, atol=1e-6)
     again = common.predict_images(loaded, paths)
     np.testing.assert_array_equal(again["square_probability"], table["square_probability"])
+    # Trained with the default augmentation, which must not be part of the saved model.
+    assert loaded.metadata["training"]["config"]["augment"] == "default"
+    assert "augmentation" not in [layer.name for layer in loaded.model.layers]
+    assert [layer.name for layer in loaded.model.layers][:2] == ["image", "preprocessing"]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     with pytest.raises(common.InputError, match="corrupt.jpg: cannot be decoded as an image"):
