@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--symbol", metavar="NAME",
         help="Name of the model's output. Default: WITH_DIR's folder name without a 'with_' "
              "prefix (with_pentagram/ gives pentagram).")
+    parser.add_argument(
+        "--validation-dirs", nargs=2, metavar=("WITH", "WITHOUT"),
+        help="Validate on the frames of these two folders (with and without the symbol) instead "
+             "of splitting WITH_DIR and WITHOUT_DIR, which are then all training. Default: a "
+             "split (see --validation-split and --group-by).")
     common.add_training_arguments(parser)
     return parser
 
@@ -44,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         config = common.config_from_args(args)
         images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol)
+        is_validation = None
+        if args.validation_dirs:
+            validation = common.images_from_directories(*args.validation_dirs, images.symbols[0])
+            images, is_validation = common.with_validation_set(
+                images, validation, "--validation-dirs " + " ".join(args.validation_dirs))
         print(common.check_or_train(images, config, args.output_dir, overwrite=args.overwrite,
-                                    dry_run=args.dry_run))
+                                    dry_run=args.dry_run, is_validation=is_validation))
         return 0
 
     return common.run_command(run, debug=args.debug)

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train only on these symbols, given by name (star) or column (star_visible), "
              "separated by commas. The outputs keep the CSV's column order. Default: every "
              "<symbol>_visible column.")
+    parser.add_argument(
+        "--validation-csv", metavar="CSV",
+        help="Validate on the frames this CSV lists (same format, file names relative to "
+             "IMAGE_DIR) instead of splitting LABELS_CSV; LABELS_CSV is then all training. "
+             "Default: a split of LABELS_CSV (see --validation-split and --group-by).")
     common.add_training_arguments(parser)
     return parser
 
@@ -49,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         config = common.config_from_args(args)
         images = common.images_from_csv(args.image_dir, args.labels_csv, args.symbols)
+        is_validation = None
+        if args.validation_csv:
+            validation = common.images_from_csv(args.image_dir, args.validation_csv, images.symbols)
+            images, is_validation = common.with_validation_set(
+                images, validation, f"--validation-csv {args.validation_csv}")
         print(common.check_or_train(images, config, args.output_dir, overwrite=args.overwrite,
-                                    dry_run=args.dry_run))
+                                    dry_run=args.dry_run, is_validation=is_validation))
         return 0
 
     return common.run_command(run, debug=args.debug)

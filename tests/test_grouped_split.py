@@ -134,3 +134,42 @@ def test_near_duplicates_counts_hash_neighbours():
     np.testing.assert_array_equal(common.near_duplicates(hashes, is_validation, max_bits=4),
                                   [True, False, True])
     assert not common.near_duplicates(hashes, np.ones(5, bool)).any()  # no training frames
+
+
+def test_a_validation_csv_replaces_the_split(episodes, tmp_path, capsys):
+    import build_multi_hot_model
+    root, csv_path = episodes
+    frames = pd.read_csv(csv_path)
+    held_out = frames["Episode"].isin(["E4", "E5"])
+    frames[~held_out].to_csv(tmp_path / "train.csv", index=False)
+    frames[held_out].to_csv(tmp_path / "valid.csv", index=False)
+    code = build_multi_hot_model.main([str(root), str(tmp_path / "train.csv"), str(tmp_path / "m"),
+                                       "--validation-csv", str(tmp_path / "valid.csv"), "--dry-run"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Split: 40 train, 20 validation (the given validation set)." in printed
+    assert "0 in validation" not in printed
+
+    # A frame in both is refused, naming it.
+    frames[held_out | (frames.index == 0)].to_csv(tmp_path / "valid.csv", index=False)
+    assert build_multi_hot_model.main([str(root), str(tmp_path / "train.csv"), str(tmp_path / "m"),
+                                       "--validation-csv", str(tmp_path / "valid.csv"), "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "--validation-csv" in error and "1 image(s) are also training images" in error
+    assert "'season0/ep0_f000.png'" in error
+
+
+def test_validation_dirs_replace_the_split(binary_dirs, tmp_path, capsys):
+    import shutil
+
+    import build_binary_classifier
+    with_dir, without_dir = binary_dirs
+    held = tmp_path / "held"
+    for source, name in ((with_dir, "with_square"), (without_dir, "without_square")):
+        shutil.move(str(source / "ep2"), str(held / name / "ep2"))
+    code = build_binary_classifier.main([str(with_dir), str(without_dir), str(tmp_path / "m"),
+                                         "--validation-dirs", str(held / "with_square"),
+                                         str(held / "without_square"), "--dry-run"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Split: 32 train, 16 validation (the given validation set)." in printed
