@@ -24,6 +24,7 @@ The training loop:
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import csv
@@ -110,6 +111,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 # Transparent pixels are composited onto this colour; recorded in metadata.json.
 ALPHA_BACKGROUND = "white"
+RESIZE_METHODS = ("letterbox", "squash", "crop")
 # Layer names the model uses itself; a symbol may not take one of them.
 RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout"})
 # Columns of LabelledImages.table that the tool fills in itself; no symbol may take these names.
@@ -171,8 +173,16 @@ class TrainingConfig:
         metavar="imagenet|none|PATH")
     image_size: int = _setting(
         224, "--image-size",
-        "Side of the square model input in pixels; images are resized to it. "
+        "Short side of the model input in pixels. With --resize letterbox or crop, the long "
+        "side follows the most common aspect ratio of the training frames, rounded to a "
+        "multiple of 32 (16:9 frames at 224 give 224x384); with squash the input is square. "
         "Default: %(default)s.", type=int, metavar="PIXELS")
+    resize: str = _setting(
+        "letterbox", "--resize",
+        "How a frame becomes the model input: 'letterbox' keeps its aspect ratio and adds black "
+        "bars where its shape differs from the input's; 'crop' keeps the aspect ratio and cuts "
+        "the overflow equally from both sides; 'squash' stretches it. Prediction applies the "
+        "same. Default: %(default)s.", choices=RESIZE_METHODS)
     batch_size: int = _setting(
         32, "--batch-size", "Images per training step. Default: %(default)s.", type=int)
     epochs: int = _setting(
@@ -294,6 +304,7 @@ class TrainingConfig:
             ("mixed_precision", self.mixed_precision in ("auto", "on", "off"),
              "choose 'auto', 'on' or 'off'"),
             ("xla", self.xla in ("auto", "on", "off"), "choose 'auto', 'on' or 'off'"),
+            ("resize", self.resize in RESIZE_METHODS, f"choose one of {', '.join(RESIZE_METHODS)}"),
             ("augment", self.augment in augmentation.POLICIES,
              f"choose one of {', '.join(augmentation.POLICIES)}"),
         ]
@@ -503,13 +514,48 @@ def read_image(source: str | os.PathLike | bytes, min_size: tuple[int, int] | No
 
 
 def resize_to_geometry(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
-    """An RGB image resized to the model input, as a (height, width, 3) uint8 array."""
-    if geometry.resize != "squash":
+    """An RGB image resized to the model input, as a (height, width, 3) uint8 array.
+
+    'squash' stretches the image to the input; 'letterbox' scales it to fit inside, keeping
+    its aspect ratio, and centres it on black bars; 'crop' scales it to cover the input and
+    cuts the overflow from both sides equally."""
+    if geometry.resize not in RESIZE_METHODS:
         raise ValueError(f"unknown resize method {geometry.resize!r}")
     target = (geometry.width, geometry.height)
-    if image.size != target:
-        image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(image, dtype=np.uint8)
+    if image.size == target:
+        return np.asarray(image, dtype=np.uint8)
+    if geometry.resize == "squash":
+        return np.asarray(image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0),
+                          dtype=np.uint8)
+    width, height = image.size
+    fit = min if geometry.resize == "letterbox" else max
+    scale = fit(geometry.width / width, geometry.height / height)
+    scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = image.resize(scaled, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if geometry.resize == "crop":
+        left, top = (scaled[0] - geometry.width) // 2, (scaled[1] - geometry.height) // 2
+        return np.asarray(image.crop((left, top, left + geometry.width, top + geometry.height)),
+                          dtype=np.uint8)
+    canvas = np.zeros((geometry.height, geometry.width, 3), np.uint8)
+    left, top = (geometry.width - scaled[0]) // 2, (geometry.height - scaled[1]) // 2
+    canvas[top:top + scaled[1], left:left + scaled[0]] = np.asarray(image, dtype=np.uint8)
+    return canvas
+
+
+def input_geometry(image_size: int, resize: str, sizes: Sequence[tuple[int, int]]) -> ImageGeometry:
+    """The model input for frames of `sizes` ((width, height) each): the short side is
+    `image_size`; with 'letterbox' or 'crop' the long side follows the most common aspect
+    ratio among the frames, rounded to a multiple of 32, so that 16:9 frames are not
+    squeezed into a square (which shrinks a small corner logo further). 'squash' is square."""
+    if resize == "squash" or not len(sizes):
+        return ImageGeometry(image_size, image_size, resize)
+    ratios = collections.Counter(round(max(w, h) / min(w, h), 2) for w, h in sizes)
+    ratio, _ = max(ratios.items(), key=lambda item: (item[1], -item[0]))
+    landscape = sum(w >= h for w, h in sizes) >= len(sizes) / 2
+    long_side = max(32, int(round(image_size * ratio / 32)) * 32, image_size)
+    if landscape:
+        return ImageGeometry(image_size, long_side, resize)
+    return ImageGeometry(long_side, image_size, resize)
 
 
 def load_image_array(path: str | os.PathLike, geometry: ImageGeometry) -> np.ndarray:
@@ -2316,7 +2362,10 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     images, is_validation, counts = prepared.images, prepared.is_validation, prepared.counts
     symbols = images.symbols
     labels = images.labels()
-    geometry = ImageGeometry(config.image_size, config.image_size, "squash")
+    geometry = input_geometry(config.image_size, config.resize,
+                              list(zip(images.table["image_width"], images.table["image_height"])))
+    log.info("Model input: %dx%d pixels (width x height), %s.", geometry.width, geometry.height,
+             config.resize)
 
     mixed = mixed_precision_enabled(config.mixed_precision)
     log.info("Mixed precision (float16 compute): %s; XLA: %s.", "on" if mixed else "off",

@@ -150,8 +150,9 @@ def stage_ours(table, symbols, args) -> dict:
     trainval = table[table.split != "test"].reset_index(drop=True)
     test = table[table.split == "test"]
     images = common.LabelledImages(trainval.drop(columns="split"), list(symbols), "benchmark")
+    # Square inputs, as the baseline's: this compares speed at one input size.
     config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
-                                   batch_size=BATCH)
+                                   batch_size=BATCH, resize="squash")
     output = Path(args.work) / "ours_model"
     result = common.train_and_save(images, config, output, overwrite=True,
                                    is_validation=(trainval.split == "validation").to_numpy())

@@ -156,3 +156,42 @@ def test_scan_reports_bad_files_and_keeps_going(tmp_path):
     assert scan.size[0] == (20, 10) and len(scan.sha1[0]) == 40
     assert [p for p, _ in scan.errors] == [str(tmp_path / "bad.jpg"), str(tmp_path / "gone.png")]
     assert "file not found" in scan.errors[1][1]
+
+
+def _frame(width, height):
+    """A grey frame with a white 6-pixel border, to see where the image lands."""
+    pixels = np.full((height, width, 3), 128, np.uint8)
+    pixels[:6, :] = pixels[-6:, :] = pixels[:, :6] = pixels[:, -6:] = 255
+    return Image.fromarray(pixels)
+
+
+def test_letterbox_keeps_the_aspect_ratio_on_black_bars():
+    out = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 64, "letterbox"))
+    assert out.shape == (64, 64, 3)
+    rows = np.flatnonzero(out.max(axis=(1, 2)) > 0)
+    assert (rows[0], rows[-1]) == (14, 49)  # 36 rows of picture (64 * 9/16), centred
+    assert out[:14].max() == 0 and out[50:].max() == 0
+    wide = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 96, "letterbox"))
+    assert wide.shape == (64, 96, 3) and wide[:4].max() == 0  # 16:9 in 3:2: still wider
+    tall = common.resize_to_geometry(_frame(90, 160), common.ImageGeometry(64, 96, "letterbox"))
+    assert tall[:, :20].max() == 0 and tall[:, -20:].max() == 0  # portrait: bars at the sides
+
+
+def test_crop_covers_and_squash_stretches():
+    crop = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 64, "crop"))
+    assert crop.shape == (64, 64, 3)
+    assert crop[32, 0].mean() < 200 and crop[0, 32].mean() > 200  # sides cut, top border kept
+    squash = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 64, "squash"))
+    assert squash[32, 0].mean() > 200 and squash[0, 32].mean() > 200
+
+
+@pytest.mark.parametrize("resize, sizes, expected", [
+    ("letterbox", [(1280, 720)] * 5 + [(640, 480)] * 2, (224, 384)),  # 16:9 wins; 224*1.78=398 -> 384
+    ("crop", [(720, 1280)] * 3, (384, 224)),                           # portrait frames
+    ("letterbox", [(640, 480)] * 3, (224, 288)),                       # 4:3 -> 298.7 -> 288
+    ("letterbox", [(500, 500)], (224, 224)),
+    ("squash", [(1280, 720)], (224, 224)),
+])
+def test_input_geometry_follows_the_most_common_aspect_ratio(resize, sizes, expected):
+    geometry = common.input_geometry(224, resize, sizes)
+    assert (geometry.height, geometry.width, geometry.resize) == (*expected, resize)

@@ -17,7 +17,7 @@ import pytest
 
 import build_binary_classifier
 import common
-from conftest import FAST, ROOT, SHARED_WEIGHTS_LEGACY, listdir, run_script
+from conftest import FAST, ROOT, SHARED_WEIGHTS_LEGACY, listdir, run_script, scene
 
 
 def _train(binary_dirs, out, *extra):
@@ -50,7 +50,7 @@ def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch):
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["format_version"] == common.MODEL_FORMAT_VERSION
     assert metadata["symbols"] == ["square"]
-    assert metadata["input"] == {"height": 32, "width": 32, "resize": "squash", "channels": 3,
+    assert metadata["input"] == {"height": 32, "width": 32, "resize": "letterbox", "channels": 3,
                                  "color": "RGB", "dtype": "uint8", "value_range": [0, 255],
                                  "alpha_background": "white", "exif_orientation": "applied"}
     assert metadata["backbone"] == {"name": "mobilenet_v2", "alpha": 0.35, "weights": "none",
@@ -218,3 +218,30 @@ def test_the_same_seed_gives_the_same_split_and_metrics(binary_dirs, tmp_path):
     other = common.prepare_training_data(common.images_from_directories(*binary_dirs),
                                          common.TrainingConfig(weights="none", seed=8))
     assert other.split_table().to_csv(index=False) != splits[0]
+
+
+def test_wide_frames_get_a_wide_input_and_prediction_letterboxes_the_same_way(tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "frames"
+    for index in range(24):
+        folder = root / ("with_square" if index % 2 else "without_square")
+        folder.mkdir(parents=True, exist_ok=True)
+        scene(rng, bool(index % 2), False, (96, 54)).save(folder / f"f{index}.png")  # 16:9
+    out = tmp_path / "model"
+    images = common.images_from_directories(root / "with_square", root / "without_square")
+    config = common.TrainingConfig(alpha=0.35, weights="none", image_size=32, epochs=1,
+                                   fine_tune_epochs=0)
+    common.train_and_save(images, config, out)
+    loaded = common.load_model_dir(out)
+    assert {k: loaded.metadata["input"][k] for k in ("height", "width", "resize")} == \
+        {"height": 32, "width": 64, "resize": "letterbox"}  # 32 x 16/9 = 57 -> 64
+    assert loaded.model.input_shape == (None, 32, 64, 3)
+    square = tmp_path / "square.png"
+    scene(rng, True, False, (60, 60)).save(square)
+    paths = [str(square), str(root / "with_square" / "f1.png")]
+    table = common.predict_images(loaded, paths)
+    geometry = common.ImageGeometry(32, 64, "letterbox")
+    pixels = np.stack([common.load_image_array(p, geometry) for p in paths])
+    assert pixels[0][:, :10].max() == 0  # the square image is letterboxed with side bars
+    expected = loaded.model(pixels, training=False)["square"].numpy()[:, 0]
+    np.testing.assert_allclose(table["square_probability"], expected, rtol=1e-5, atol=1e-6)
