@@ -207,8 +207,8 @@ class TrainingConfig:
     augment: str = _setting(
         "default", "--augment",
         "Augmentation of the fine-tuning images (training only; the saved model has none): "
-        "'none'; 'light'; 'default' (rotations up to 5 degrees, zoom from 20 %% in to 10 %% "
-        "out, shifts up to 10 %% that cut symbols at the frame edge, brightness, contrast and "
+        "'none'; 'light'; 'default' (rotations up to 5 degrees, zoom up to 10 %% in or out, "
+        "shifts up to 5 %% that cut symbols at the frame edge, brightness, contrast and "
         "saturation up to 20 %%, blur, and 30 %% of images at half resolution); 'heavy'. "
         "Never mirrors: a mirrored logo is a different logo (see --flip). "
         "Default: %(default)s.", choices=augmentation.POLICIES)
@@ -1841,7 +1841,10 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     log.info("Fine-tuning the top %d weighted layers of %s at learning rate %g", layers,
              config.backbone, config.fine_tune_learning_rate)
     model = training_model(parts, config)
-    _compile(model, symbols, config.fine_tune_learning_rate, config.xla)
+    # XLA is not known to compile the augmentation's image resampling op, so 'auto' leaves
+    # an augmented fine-tuning step to TensorFlow's own kernels; --xla on forces it.
+    xla = "off" if model is not parts.model and config.xla == "auto" else config.xla
+    _compile(model, symbols, config.fine_tune_learning_rate, xla)
     train_data = image_dataset(train[0], geometry, config.batch_size, targets=train[1],
                                sample_weights=train[2], symbols=symbols,
                                shuffle_seed=config.seed, store=store)

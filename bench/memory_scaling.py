@@ -3,7 +3,8 @@
 
 Issue 4's target: peak RSS while training on 20,000 frames at most 1.2x that on 2,000 frames.
 Each size trains in a fresh process (so each peak is its own) with the default settings and
-MobileNetV2 alpha 0.35 on the shared ImageNet weights, on the first N rows of a frames
+MobileNetV2 alpha 0.35 on the shared ImageNet weights at 224x224 (--resize squash, to keep
+the run short), on the first N rows of a frames
 folder from make_symbol_frames.py. Fine-tuning runs --fine-tune-epochs epochs (default 1):
 memory does not depend on the number of epochs, only time does.
 
@@ -36,7 +37,7 @@ def train(args) -> dict:
     images = common.images_from_csv(base / "images", base / "labels.csv")
     subset = common.LabelledImages(images.table.head(args.size).reset_index(drop=True),
                                    images.symbols, images.source)
-    config = common.TrainingConfig(alpha=0.35, weights=str(WEIGHTS),
+    config = common.TrainingConfig(alpha=0.35, weights=str(WEIGHTS), resize="squash",
                                    fine_tune_epochs=args.fine_tune_epochs)
     result = common.train_and_save(subset, config, Path(args.work) / f"model_{args.size}",
                                    overwrite=True)
@@ -77,7 +78,7 @@ def main() -> int:
         result["process_seconds"] = time.monotonic() - started
         print(json.dumps(result), flush=True)
         results.append(result)
-    print(f"\nMobileNetV2 alpha 0.35, 224 px, defaults but {args.fine_tune_epochs} fine-tuning "
+    print(f"\nMobileNetV2 alpha 0.35, 224x224 (squash), defaults but {args.fine_tune_epochs} fine-tuning "
           f"epoch(s); {os.cpu_count()} CPU threads\n")
     print(f"{'frames':>8}{'peak RSS, MB':>14}{'of which features, MB':>23}{'training, s':>13}"
           f"{'val. macro AP':>15}")

@@ -44,13 +44,27 @@ def test_the_same_seed_augments_the_same_way(batch):
     np.testing.assert_array_equal(first.numpy(), second.numpy())
 
 
-def test_low_resolution_softens_only_the_chosen_share(batch):
-    layer = augmentation.RandomLowResolution(0.25, probability=1.0, seed=0)
-    softened = layer(batch.astype(np.float32), training=True).numpy()
-    edges = lambda images: np.abs(np.diff(images, axis=2)).mean()
-    assert edges(softened) < 0.8 * edges(batch.astype(np.float32))
-    untouched = augmentation.RandomLowResolution(0.25, probability=0.0)(batch.astype(np.float32), training=True)
-    np.testing.assert_array_equal(untouched, batch)
+def test_each_stage_of_the_layer_does_what_it_says(batch):
+    images = batch.astype(np.float32)
+    still = augmentation.Policy(0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, 2, 0.0)
+    layer = augmentation.SymbolAugmentation(still, seed=0)
+    np.testing.assert_allclose(layer(images, training=True), images, atol=1e-3)  # all ranges 0
+
+    edges = lambda x: np.abs(np.diff(np.asarray(x), axis=2)).mean()
+    soft = augmentation.SymbolAugmentation(
+        augmentation.Policy(0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, 4, 1.0), seed=0)
+    assert edges(soft(images, training=True)) < 0.8 * edges(images)
+
+    shifted = augmentation.SymbolAugmentation(
+        augmentation.Policy(0, (1.0, 1.0), 0.25, 0.0, 0.0, 0.0, 0.0, 2, 0.0), seed=0)
+    out = np.asarray(shifted(images, training=True))
+    assert (out.max(axis=3) == 0).mean() > 0.02  # black borders where the frame moved away
+    assert not (out == 0).all(axis=(1, 2, 3)).any()
+
+    grey = augmentation.SymbolAugmentation(
+        augmentation.Policy(0, (1.0, 1.0), 0.0, 0.0, 0.0, 1.0, 0.0, 2, 0.0), seed=0)
+    colour = lambda x: np.abs(np.asarray(x) - np.asarray(x).mean(axis=3, keepdims=True)).mean(axis=(1, 2, 3))
+    assert not np.allclose(colour(grey(images, training=True)), colour(images))
 
 
 def test_augment_and_flip_flags(tmp_path, capsys):
