@@ -118,7 +118,8 @@ def test_overwrite_replaces_a_previous_model(binary_dirs, tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     assert run_script(build_binary_classifier,
-                      [*binary_dirs, out, *FAST, "--weights", "none", "--overwrite"]) == 0
+                      [*binary_dirs, out, *FAST, "--weights", "none", "--overwrite",
+                       "--fine-tune-epochs", "0"]) == 0
     assert "old.txt" not in listdir(out) and "model.keras" in listdir(out)
     assert listdir(tmp_path) == ["frames", "model"]
 
@@ -137,7 +138,8 @@ def test_a_failure_during_training_leaves_no_model_directory(binary_dirs, tmp_pa
 def test_corrupt_image_is_skipped_and_counted(binary_dirs, tmp_path, caplog):
     (binary_dirs[1] / "ep0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     out = tmp_path / "model"
-    assert run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"]) == 0
+    assert run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none",
+                                                "--fine-tune-epochs", "0"]) == 0
     assert any("corrupt.jpg" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     counts = json.loads((out / "metadata.json").read_text())["data"]["counts"]
     assert counts["unreadable"] == 1
