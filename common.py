@@ -2198,7 +2198,10 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     counts["unreadable"] = len(scan.errors)
     counts["grouping"] = grouping.description
     counts["validation_set"] = "given" if given_split else "split"
-    log.info("Split grouped by %s.", grouping.description)
+    if groups is None:
+        log.info("Split frame by frame: grouping %s.", grouping.description)
+    else:
+        log.info("Split grouped by %s.", grouping.description)
     for split in ("train", "validation"):
         log.info("%s: %s images%s; positives %s", split.capitalize(),
                  f"{counts[split]['images']:,}",
