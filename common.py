@@ -1853,8 +1853,8 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
                                     symbols=symbols, store=store)
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
-                    epochs=config.fine_tune_epochs, verbose=verbose,
-                    callbacks=_callbacks("fine_tune", config.fine_tune_epochs, config.patience, rows))
+              epochs=config.fine_tune_epochs, verbose=verbose,
+              callbacks=_callbacks("fine_tune", config.fine_tune_epochs, config.patience, rows))
     parts.backbone.trainable = False
 
 
