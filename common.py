@@ -112,6 +112,7 @@ IMAGE_EXTENSIONS = frozenset(
 # Transparent pixels are composited onto this colour; recorded in metadata.json.
 ALPHA_BACKGROUND = "white"
 RESIZE_METHODS = ("letterbox", "squash", "crop")
+SWITCH_SETTINGS = ("auto", "on", "off")  # --mixed-precision and --xla
 # Layer names the model uses itself; a symbol may not take one of them.
 RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout"})
 # Columns of LabelledImages.table that the tool fills in itself; no symbol may take these names.
@@ -269,11 +270,11 @@ class TrainingConfig:
         "Compute in float16 with float32 weights: 'auto' turns it on when every visible GPU "
         "has compute capability 7.0 or more (tensor cores) and off on CPU, where it is slower; "
         "'on' or 'off' force it. The saved model always computes in float32. "
-        "Default: %(default)s.", choices=("auto", "on", "off"))
+        "Default: %(default)s.", choices=SWITCH_SETTINGS)
     xla: str = _setting(
         "auto", "--xla",
         "Compile the training steps with XLA: 'auto' does it on GPUs (Keras's own default) and "
-        "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=("auto", "on", "off"))
+        "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=SWITCH_SETTINGS)
 
     def __post_init__(self):
         checks = [
@@ -301,9 +302,9 @@ class TrainingConfig:
              "must be greater than 0 and at most 0.5"),
             ("max_unreadable", 0 <= self.max_unreadable <= 1, "must be between 0 and 1"),
             ("decoded_cache_gb", self.decoded_cache_gb >= 0, "must be 0 or more"),
-            ("mixed_precision", self.mixed_precision in ("auto", "on", "off"),
+            ("mixed_precision", self.mixed_precision in SWITCH_SETTINGS,
              "choose 'auto', 'on' or 'off'"),
-            ("xla", self.xla in ("auto", "on", "off"), "choose 'auto', 'on' or 'off'"),
+            ("xla", self.xla in SWITCH_SETTINGS, "choose 'auto', 'on' or 'off'"),
             ("resize", self.resize in RESIZE_METHODS, f"choose one of {', '.join(RESIZE_METHODS)}"),
             ("augment", self.augment in augmentation.POLICIES,
              f"choose one of {', '.join(augmentation.POLICIES)}"),
@@ -1744,14 +1745,6 @@ class EpochLog(keras.callbacks.Callback):
                  logs.get("val_loss", float("nan")), seconds)
 
 
-def _label_dict(labels: np.ndarray, symbols: Sequence[str]) -> dict:
-    return {s: np.nan_to_num(labels[:, i:i + 1]) for i, s in enumerate(symbols)}
-
-
-def _weight_dict(weights: np.ndarray, symbols: Sequence[str]) -> dict:
-    return {s: weights[:, i] for i, s in enumerate(symbols)}
-
-
 def _jit_compile(setting: str):
     return {"auto": "auto", "on": True, "off": False}[setting]
 
@@ -2322,7 +2315,8 @@ def float32_twin(parts: ModelParts, symbols: Sequence[str], config: TrainingConf
 
 
 def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: ImageGeometry,
-                  is_validation: np.ndarray, store: PixelStore | None):
+                  is_validation: np.ndarray, weight_of_positive: np.ndarray,
+                  store: PixelStore | None):
     """Build the model, extract features, train the head and fine-tune; returns the model
     parts, the history rows and the seconds per phase."""
     symbols, labels = images.symbols, images.labels()
@@ -2338,7 +2332,6 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
     features = backbone_features(parts, images.table, geometry, config, store)
     phase_seconds["features"] = time.monotonic() - t
 
-    weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
     weights = sample_weights(labels, weight_of_positive)
     train_idx, val_idx = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
     rows: list[dict] = []
@@ -2379,11 +2372,12 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     keras.utils.set_random_seed(config.seed)
     paths = images.table["path"].tolist()
     val_idx = np.flatnonzero(is_validation)
+    weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
     store = decoded_image_store(paths, geometry, config)
     try:
         with dtype_policy("mixed_float16" if mixed else "float32"):
             parts, rows, phase_seconds = _train_phases(images, config, geometry, is_validation,
-                                                       store)
+                                                       weight_of_positive, store)
         if mixed:
             parts = float32_twin(parts, symbols, config, geometry)
         # Scored with the model as saved, so metrics.json describes the file users get.
@@ -2393,7 +2387,6 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         if store is not None:
             store.close()
     probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
-    weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
     metrics = evaluation_metrics(labels[val_idx], probabilities, symbols)
 
     metadata = {

@@ -116,8 +116,9 @@ def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
     weights = common.sample_weights(labels, np.array([2.0, 5.0, 1.0], np.float32))
 
     common._compile(parts.head, symbols, 1e-3)
-    per_output = parts.head.evaluate(features, common._label_dict(labels, symbols),
-                                     sample_weight=common._weight_dict(weights, symbols),
+    per_output = parts.head.evaluate(features,
+                                     {s: np.nan_to_num(labels[:, i:i + 1]) for i, s in enumerate(symbols)},
+                                     sample_weight={s: weights[:, i] for i, s in enumerate(symbols)},
                                      batch_size=40, verbose=0, return_dict=True)["loss"]
     fused = common.fused_head(parts, symbols, 0.0)
     fused.compile(loss=common.weighted_binary_crossentropy)
