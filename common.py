@@ -1302,6 +1302,11 @@ def split_train_validation(labels: np.ndarray, validation_fraction: float, seed:
     placed first, each group going to the split that most lacks that symbol's positives, so
     every symbol gets positives in validation in proportion. Negatives of each symbol are then
     balanced the same way, and the remaining groups fill the validation size.
+
+    When groups are as large as a symbol's validation target (a sign seen in two episodes of
+    30 frames), the paper's rule sends every group to training, which always lacks more
+    frames, and the symbol is never validated. So the last group holding a symbol's
+    positives (or negatives) goes to the split that has none of them yet, if one has none.
     """
     labels = np.asarray(labels, dtype=np.float32)
     n = len(labels)
@@ -1328,6 +1333,8 @@ def split_train_validation(labels: np.ndarray, validation_fraction: float, seed:
     at_least_one = (totals >= 2) & (np.arange(len(totals)) > 0)
     desired[1, at_least_one] = np.maximum(desired[1, at_least_one], 1.0)
     desired[0] = totals - desired[1]
+    initial = desired.copy()
+    holders = (counts > 0).sum(axis=0)  # groups with frames of each count kind
     assigned = np.full(n_groups, -1)
     unassigned = set(order.tolist())
 
@@ -1349,9 +1356,14 @@ def split_train_validation(labels: np.ndarray, validation_fraction: float, seed:
             if len(candidates) == 0:
                 break
             column = kind_offset + candidates[np.argmin(totals[candidates])]
-            for group in rem[counts[rem, column] > 0]:
+            remaining_holders = rem[counts[rem, column] > 0]
+            for i, group in enumerate(remaining_holders):
                 need = desired[:, column]
-                if need[0] != need[1]:
+                untouched = need == initial[:, column]  # splits with none of this kind yet
+                if (i == len(remaining_holders) - 1 and holders[column] >= 2
+                        and untouched.sum() == 1):
+                    split = int(np.flatnonzero(untouched)[0])
+                elif need[0] != need[1]:
                     split = int(np.argmax(need))
                 else:
                     split = int(np.argmax(desired[:, 0]))
@@ -2171,6 +2183,15 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
                     f"the split by {grouping.description} leaves no {name} images: there are "
                     f"too few groups ({len(set(groups)):,}). Choose a finer --group-by, or "
                     "--group-by none.")
+        share = is_validation.mean()
+        if groups is not None and not (0.5 <= share / config.validation_split <= 2):
+            # Few, large groups cannot be cut to the asked share; keeping every symbol
+            # validated wins, and the user should know what it cost.
+            log.warning("The split by %s puts %.0f %% of the frames in validation, not the "
+                        "%.0f %% asked for by --validation-split: the groups are large next to "
+                        "the data (%s groups). A finer --group-by or more labelled episodes "
+                        "gives a closer split.", grouping.description, 100 * share,
+                        100 * config.validation_split, f"{len(set(groups)):,}")
     else:
         if len(is_validation) != len(images.table):
             raise ValueError(f"is_validation has {len(is_validation)} values for "

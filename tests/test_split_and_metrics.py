@@ -81,3 +81,14 @@ def test_positive_weighting_balances_rare_symbols():
     per_frame = common.sample_weights(labels, weights)
     assert per_frame[0, 0] == 49 and per_frame[50, 0] == 1 and per_frame[99, 1] == 0
     np.testing.assert_array_equal(common.positive_weights(labels, "none"), [1, 1])
+
+
+def test_grouped_split_validates_a_symbol_seen_in_only_two_large_groups():
+    # Three signs, each filmed in two tracks of 30 frames: a group is larger than the sign's
+    # validation share (12 frames), and the plain rule would put both tracks in training.
+    groups = np.repeat(np.arange(6), 30)
+    labels = np.eye(3, dtype=np.float32)[np.repeat(np.arange(3), 60)]
+    for seed in range(5):
+        validation = common.split_train_validation(labels, 0.2, seed, groups)
+        assert labels[validation].sum(axis=0).tolist() == [30, 30, 30]
+        assert not set(groups[validation]) & set(groups[~validation])
