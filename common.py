@@ -1551,11 +1551,10 @@ def unfreeze_top(backbone: keras.Model, fraction: float) -> int:
 
 
 def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int, *,
-                  targets: np.ndarray | None = None, sample_weights: np.ndarray | None = None,
-                  symbols: Sequence[str] = (), shuffle_seed: int | None = None,
+                  targets: np.ndarray | None = None, shuffle_seed: int | None = None,
                   store: PixelStore | None = None) -> tf.data.Dataset:
-    """Stream images from disk in batches of uint8 tensors; with `targets`, yield (images,
-    {symbol: label}, {symbol: weight}) for Keras. With `store`, images come from it when it
+    """Stream images from disk in batches of uint8 tensors; with `targets` (one row per path,
+    see `fused_targets`), yield (images, targets). With `store`, images come from it when it
     has them and are added to it when it does not.
 
     Each map call loads a whole batch, and several batches load in parallel (Pillow releases
@@ -1582,15 +1581,10 @@ def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int
     if targets is None:
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        # A label that is not annotated (NaN) has weight 0, but NaN x 0 is still NaN.
-        y = tf.constant(np.nan_to_num(np.asarray(targets, dtype=np.float32)))
-        w = tf.constant(np.asarray(sample_weights, dtype=np.float32))
+        y = tf.constant(np.asarray(targets, dtype=np.float32))
 
         def decode_labelled(indices):
-            labels, weights = tf.gather(y, indices), tf.gather(w, indices)
-            return (decode(indices),
-                    {s: labels[:, i:i + 1] for i, s in enumerate(symbols)},
-                    {s: weights[:, i] for i, s in enumerate(symbols)})
+            return decode(indices), tf.gather(y, indices)
 
         dataset = dataset.map(decode_labelled, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
@@ -1761,13 +1755,6 @@ def _jit_compile(setting: str):
     return {"auto": "auto", "on": True, "off": False}[setting]
 
 
-def _compile(model: keras.Model, symbols: Sequence[str], learning_rate: float,
-             xla: str = "auto") -> None:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss={s: keras.losses.BinaryCrossentropy() for s in symbols},
-                  jit_compile=_jit_compile(xla))
-
-
 def weighted_binary_crossentropy(labels_and_weights, logits):
     """Sum over symbols of weight x binary cross-entropy, for one frame. `labels_and_weights`
     is the labels and the per-symbol weights side by side, (batch, 2 x symbols)."""
@@ -1776,13 +1763,27 @@ def weighted_binary_crossentropy(labels_and_weights, logits):
     return keras.ops.sum(losses * weights, axis=-1)
 
 
+def fused_targets(labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """What `weighted_binary_crossentropy` takes: labels and weights side by side."""
+    # An unannotated label (NaN) has weight 0, but NaN x 0 is still NaN: any finite value does.
+    return np.concatenate([np.nan_to_num(labels), weights], axis=1).astype(np.float32)
+
+
+def compile_fused(model: keras.Model, learning_rate: float, xla: str = "auto") -> None:
+    """Compile a model with fused logits (`fused_head`) for training with `fused_targets`."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=weighted_binary_crossentropy, jit_compile=_jit_compile(xla))
+
+
 def fused_head(parts: ModelParts, symbols: Sequence[str], dropout: float) -> keras.Model:
     """A training twin of `parts.head`: the same dropout, then one Dense(symbols) giving
-    logits, starting from the per-symbol layers' weights.
+    logits, starting from the per-symbol layers' weights. Both phases train it, and
+    `_copy_fused_head` puts its weights back into the named outputs the saved model has.
 
     With one small Dense per symbol, Keras's per-output bookkeeping (a loss, a weight and a
-    metric per output at every step) costs far more than the arithmetic: 7 s per epoch at
-    45 symbols. One matrix does the same sums in a single op."""
+    metric per output at every step, and a label slice per output in the input pipeline)
+    costs far more than the arithmetic: 7 s per head epoch at 45 symbols, and half the
+    fine-tuning step rate. One matrix does the same sums in a single op."""
     layers = [parts.head.get_layer(s) for s in symbols]
     inputs = keras.Input(shape=(parts.features.output_shape[-1],), name="features")
     x = keras.layers.Dropout(dropout, dtype="float32")(inputs)
@@ -1812,29 +1813,23 @@ def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig
     """Head phase on precomputed features; each tuple is (features, labels, weights).
     Trains `fused_head` and copies its weights into the per-symbol output layers."""
     fused = fused_head(parts, symbols, config.dropout)
-    fused.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss=weighted_binary_crossentropy, jit_compile=_jit_compile(config.xla))
-
-    def targets(labels, weights):
-        # An unannotated label has weight 0; its value only has to be finite.
-        return np.concatenate([np.nan_to_num(labels), weights], axis=1).astype(np.float32)
-
-    fused.fit(train[0], targets(train[1], train[2]),
-              validation_data=(validation[0], targets(validation[1], validation[2])),
+    compile_fused(fused, config.learning_rate, config.xla)
+    fused.fit(train[0], fused_targets(train[1], train[2]),
+              validation_data=(validation[0], fused_targets(validation[1], validation[2])),
               epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
               callbacks=_callbacks("head", config.epochs, config.patience, rows))
     _copy_fused_head(fused, parts, symbols)
 
 
-def training_model(parts: ModelParts, config: TrainingConfig) -> keras.Model:
-    """The model that fine-tuning fits: `parts.model` behind the augmentation layers of
-    `config`, sharing its weights, or `parts.model` itself without augmentation. The
-    augmentation acts in training steps only, so validation sees the images as they are."""
+def training_model(parts: ModelParts, head: keras.Model, config: TrainingConfig) -> keras.Model:
+    """The model that fine-tuning fits: image -> the augmentation layers of `config` ->
+    `parts.features` -> `head` (a `fused_head`), sharing the backbone's weights. The
+    augmentation acts in training steps only, so validation sees the images as they are,
+    and the saved model (`parts.model`) has none."""
     augmenter = augmentation.augmentation_layers(config.augment, config.flip, config.seed)
-    if augmenter is None:
-        return parts.model
     inputs = keras.Input(shape=parts.model.input_shape[1:], name="image")
-    return keras.Model(inputs, parts.model(augmenter(inputs)), name="augmented_training")
+    x = inputs if augmenter is None else augmenter(inputs)
+    return keras.Model(inputs, head(parts.features(x)), name="fine_tuning")
 
 
 def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
@@ -1845,21 +1840,24 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
     log.info("Fine-tuning the top %d weighted layers of %s at learning rate %g", layers,
              config.backbone, config.fine_tune_learning_rate)
-    model = training_model(parts, config)
+    fused = fused_head(parts, symbols, config.dropout)
+    model = training_model(parts, fused, config)
     # XLA is not known to compile the augmentation's image resampling op, so 'auto' leaves
     # an augmented fine-tuning step to TensorFlow's own kernels; --xla on forces it.
-    xla = "off" if model is not parts.model and config.xla == "auto" else config.xla
-    _compile(model, symbols, config.fine_tune_learning_rate, xla)
-    train_data = image_dataset(train[0], geometry, config.batch_size, targets=train[1],
-                               sample_weights=train[2], symbols=symbols,
+    augmented = config.augment != "none" or config.flip
+    xla = "off" if augmented and config.xla == "auto" else config.xla
+    compile_fused(model, config.fine_tune_learning_rate, xla)
+    train_data = image_dataset(train[0], geometry, config.batch_size,
+                               targets=fused_targets(train[1], train[2]),
                                shuffle_seed=config.seed, store=store)
     validation_data = image_dataset(validation[0], geometry, config.batch_size,
-                                    targets=validation[1], sample_weights=validation[2],
-                                    symbols=symbols, store=store)
+                                    targets=fused_targets(validation[1], validation[2]),
+                                    store=store)
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
               epochs=config.fine_tune_epochs, verbose=verbose,
               callbacks=_callbacks("fine_tune", config.fine_tune_epochs, config.patience, rows))
+    _copy_fused_head(fused, parts, symbols)
     parts.backbone.trainable = False
 
 

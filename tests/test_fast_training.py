@@ -115,15 +115,14 @@ def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
     labels[3, 1] = np.nan  # not annotated: weight 0
     weights = common.sample_weights(labels, np.array([2.0, 5.0, 1.0], np.float32))
 
-    common._compile(parts.head, symbols, 1e-3)
+    parts.head.compile(loss={s: keras.losses.BinaryCrossentropy() for s in symbols})
     per_output = parts.head.evaluate(features,
                                      {s: np.nan_to_num(labels[:, i:i + 1]) for i, s in enumerate(symbols)},
                                      sample_weight={s: weights[:, i] for i, s in enumerate(symbols)},
                                      batch_size=40, verbose=0, return_dict=True)["loss"]
     fused = common.fused_head(parts, symbols, 0.0)
-    fused.compile(loss=common.weighted_binary_crossentropy)
-    targets = np.concatenate([np.nan_to_num(labels), weights], axis=1)
-    loss = fused.evaluate(features, targets, batch_size=40, verbose=0)
+    common.compile_fused(fused, 1e-3)
+    loss = fused.evaluate(features, common.fused_targets(labels, weights), batch_size=40, verbose=0)
     assert loss == pytest.approx(per_output, rel=1e-5)
     # By hand: the not-annotated label adds nothing; frame 3's other labels still count.
     p = 1 / (1 + np.exp(-fused(features, training=False).numpy().astype(np.float64)))
@@ -140,6 +139,31 @@ def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
     for i, s in enumerate(symbols):
         np.testing.assert_allclose(probabilities[s].numpy()[:, 0], 1 / (1 + np.exp(-logits[:, i])),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tuning_trains_the_saved_models_backbone_and_named_outputs():
+    # Fine-tuning fits image -> features -> fused logits; the saved model must get both the
+    # backbone it trained and the fused head's weights in its per-symbol outputs.
+    symbols = ["a", "b"]
+    keras.utils.set_random_seed(2)
+    parts, config = _random_parts(symbols, augment="none", dropout=0.0, fine_tune_fraction=1.0)
+    common.unfreeze_top(parts.backbone, config.fine_tune_fraction)
+    fused = common.fused_head(parts, symbols, config.dropout)
+    model = common.training_model(parts, fused, config)
+    common.compile_fused(model, 1e-2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
+    targets = common.fused_targets((rng.random((16, 2)) < 0.5).astype(np.float32),
+                                   np.ones((16, 2), np.float32))
+    before = parts.model.predict(images, verbose=0)
+    model.fit(images, targets, epochs=2, batch_size=8, verbose=0)
+    common._copy_fused_head(fused, parts, symbols)
+    after = parts.model.predict(images, verbose=0)
+    logits = model.predict(images, verbose=0)
+    for i, s in enumerate(symbols):
+        assert not np.allclose(before[s], after[s])
+        np.testing.assert_allclose(after[s][:, 0], 1 / (1 + np.exp(-logits[:, i])),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_mixed_precision_is_off_on_cpu_and_the_saved_twin_computes_in_float32():
