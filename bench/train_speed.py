@@ -11,7 +11,8 @@ peak RSS is its own:
    Adam(1e-5) for --baseline-fine-tune-epochs; images read and decoded (tf.io.decode_image,
    tf.image.resize) every epoch by a standard tf.data pipeline with AUTOTUNE and prefetch.
 2. ours: common.train_and_save with the default TrainingConfig (but the backbone above), on the
-   same training and validation images.
+   same training and validation images; and ours_head, the same run stopped after the head
+   phase (--fine-tune-epochs 0), which says how soon our run reaches an AP.
 3. raw: images/s of train_on_batch of our fine-tuning model (backbone and fused head behind
    its default augmentation layers; also without them, with XLA, and in the saved model's
    form with one named output and loss per symbol), and of inference of the backbone, on
@@ -145,7 +146,7 @@ def stage_baseline(table, symbols, args) -> dict:
     return result
 
 
-def stage_ours(table, symbols, args) -> dict:
+def stage_ours(table, symbols, args, **settings) -> dict:
     import pandas as pd
 
     import common
@@ -154,8 +155,8 @@ def stage_ours(table, symbols, args) -> dict:
     images = common.LabelledImages(trainval.drop(columns="split"), list(symbols), "benchmark")
     # Square inputs, as the baseline's: this compares speed at one input size.
     config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
-                                   batch_size=BATCH, resize="squash")
-    output = Path(args.work) / "ours_model"
+                                   batch_size=BATCH, resize="squash", **settings)
+    output = Path(args.work) / f"ours_model{'_head' if settings else ''}"
     result = common.train_and_save(images, config, output, overwrite=True,
                                    is_validation=(trainval.split == "validation").to_numpy())
     metadata = json.loads((output / "metadata.json").read_text())
@@ -225,7 +226,13 @@ def stage_raw(table, symbols, args) -> dict:
     return result
 
 
-STAGES = {"baseline": stage_baseline, "ours": stage_ours, "raw": stage_raw}
+def stage_ours_head(table, symbols, args) -> dict:
+    """Our run stopped after the head phase: how soon we reach an AP, not where we end."""
+    return stage_ours(table, symbols, args, fine_tune_epochs=0)
+
+
+STAGES = {"baseline": stage_baseline, "ours": stage_ours, "ours_head": stage_ours_head,
+          "raw": stage_raw}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +280,10 @@ def report(results: dict, args, n_images: int, n_symbols: int) -> None:
         ("peak RSS, MB", b["peak_rss_mb"], o["peak_rss_mb"], r["peak_rss_mb"]),
         ("held-out macro AP", b["test_macro_ap"], o["test_macro_ap"], None),
     ]
+    h = results.get("ours_head")
+    if h:
+        rows.append(("  after our head phase alone", None, h["test_macro_ap"], None))
+        rows.append(("  ... reached after, s", None, h["wall_seconds"], None))
     for label, *values in rows:
         cells = "".join(f"{'' if v is None else f'{v:,.3f}' if 'AP' in label else f'{v:,.1f}':>12}"
                         for v in values)
@@ -285,6 +296,14 @@ def report(results: dict, args, n_images: int, n_symbols: int) -> None:
           f"{o['features_images_per_s'] / r['inference_images_per_s']:6.0%}")
     print(f"  total time, ours / baseline:               {o['wall_seconds'] / b_total:6.0%}   [<= 20 %]")
     print(f"  held-out macro AP, ours - baseline:        {o['test_macro_ap'] - b['test_macro_ap']:+6.3f}  [> 0]")
+    if h:
+        # The first of our checkpoints (end of head phase, end of run) at or above the
+        # recipe's final AP; the test set is only scored at those two points.
+        reached = next((r["wall_seconds"] for r in (h, o)
+                        if r["test_macro_ap"] >= b["test_macro_ap"]), None)
+        print("  time to the baseline's final AP / its total: "
+              + (f"{reached / b_total:6.0%}" if reached is not None else "   not reached")
+              + "   [<= 20 %]")
 
 
 def main() -> int:
@@ -297,7 +316,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0,
                         help="Use only about this many images (a quick check of the script).")
     parser.add_argument("--work", default="/tmp/train_speed", help="Folder for the split and models.")
-    parser.add_argument("--stages", default="raw,ours,baseline")
+    parser.add_argument("--stages", default="raw,ours_head,ours,baseline")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.data == "frames" and not args.frames_dir:
@@ -327,7 +346,7 @@ def main() -> int:
         print(f"Running {name} ...", flush=True)
         results[name] = run_stage(name, args)
         print(json.dumps({name: results[name]}), flush=True)
-    if set(results) == set(STAGES):
+    if {"raw", "ours", "baseline"} <= set(results):
         report(results, args, len(table), len(symbols))
     return 0
 
