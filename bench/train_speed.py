@@ -282,8 +282,8 @@ def report(results: dict, args, n_images: int, n_symbols: int) -> None:
     ]
     h = results.get("ours_head")
     if h:
-        rows.append(("  after our head phase alone", None, h["test_macro_ap"], None))
-        rows.append(("  ... reached after, s", None, h["wall_seconds"], None))
+        rows.append(("  AP after our head phase alone", None, h["test_macro_ap"], None))
+        rows.append(("  wall time to that point, s", None, h["wall_seconds"], None))
     for label, *values in rows:
         cells = "".join(f"{'' if v is None else f'{v:,.3f}' if 'AP' in label else f'{v:,.1f}':>12}"
                         for v in values)
