@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         images = common.images_from_csv(args.image_dir, args.labels_csv, args.symbols)
         is_validation = None
         if args.validation_csv:
-            validation = common.images_from_csv(args.image_dir, args.validation_csv, images.symbols)
+            validation = common.images_from_csv(
+                args.image_dir, args.validation_csv, images.symbols,
+                symbols_from=f"--validation-csv needs every trained symbol ({args.labels_csv})")
             images, is_validation = common.with_validation_set(
                 images, validation, f"--validation-csv {args.validation_csv}")
         print(common.check_or_train(images, config, args.output_dir, overwrite=args.overwrite,

@@ -859,9 +859,10 @@ def _csv_filename(raw: str) -> tuple[str | None, str | None]:
     return normal, None
 
 
-def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | None) -> dict[str, str]:
+def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | None,
+                    wanted_from: str = "--symbols") -> dict[str, str]:
     """Map each `<symbol>_visible` column to its output name, in the CSV's column order;
-    `wanted` (symbol or column names) keeps a subset."""
+    `wanted` (symbol or column names, which came from `wanted_from`) keeps a subset."""
     columns: dict[str, str] = {}
     for column in header:
         match = _VISIBLE_COLUMN.match(column)
@@ -891,8 +892,8 @@ def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | N
         unknown = [w for w in wanted if w not in by_name]
         if unknown:
             raise InputError(
-                f"--symbols: {', '.join(map(repr, unknown))} not found in {csv_path}; its symbols "
-                f"are {', '.join(columns.values())}.")
+                f"{wanted_from}: {', '.join(map(repr, unknown))} not found in {csv_path}; its "
+                f"symbols are {', '.join(columns.values())}.")
         chosen = {by_name[w] for w in wanted}
         columns = {c: s for c, s in columns.items() if c in chosen}
     check_symbol_names(list(columns.values()), f"{csv_path}")
@@ -990,14 +991,16 @@ def _first_listings(names: list[str | None], labels: np.ndarray,
 
 
 def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
-                    symbols: Sequence[str] | None = None) -> LabelledImages:
+                    symbols: Sequence[str] | None = None, *,
+                    symbols_from: str = "--symbols") -> LabelledImages:
     """The labelled table of a multi-label task from a labels CSV.
 
     The CSV has a `filename` column (a path relative to `image_dir`, '/' or '\\\\' between
     folders) and one `<symbol>_visible` column per symbol holding 0 or 1. Symbols keep the
     CSV's column order; `symbols` (names, or column names) keeps a subset. Other columns are
     kept in the table. Every problem in the cells is collected and raised as one InputError
-    that names the rows as a spreadsheet numbers them.
+    that names the rows as a spreadsheet numbers them. `symbols_from` says where `symbols`
+    came from, for the error when one is missing from the CSV.
     """
     image_dir, csv_path = Path(image_dir), Path(csv_path)
     if not image_dir.is_dir():
@@ -1010,7 +1013,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     log.info("Read %s: %s, %s rows", csv_path, fmt.describe(), f"{len(rows):,}")
     _check_csv_header(header, rows, csv_path, fmt)
     wanted = None if symbols is None else list(dict.fromkeys(s.strip() for s in symbols if s.strip()))
-    columns = _symbol_columns(header, csv_path, wanted)
+    columns = _symbol_columns(header, csv_path, wanted, symbols_from)
     all_visible = [c for c in header if c and _VISIBLE_COLUMN.match(c)]
     extra = [c for c in header if c and c != "filename" and c not in all_visible]
     if extra:

@@ -158,6 +158,16 @@ def test_a_validation_csv_replaces_the_split(episodes, tmp_path, capsys):
     assert "--validation-csv" in error and "1 image(s) are also training images" in error
     assert "'season0/ep0_f000.png'" in error
 
+    # A validation CSV without one of the trained symbols names that file, not --symbols.
+    symbol_column = next(c for c in frames.columns if c.endswith("_visible"))
+    frames[held_out].rename(columns={symbol_column: "other_visible"}).to_csv(
+        tmp_path / "valid.csv", index=False)
+    assert build_multi_hot_model.main([str(root), str(tmp_path / "train.csv"), str(tmp_path / "m"),
+                                       "--validation-csv", str(tmp_path / "valid.csv"), "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "--validation-csv needs every trained symbol" in error and "--symbols" not in error
+    assert f"{symbol_column.removesuffix('_visible')!r} not found in {tmp_path / 'valid.csv'}" in error
+
 
 def test_validation_dirs_replace_the_split(binary_dirs, tmp_path, capsys):
     import shutil
