@@ -116,14 +116,19 @@ class SymbolAugmentation(keras.layers.Layer):
         return input_shape
 
 
+def augments(policy: str, flip: bool) -> bool:
+    """Whether `policy` and `flip` change the training images at all."""
+    return flip or policy != "none"
+
+
 def augmentation_layers(policy: str, flip: bool, seed: int) -> keras.Sequential | None:
     """The augmentation of `policy` (one of POLICIES), with a horizontal flip when `flip`;
     None when there is nothing to do. Works on 0-255 RGB batches."""
     if policy not in POLICIES:
         raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {POLICIES}")
+    if not augments(policy, flip):
+        return None
     layers = [keras.layers.RandomFlip("horizontal", seed=seed)] if flip else []
     if policy != "none":
         layers.append(SymbolAugmentation(SETTINGS[policy], seed=seed + 1))
-    if not layers:
-        return None
     return keras.Sequential(layers, name="augmentation")

@@ -1847,7 +1847,7 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     model = training_model(parts, fused, config)
     # XLA is not known to compile the augmentation's image resampling op, so 'auto' leaves
     # an augmented fine-tuning step to TensorFlow's own kernels; --xla on forces it.
-    augmented = config.augment != "none" or config.flip
+    augmented = augmentation.augments(config.augment, config.flip)
     xla = "off" if augmented and config.xla == "auto" else config.xla
     compile_fused(model, config.fine_tune_learning_rate, xla)
     train_data = image_dataset(train[0], geometry, config.batch_size,

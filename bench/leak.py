@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train_speed import ALPHA, SHARED, WEIGHTS, macro_ap
+from train_speed import ALPHA, SHARED, WEIGHTS, check_inputs, macro_ap
 
 GTSRB = SHARED / "data" / "gtsrb_subset"
 VARIANTS = {
@@ -151,10 +151,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/leak", help="Folder for the models.")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.data == "frames" and not args.frames_dir:
-        parser.error("frames needs --frames-dir")
-    if not WEIGHTS.is_file():
-        parser.error(f"needs the shared ImageNet weights at {WEIGHTS}")
+    check_inputs(parser, args)
     if args.image_size is None:
         args.image_size = 224 if args.data == "frames" else 96
     Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,14 @@ def load_data(args):
     return table, images.symbols
 
 
+def check_inputs(parser: argparse.ArgumentParser, args) -> None:
+    """What every benchmark here needs before it starts: its data and the shared weights."""
+    if args.data == "frames" and not args.frames_dir:
+        parser.error("frames needs --frames-dir")
+    if not WEIGHTS.is_file():
+        parser.error(f"needs the shared ImageNet weights at {WEIGHTS}")
+
+
 def macro_ap(labels: np.ndarray, probabilities: np.ndarray) -> float:
     import common
     values = [common.average_precision(labels[:, j] == 1, probabilities[:, j])
@@ -319,10 +327,7 @@ def main() -> int:
     parser.add_argument("--stages", default="raw,ours_head,ours,baseline")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.data == "frames" and not args.frames_dir:
-        parser.error("frames needs --frames-dir")
-    if not WEIGHTS.is_file():
-        parser.error(f"needs the shared ImageNet weights at {WEIGHTS}")
+    check_inputs(parser, args)
     import pandas as pd
     split_file = Path(args.work) / "split.pkl"
     if args.stage:
