@@ -203,34 +203,43 @@ def stage_raw(table, symbols, args) -> dict:
     targets = common.fused_targets(np.zeros((BATCH, len(symbols)), np.float32),
                                    np.ones((BATCH, len(symbols)), np.float32))
 
-    def rate(step, seconds=20.0):
-        step()
-        step()
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            step()
-            count += 1
-        return count * BATCH / (time.perf_counter() - start)
-
     def fused_step(settings: dict, xla: str = "off"):
         model = common.training_model(parts, common.fused_head(parts, list(symbols), config.dropout),
                                       dataclasses.replace(config, **settings))
         common.compile_fused(model, config.fine_tune_learning_rate, xla)
         return lambda: model.train_on_batch(batch, targets)
 
-    # What fine-tuning fits by default: the backbone and fused head behind the augmentation.
-    result = {"inference_images_per_s": rate(lambda: infer(batch).numpy()),
-              "train_on_batch_images_per_s": rate(fused_step({}))}
-    result["train_on_batch_no_augmentation_images_per_s"] = rate(fused_step({"augment": "none"}))
-    # The same step compiled with XLA: what --xla on would give on this machine.
-    result["train_on_batch_xla_images_per_s"] = rate(fused_step({"augment": "none"}, xla="on"))
     # The saved model's form, one named output and loss per symbol: what fusing saves.
     parts.model.compile(keras.optimizers.Adam(config.fine_tune_learning_rate),
                         {s: keras.losses.BinaryCrossentropy() for s in symbols})
     labels = {s: np.zeros((BATCH, 1), np.float32) for s in symbols}
     weights = {s: np.ones((BATCH,), np.float32) for s in symbols}
-    result["train_on_batch_named_outputs_images_per_s"] = rate(
-        lambda: parts.model.train_on_batch(batch, labels, sample_weight=weights))
+    steps = {
+        "inference_images_per_s": lambda: infer(batch).numpy(),
+        # What fine-tuning fits by default: the backbone and fused head behind the augmentation.
+        "train_on_batch_images_per_s": fused_step({}),
+        "train_on_batch_no_augmentation_images_per_s": fused_step({"augment": "none"}),
+        # The same step compiled with XLA: what --xla on would give on this machine.
+        "train_on_batch_xla_images_per_s": fused_step({"augment": "none"}, xla="on"),
+        "train_on_batch_named_outputs_images_per_s":
+            lambda: parts.model.train_on_batch(batch, labels, sample_weight=weights),
+    }
+    for step in steps.values():  # compile and warm up every variant before timing any
+        step()
+        step()
+    # This machine's speed drifts by 2-3x over minutes, so one long window per variant would
+    # compare variants measured at different speeds. Instead every variant gets a short window
+    # in each of several rounds, interleaved, and reports its median round.
+    rounds = {name: [] for name in steps}
+    for _ in range(args.raw_rounds):
+        for name, step in steps.items():
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.raw_seconds:
+                step()
+                count += 1
+            rounds[name].append(count * BATCH / (time.perf_counter() - start))
+    result = {name: float(np.median(values)) for name, values in rounds.items()}
+    result["rounds"] = {name: [round(v, 1) for v in values] for name, values in rounds.items()}
     return result
 
 
@@ -250,7 +259,8 @@ STAGES = {"baseline": stage_baseline, "ours": stage_ours, "ours_head": stage_our
 def run_stage(name: str, args) -> dict:
     command = [sys.executable, __file__, args.data, "--stage", name, "--work", args.work,
                "--baseline-head-epochs", str(args.baseline_head_epochs),
-               "--baseline-fine-tune-epochs", str(args.baseline_fine_tune_epochs)]
+               "--baseline-fine-tune-epochs", str(args.baseline_fine_tune_epochs),
+               "--raw-rounds", str(args.raw_rounds), "--raw-seconds", str(args.raw_seconds)]
     if args.frames_dir:
         command += ["--frames-dir", args.frames_dir]
     started = time.monotonic()
@@ -321,6 +331,10 @@ def main() -> int:
     parser.add_argument("--frames-dir", help="Output folder of make_symbol_frames.py --layout multi.")
     parser.add_argument("--baseline-head-epochs", type=int, default=10)
     parser.add_argument("--baseline-fine-tune-epochs", type=int, default=5)
+    parser.add_argument("--raw-rounds", type=int, default=5,
+                        help="Interleaved timing rounds per raw rate; the median is reported.")
+    parser.add_argument("--raw-seconds", type=float, default=6.0,
+                        help="Seconds each raw rate is timed in each round.")
     parser.add_argument("--limit", type=int, default=0,
                         help="Use only about this many images (a quick check of the script).")
     parser.add_argument("--work", default="/tmp/train_speed", help="Folder for the split and models.")
