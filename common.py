@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import datetime
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -47,7 +48,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,8 @@ tf = _import_tensorflow_quietly()
 import keras  # noqa: E402
 
 import augmentation  # noqa: E402
+import evaluation  # noqa: E402
+import report  # noqa: E402
 import feature_cache  # noqa: E402
 from pixel_store import PixelStore  # noqa: E402
 
@@ -105,6 +108,7 @@ METADATA_FILE = "metadata.json"
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.csv"
+EVALUATION_FILE = "evaluation.csv"
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -251,6 +255,16 @@ class TrainingConfig:
         "Stop before training when more than this share of the images cannot be read "
         "(corrupt, truncated, oversized); fewer are skipped and listed. Default: %(default)s.",
         type=float)
+    threshold_for: str = _setting(
+        "f1", "--threshold-for",
+        "How each symbol's decision threshold (probability at or above it: visible) is chosen "
+        "on the validation frames after training: 'f1' maximises F1; 'precision=0.95' takes "
+        "the lowest threshold whose precision reaches 0.95 (fewest missed frames at that "
+        "precision); 'recall=0.9' the highest threshold that still finds 90 %% of the frames "
+        "showing the symbol (fewest false alarms at that recall). A symbol whose target cannot "
+        "be met gets its best-F1 threshold, and the log and report say so. The thresholds are "
+        "stored in metadata.json and used at prediction. Default: %(default)s.",
+        metavar="f1|precision=P|recall=R")
     cache_dir: str | None = _setting(
         None, "--cache-dir",
         "Folder in which to keep the backbone features of every image, keyed by the image's "
@@ -275,6 +289,12 @@ class TrainingConfig:
         "auto", "--xla",
         "Compile the training steps with XLA: 'auto' does it on GPUs (Keras's own default) and "
         "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=SWITCH_SETTINGS)
+
+    tensorboard: str | None = _setting(
+        None, "--tensorboard",
+        "Also write Keras TensorBoard logs of both phases into this folder (subfolders head "
+        "and fine_tune), to watch with 'tensorboard --logdir DIR'. Default: none.",
+        type=str, metavar="DIR")
 
     def __post_init__(self):
         checks = [
@@ -335,6 +355,16 @@ class TrainingConfig:
                 raise InputError(
                     f"--weights {self.weights!r}: expected a Keras weights file ending in .h5 "
                     "or .weights.h5.")
+        try:
+            evaluation.parse_threshold_rule(self.threshold_for)
+        except ValueError as error:
+            raise InputError(f"--threshold-for {self.threshold_for!r}: {error}.") from None
+        if self.tensorboard is not None:
+            if Path(self.tensorboard).exists() and not Path(self.tensorboard).is_dir():
+                raise InputError(f"--tensorboard {self.tensorboard!r} is a file; give a folder.")
+            if importlib.util.find_spec("tensorboard") is None:
+                raise InputError("--tensorboard needs the tensorboard package, which "
+                                 "requirements.txt installs: pip install -r requirements.txt.")
         if self.cache_dir is not None and Path(self.cache_dir).exists() \
                 and not Path(self.cache_dir).is_dir():
             raise InputError(f"--cache-dir {self.cache_dir!r} is a file; give a folder.")
@@ -403,7 +433,8 @@ def configure_logging(quiet: bool = False, debug: bool = False) -> None:
     tf.get_logger().setLevel(logging.ERROR)
 
 
-def run_command(command: Callable[[], int], debug: bool = False) -> int:
+def run_command(command: Callable[[], int], debug: bool = False,
+                interrupted: str = "Interrupted; no model directory was written.") -> int:
     """Run a script's work and turn exceptions into one clear line and an exit code."""
     try:
         return command()
@@ -413,7 +444,7 @@ def run_command(command: Callable[[], int], debug: bool = False) -> int:
         log.error("%s", error)
         return 2
     except KeyboardInterrupt:
-        log.error("Interrupted; no model directory was written.")
+        log.error("%s", interrupted)
         return 130
     except Exception as error:  # the last line of defence of a command-line program
         if debug:
@@ -1803,10 +1834,16 @@ def _copy_fused_head(fused: keras.Model, parts: ModelParts, symbols: Sequence[st
         parts.head.get_layer(symbol).set_weights([kernel[:, i:i + 1], bias[i:i + 1]])
 
 
-def _callbacks(phase: str, epochs: int, patience: int, rows: list[dict]):
-    return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
-                                          restore_best_weights=True),
-            EpochLog(phase, epochs, rows)]
+def _callbacks(phase: str, config: TrainingConfig, rows: list[dict]):
+    epochs = config.epochs if phase == "head" else config.fine_tune_epochs
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
+                                               restore_best_weights=True),
+                 EpochLog(phase, epochs, rows)]
+    if config.tensorboard:
+        # One folder per phase: their epochs both count from 1 and would overwrite each other.
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.tensorboard, phase),
+                                                     write_graph=False))
+    return callbacks
 
 
 def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
@@ -1820,7 +1857,7 @@ def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig
     fused.fit(train[0], fused_targets(train[1], train[2]),
               validation_data=(validation[0], fused_targets(validation[1], validation[2])),
               epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
-              callbacks=_callbacks("head", config.epochs, config.patience, rows))
+              callbacks=_callbacks("head", config, rows))
     _copy_fused_head(fused, parts, symbols)
 
 
@@ -1859,82 +1896,9 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
               epochs=config.fine_tune_epochs, verbose=verbose,
-              callbacks=_callbacks("fine_tune", config.fine_tune_epochs, config.patience, rows))
+              callbacks=_callbacks("fine_tune", config, rows))
     _copy_fused_head(fused, parts, symbols)
     parts.backbone.trainable = False
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics (numpy, so they are exact and unweighted whatever weighting training used)
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half); NaN without both classes."""
-    labels = np.asarray(labels, bool)
-    positives, negatives = labels.sum(), (~labels).sum()
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    ranks = pd.Series(np.asarray(scores, np.float64)).rank(method="average").to_numpy()
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Average precision as scikit-learn defines it: sum over thresholds of
-    (recall step) x precision, thresholds at the distinct scores."""
-    labels = np.asarray(labels, bool)
-    positives = labels.sum()
-    if positives == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
-    sorted_scores, sorted_labels = np.asarray(scores)[order], labels[order]
-    true_positives = np.cumsum(sorted_labels)
-    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
-    tp = true_positives[last_of_tie]
-    precision = tp / (last_of_tie + 1)
-    recall = tp / positives
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def symbol_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict:
-    """Metrics of one symbol over the annotated frames (NaN labels are left out)."""
-    annotated = ~np.isnan(labels)
-    y = labels[annotated] == 1
-    p = np.clip(probabilities[annotated].astype(np.float64), 1e-7, 1 - 1e-7)
-    predicted = p >= threshold
-    tp = int(np.sum(predicted & y))
-    fp = int(np.sum(predicted & ~y))
-    fn = int(np.sum(~predicted & y))
-    tn = int(np.sum(~predicted & ~y))
-
-    def ratio(a, b):
-        return float(a / b) if b else float("nan")
-
-    return {
-        "frames": int(annotated.sum()),
-        "positives": int(y.sum()),
-        "loss": float(-np.mean(y * np.log(p) + (~y) * np.log(1 - p))) if len(p) else float("nan"),
-        "accuracy": ratio(tp + tn, len(p)),
-        "precision": ratio(tp, tp + fp),
-        "recall": ratio(tp, tp + fn),
-        "roc_auc": roc_auc(y, p),
-        "average_precision": average_precision(y, p),
-        "threshold": threshold,
-        "true_positives": tp, "false_positives": fp, "false_negatives": fn, "true_negatives": tn,
-    }
-
-
-def evaluation_metrics(labels: np.ndarray, probabilities: np.ndarray,
-                       symbols: Sequence[str]) -> dict:
-    """metrics.json content: per symbol and their macro averages."""
-    per_symbol = {s: symbol_metrics(labels[:, i], probabilities[:, i]) for i, s in enumerate(symbols)}
-    keys = ("loss", "accuracy", "precision", "recall", "roc_auc", "average_precision")
-    macro = {k: _nanmean([m[k] for m in per_symbol.values()]) for k in keys}
-    return {"split": "validation", "symbols": per_symbol, "macro": macro}
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -2077,18 +2041,49 @@ def load_model_dir(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, metadata)
 
 
+def decision_thresholds(metadata: dict,
+                        override: float | dict[str, float] | None = None) -> dict[str, float]:
+    """Each symbol's decision threshold: the one stored at training, unless `override` gives
+    one value for all symbols or a value per symbol (the others keep theirs)."""
+    symbols = metadata["symbols"]
+    stored = metadata.get("thresholds")
+    if stored is None:
+        log.warning("This model directory stores no decision thresholds (trained by an older "
+                    "version); 0.5 is used for every symbol.")
+        stored = {}
+    thresholds = {s: float(stored.get(s, 0.5)) for s in symbols}
+    if override is None:
+        return thresholds
+    given = {s: override for s in symbols} if isinstance(override, (int, float)) else override
+    unknown = sorted(set(given) - set(symbols))
+    if unknown:
+        raise InputError(f"threshold for {', '.join(unknown)}: the model has no such symbol "
+                         f"(its symbols: {', '.join(symbols)}).")
+    for symbol, value in given.items():
+        if not 0 <= float(value) <= 1:
+            raise InputError(f"threshold {symbol}={value}: a threshold is a probability between "
+                             "0 and 1.")
+        thresholds[symbol] = float(value)
+    return thresholds
+
+
 def predict_images(model_dir_or_loaded: str | os.PathLike | LoadedModel,
-                   paths: Sequence[str | os.PathLike], batch_size: int = 32) -> pd.DataFrame:
-    """Probabilities per symbol for each image: a table with `filename` and one
-    `<symbol>_probability` column per symbol, in the order of `paths`. Raises ImageReadError
-    naming the first unreadable image."""
+                   paths: Sequence[str | os.PathLike], batch_size: int = 32,
+                   thresholds: float | dict[str, float] | None = None) -> pd.DataFrame:
+    """Probabilities and decisions per symbol for each image, in the order of `paths`: a table
+    with `filename` and, per symbol, `<symbol>_probability` and `<symbol>_visible` (1 where
+    the probability is at or above the symbol's threshold: the one stored at training, or
+    `thresholds`, one value for all or a value per symbol). Raises ImageReadError naming the
+    first unreadable image."""
     loaded = (model_dir_or_loaded if isinstance(model_dir_or_loaded, LoadedModel)
               else load_model_dir(model_dir_or_loaded))
     symbols = loaded.metadata["symbols"]
+    cut = decision_thresholds(loaded.metadata, thresholds)
     geometry = ImageGeometry.from_json(loaded.metadata["input"])
     paths = [str(p) for p in paths]
     if not paths:
-        return pd.DataFrame({"filename": [], **{f"{s}_probability": [] for s in symbols}})
+        return pd.DataFrame({"filename": [], **{f"{s}{suffix}": [] for s in symbols
+                                                 for suffix in ("_probability", VISIBLE_SUFFIX)}})
     for path in paths:
         if not os.path.isfile(path):
             raise ImageReadError(path, "file not found")
@@ -2103,7 +2098,9 @@ def predict_images(model_dir_or_loaded: str | os.PathLike | LoadedModel,
         raise InputError(match.group(1)) from None
     table = pd.DataFrame({"filename": paths})
     for symbol in symbols:
-        table[f"{symbol}_probability"] = outputs[symbol][:, 0].astype(np.float64)
+        probability = outputs[symbol][:, 0].astype(np.float64)
+        table[f"{symbol}_probability"] = probability
+        table[f"{symbol}{VISIBLE_SUFFIX}"] = (probability >= cut[symbol]).astype(int)
     return table
 
 
@@ -2281,26 +2278,6 @@ def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> s
     return "\n".join(lines)
 
 
-def format_metrics_summary(metrics: dict) -> str:
-    """A plain-text table of the validation metrics per symbol and their macro average."""
-    keys = ("roc_auc", "average_precision", "precision", "recall")
-    names = list(metrics["symbols"])
-    width = max(len("macro average"), *(len(s) for s in names))
-    head = (f"{'symbol':<{width}}  {'frames':>6}  {'pos':>5}  {'ROC-AUC':>7}  {'AP':>6}  "
-            f"{'prec.':>6}  {'recall':>6}")
-    lines = [head, "-" * len(head)]
-
-    def scores(m: dict) -> str:
-        text = [f"{m[k]:.3f}" if m[k] is not None and math.isfinite(m[k]) else "-" for k in keys]
-        return "  ".join(f"{t:>{7 if k == 'roc_auc' else 6}}" for k, t in zip(keys, text))
-
-    for name, m in metrics["symbols"].items():
-        lines.append(f"{name:<{width}}  {m['frames']:>6,}  {m['positives']:>5,}  {scores(m)}")
-    if len(names) > 1:
-        lines.append(f"{'macro average':<{width}}  {'':>6}  {'':>5}  {scores(metrics['macro'])}")
-    return "\n".join(lines)
-
-
 def mixed_precision_enabled(setting: str) -> bool:
     """Whether --mixed-precision `setting` means float16 compute on this machine."""
     if setting != "auto":
@@ -2409,7 +2386,20 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         if store is not None:
             store.close()
     probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
-    metrics = evaluation_metrics(labels[val_idx], probabilities, symbols)
+    split_table = prepared.split_table()
+    validation_labels = labels[val_idx]
+    thresholds = evaluation.choose_thresholds(
+        validation_labels, probabilities, symbols, evaluation.parse_threshold_rule(config.threshold_for))
+    grouped = prepared.groups is not None
+    metrics = evaluation.evaluation_metrics(
+        validation_labels, probabilities, symbols, thresholds,
+        prepared.groups[val_idx] if grouped else None, seed=config.seed,
+        group_name=f"groups, by {counts['grouping']}" if grouped else
+        "frames one by one (the split was not grouped, so the intervals are too narrow "
+        "where neighbouring frames are near-identical)")
+    evaluation_table = evaluation.evaluation_table(
+        images.table["filename"].to_numpy()[val_idx], split_table["group"].to_numpy()[val_idx],
+        validation_labels, probabilities, symbols, thresholds)
 
     metadata = {
         "format_version": MODEL_FORMAT_VERSION,
@@ -2426,6 +2416,10 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
                      "positive_weights": dict(zip(symbols, map(float, weight_of_positive))),
                      "phase_seconds": phase_seconds, "started_at": started_at,
                      "mixed_precision": mixed},
+        # Decision thresholds, `probability >= threshold` meaning visible, from the validation
+        # set by `threshold_rule`; predict_images applies them.
+        "thresholds": {s: thresholds[s].threshold for s in symbols},
+        "threshold_rule": config.threshold_for,
         "data": {"source": images.source, "details": images.details, "counts": counts,
                  "fingerprint_sha256": data_fingerprint(images.table, symbols)},
         "packages": package_versions(),
@@ -2435,7 +2429,11 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         write_history(directory / HISTORY_FILE, rows)
         write_json(directory / METRICS_FILE, metrics)
         write_json(directory / METADATA_FILE, metadata)
-        prepared.split_table().to_csv(directory / SPLIT_FILE, index=False)
+        split_table.to_csv(directory / SPLIT_FILE, index=False)
+        evaluation_table.to_csv(directory / EVALUATION_FILE, index=False)
+        report.write_report(directory, model_name=Path(output_dir).name, metadata=metadata,
+                            metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
+                            paths=[paths[i] for i in val_idx])
     seconds = time.monotonic() - started
     return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model)
 
@@ -2460,5 +2458,10 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
                 + "\n" + format_data_summary(prepared))
     result = train_and_save(images, config, output_dir, overwrite=overwrite,
                             is_validation=is_validation)
-    return (f"Validation metrics (decision threshold 0.5):\n{format_metrics_summary(result.metrics)}\n"
-            f"Wrote {result.output_dir} in {result.seconds:.0f} s.")
+    bootstrap = result.metrics["bootstrap"]
+    return (f"Validation metrics (thresholds chosen by --threshold-for {config.threshold_for}; "
+            f"95 % intervals from {bootstrap['replicates']:,} bootstrap resamples of "
+            f"{bootstrap['resampled'].split(' (')[0]}):\n"
+            f"{evaluation.format_metrics_summary(result.metrics)}\n"
+            f"Wrote {result.output_dir} in {result.seconds:.0f} s; open "
+            f"{Path(result.output_dir) / report.REPORT_FILE} for curves and the frames it gets wrong.")

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import evaluation  # noqa: E402
 import keras  # noqa: E402
 
 SHARED_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -84,7 +85,7 @@ def accuracy(frames_dir, sizes=(128, 160, 224, 288), symbol="star"):
                           (features[~validation], labels[~validation], weights[~validation]),
                           (features[validation], labels[validation], weights[validation]), [])
         p = parts.head.predict(features[validation], verbose=0)[symbol][:, 0]
-        m = common.symbol_metrics(labels[validation, 0], p)
+        m = evaluation.symbol_metrics(labels[validation, 0], p)
         print(f"{size:>6}{seconds:>12.1f}{m['roc_auc']:>9.3f}{m['average_precision']:>7.3f}", flush=True)
         keras.backend.clear_session()
 

@@ -12,6 +12,7 @@ from conftest import FAST, ROOT, listdir, run_script, scene
 import build_binary_classifier
 import build_multi_hot_model
 import common
+import evaluation
 
 
 def _error_lines(capsys) -> list[str]:
@@ -67,10 +68,65 @@ def test_learns_two_independent_symbols_and_saves_outputs_in_csv_order(two_symbo
     assert list(loaded.model.output.keys()) == ["red_square", "blue_circle"]
     frames = pd.read_csv(csv_path)
     probabilities = common.predict_images(loaded, [root / f for f in frames["filename"]])
-    assert list(probabilities.columns) == ["filename", "red_square_probability", "blue_circle_probability"]
+    assert list(probabilities.columns) == ["filename", "red_square_probability", "red_square_visible",
+                                           "blue_circle_probability", "blue_circle_visible"]
     for symbol in ("red_square", "blue_circle"):
         truth = frames[f"{symbol}_visible"].to_numpy()
-        assert common.roc_auc(truth, probabilities[f"{symbol}_probability"].to_numpy()) > 0.9
+        assert evaluation.roc_auc(truth, probabilities[f"{symbol}_probability"].to_numpy()) > 0.9
+
+    # Decisions use the thresholds chosen on validation (best F1 by default) and stored...
+    thresholds = metadata["thresholds"]
+    assert metadata["threshold_rule"] == "f1" and set(thresholds) == {"red_square", "blue_circle"}
+    for symbol in ("red_square", "blue_circle"):
+        m = metrics["symbols"][symbol]
+        assert m["threshold"] == thresholds[symbol] and m["threshold_rule"] == "f1"
+        p = probabilities[f"{symbol}_probability"]
+        np.testing.assert_array_equal(probabilities[f"{symbol}_visible"], (p >= thresholds[symbol]).astype(int))
+        assert probabilities[f"{symbol}_visible"].nunique() == 2  # a real cut, not all one side
+        # Validated on one or two of the four episodes: too few to resample, so no interval.
+        assert metadata["data"]["counts"]["validation"]["groups"] < 3
+        assert m["average_precision_interval"] is None and m["f1_interval"] is None
+        assert m["f1"] == pytest.approx(2 * m["true_positives"] / (
+            2 * m["true_positives"] + m["false_positives"] + m["false_negatives"]))
+    assert metrics["bootstrap"]["resampled"].startswith("groups, by the column 'episode'")
+    # ... unless overridden, for one symbol or all.
+    some = [root / f for f in frames["filename"][:8]]
+    overridden = common.predict_images(loaded, some, thresholds={"red_square": 1.0})
+    assert overridden["red_square_visible"].sum() == 0
+    np.testing.assert_array_equal(overridden["blue_circle_visible"],
+                                  probabilities["blue_circle_visible"][:8])
+    everything = common.predict_images(loaded, some, thresholds=0.0)
+    assert (everything[["red_square_visible", "blue_circle_visible"]] == 1).all().all()
+    with pytest.raises(common.InputError, match="triangle: the model has no such symbol"):
+        common.predict_images(loaded, some, thresholds={"triangle": 0.5})
+
+    # evaluation.csv: one row per validation frame, in split.csv's order, with its episode.
+    split = pd.read_csv(out / "split.csv")
+    validation = split[split["split"] == "validation"]
+    table = pd.read_csv(out / "evaluation.csv")
+    assert table["filename"].tolist() == validation["filename"].tolist()
+    assert table["group"].tolist() == validation["group"].tolist()
+    per_symbol = ["label", "probability", "predicted", "outcome"]
+    assert list(table.columns) == ["filename", "group", "errors"] + [
+        f"{s}_{c}" for s in ("red_square", "blue_circle") for c in per_symbol]
+    truth = frames.set_index("filename").loc[table["filename"]]
+    for symbol in ("red_square", "blue_circle"):
+        m = metrics["symbols"][symbol]
+        assert table[f"{symbol}_label"].tolist() == truth[f"{symbol}_visible"].tolist()
+        assert (table[f"{symbol}_outcome"] == "false positive").sum() == m["false_positives"]
+        assert (table[f"{symbol}_outcome"] == "true positive").sum() == m["true_positives"]
+    wrong = sum((table[f"{s}_label"] != table[f"{s}_predicted"]).astype(int)
+                for s in ("red_square", "blue_circle"))
+    assert table["errors"].tolist() == wrong.tolist()
+
+    # report.html: one file with its images inside, every symbol named; the plots beside it.
+    html = (out / "report.html").read_text()
+    assert 'src="http' not in html and 'href="http' not in html
+    assert html.count("data:image/png;base64,") == 3  # training curves and a curve per symbol
+    for symbol in ("red_square", "blue_circle"):
+        assert f'id="symbol-{symbol}"' in html
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "precision_recall_blue_circle.png", "precision_recall_red_square.png", "training_curves.png"]
 
 
 def test_seed_example_header_trains_pentagram_and_star_outputs(tmp_path, capsys):
@@ -223,5 +279,5 @@ def test_a_symbol_in_2_percent_of_frames_is_learned(tmp_path, shared_weights):
     assert weight["red_square"] == pytest.approx(train["negatives"]["red_square"] / train["positives"]["red_square"])
     assert weight["red_square"] > 40
     p = common.predict_images(tmp_path / "model", fresh)["red_square_probability"].to_numpy()
-    assert common.roc_auc(np.r_[np.ones(20), np.zeros(20)], p) > 0.95
+    assert evaluation.roc_auc(np.r_[np.ones(20), np.zeros(20)], p) > 0.95
     assert (p[:20] >= 0.5).mean() >= 0.7 and (p[20:] >= 0.5).mean() <= 0.1

@@ -1,10 +1,9 @@
-"""The stratified split and the numpy metrics (checked against scikit-learn's)."""
+"""The stratified split and the loss weighting."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 import common
 
@@ -48,27 +47,6 @@ def test_groups_never_straddle_the_split():
     for group in range(50):
         assert len(set(validation[groups == group])) == 1
     assert labels[validation].sum() > 0 and (labels[validation] == 0).sum() > 0
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_metrics_agree_with_scikit_learn(seed):
-    rng = np.random.default_rng(seed)
-    labels = (rng.random(200) < 0.15).astype(float)
-    scores = np.round(np.clip(labels * 0.3 + rng.random(200) * 0.8, 0, 1), 2)  # with ties
-    assert common.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
-    assert common.average_precision(labels, scores) == pytest.approx(
-        average_precision_score(labels, scores))
-
-
-def test_symbol_metrics_counts_and_missing_labels():
-    labels = np.array([1, 1, 0, 0, 0, np.nan])
-    probabilities = np.array([0.9, 0.4, 0.6, 0.1, 0.2, 0.99])
-    m = common.symbol_metrics(labels, probabilities)
-    assert (m["true_positives"], m["false_negatives"], m["false_positives"], m["true_negatives"]) == (1, 1, 1, 2)
-    assert m["frames"] == 5 and m["positives"] == 2
-    assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["accuracy"] == 0.6
-    expected_loss = -np.mean(np.log([0.9, 0.4, 0.4, 0.9, 0.8]))
-    assert m["loss"] == pytest.approx(expected_loss)
 
 
 def test_positive_weighting_balances_rare_symbols():

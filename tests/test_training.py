@@ -27,7 +27,7 @@ def _train(binary_dirs, out, *extra):
     return common.train_and_save(images, common.config_from_args(args), out)
 
 
-def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch):
+def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch, capsys):
     decoded = []
     original = common.load_image_array
 
@@ -40,10 +40,22 @@ def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch):
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "model"
-    code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"])
+    not_quiet = [flag for flag in FAST if flag != "--quiet"]
+    code = run_script(build_binary_classifier, [*binary_dirs, out, *not_quiet, "--weights", "none",
+                                                "--tensorboard", scratch / "tb"])
     assert code == 0
-    assert listdir(out) == ["history.csv", "metadata.json", "metrics.json", "model.keras",
-                            "split.csv"]
+    # Standard output is not a terminal here, as in a batch job: one log line per epoch,
+    # no progress bars.
+    printed = capsys.readouterr()
+    epochs = [line for line in printed.err.splitlines() if " epoch " in line]
+    assert [line.split(":")[1].split()[:3] for line in epochs] == [
+        ["head", "epoch", "1/3"], ["head", "epoch", "2/3"], ["head", "epoch", "3/3"],
+        ["fine_tune", "epoch", "1/1"]]
+    assert "\r" not in printed.err + printed.out and "━" not in printed.err + printed.out
+    for phase in ("head", "fine_tune"):  # TensorBoard event files of both phases
+        assert list((scratch / "tb" / phase).rglob("events.out.tfevents.*")), phase
+    assert listdir(out) == ["evaluation.csv", "history.csv", "metadata.json", "metrics.json",
+                            "model.keras", "plots", "report.html", "split.csv"]
     assert listdir(tmp_path) == ["frames", "model", "scratch"]  # no .partial left behind
     assert not list(scratch.glob("decoded-images-*"))  # the decoded images' file is deleted
 
@@ -93,7 +105,7 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(binary_dirs, t
     assert loaded.metadata["symbols"] == ["square"]
     paths = sorted(str(p) for p in binary_dirs[0].rglob("*.png"))[:5]
     table = common.predict_images(out, paths)
-    assert list(table.columns) == ["filename", "square_probability"]
+    assert list(table.columns) == ["filename", "square_probability", "square_visible"]
     assert table["filename"].tolist() == paths
     geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
     pixels = np.stack([common.load_image_array(p, geometry) for p in paths])

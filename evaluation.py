@@ -1,0 +1,381 @@
+"""Evaluation on the validation set: a decision threshold per symbol, metrics with bootstrap
+intervals, and the table of every validation frame.
+
+numpy and pandas only: the numbers are exact (no binned curves), unweighted whatever weighting
+training used, and computed in seconds for tens of thousands of frames. Unannotated labels
+(NaN) are left out of every number of their symbol.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_TARGETS = ("f1", "precision", "recall")
+# Used for a symbol whose validation frames have no positive: nothing to choose from.
+FALLBACK_THRESHOLD = 0.5
+BOOTSTRAP_REPLICATES = 1000
+INTERVAL_LEVEL = 0.95
+# A symbol gets no interval unless its validation positives lie in at least this many groups
+# (frames, when the split was not grouped).
+MIN_POSITIVE_GROUPS_FOR_INTERVAL = 3
+# Rows x frames of bootstrap weights held at once (float32): about 16 MB.
+_BOOTSTRAP_CHUNK_CELLS = 4_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking metrics
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); NaN without both classes."""
+    labels = np.asarray(labels, bool)
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = pd.Series(np.asarray(scores, np.float64)).rank(method="average").to_numpy()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _ranked(labels: np.ndarray, scores: np.ndarray):
+    """Frames by descending score and, per distinct score, the index of its last frame: the
+    cut points of every threshold `score >= t`."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+    sorted_scores = np.asarray(scores, np.float64)[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    return order, sorted_scores, last_of_tie
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision as scikit-learn defines it: sum over thresholds of
+    (recall step) x precision, thresholds at the distinct scores."""
+    labels = np.asarray(labels, bool)
+    if labels.sum() == 0:
+        return float("nan")
+    return float(_weighted_average_precision(labels, scores, np.ones((1, len(labels))))[0])
+
+
+def _weighted_average_precision(labels: np.ndarray, scores: np.ndarray,
+                                weights: np.ndarray) -> np.ndarray:
+    """Average precision for each row of `weights` (replicates x frames), each frame counted
+    as often as its weight says: equal to `average_precision` on the frames repeated, without
+    repeating them. NaN for a row that weights no positive."""
+    order, _, last = _ranked(labels, scores)
+    positive = np.asarray(labels, bool)[order]
+    w = weights[:, order]
+    tp = np.cumsum(w * positive, axis=1)[:, last]
+    seen = np.cumsum(w, axis=1)[:, last]
+    total = tp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(seen > 0, tp / np.where(seen > 0, seen, 1), 0.0)
+        recall = tp / total
+        steps = np.diff(recall, axis=1, prepend=0.0)
+        return np.where(total[:, 0] > 0, np.sum(steps * precision, axis=1), np.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# Decision thresholds
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How each symbol's decision threshold is chosen on the validation set: 'f1' maximises
+    F1; 'precision' takes the lowest threshold whose precision reaches `value`; 'recall'
+    the highest threshold whose recall is still at least `value`."""
+
+    target: str = "f1"
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return self.target if self.value is None else f"{self.target}={self.value:g}"
+
+
+def parse_threshold_rule(text: str) -> ThresholdRule:
+    """'f1', 'precision=0.95' or 'recall=0.9' as a ThresholdRule; ValueError says what is wrong."""
+    cleaned = str(text).strip().lower()
+    if cleaned == "f1":
+        return ThresholdRule()
+    match = re.fullmatch(r"(precision|recall)\s*=\s*([0-9.]+)", cleaned)
+    if match is None:
+        raise ValueError("write f1, precision=VALUE or recall=VALUE (for example precision=0.95)")
+    try:
+        value = float(match.group(2))
+    except ValueError:
+        raise ValueError(f"{match.group(2)!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"the {match.group(1)} must be above 0 and at most 1")
+    return ThresholdRule(match.group(1), value)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    threshold: float
+    rule: str
+    reached: bool  # False: the rule's target could not be met; `note` says what was done
+    note: str = ""
+
+
+def _counts_at_cuts(labels: np.ndarray, scores: np.ndarray):
+    """Thresholds (the distinct scores, descending) and TP and FP of `score >= threshold`."""
+    order, sorted_scores, last = _ranked(labels, scores)
+    positive = np.asarray(labels, bool)[order]
+    return sorted_scores[last], np.cumsum(positive)[last], np.cumsum(~positive)[last]
+
+
+def precision_recall_curve(labels: np.ndarray, scores: np.ndarray):
+    """Thresholds (the distinct scores, descending) and the precision and recall of
+    `score >= threshold` at each."""
+    labels = np.asarray(labels, bool)
+    thresholds, tp, fp = _counts_at_cuts(labels, scores)
+    return thresholds, tp / (tp + fp), tp / max(1, int(labels.sum()))
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: ThresholdRule) -> ThresholdChoice:
+    """The decision threshold of one symbol, `score >= threshold` meaning visible, chosen on
+    annotated validation frames (`labels` bool). Thresholds are validation scores, so every
+    count at the chosen one is exactly what the validation frames show."""
+    labels = np.asarray(labels, bool)
+    positives = int(labels.sum())
+    if positives == 0:
+        return ThresholdChoice(FALLBACK_THRESHOLD, str(rule), False,
+                               f"no positive validation frame; threshold {FALLBACK_THRESHOLD} kept")
+    thresholds, tp, fp = _counts_at_cuts(labels, scores)
+    precision, recall = tp / (tp + fp), tp / positives
+    f1 = 2 * tp / (tp + fp + positives)  # from counts, so equal F1s compare equal
+    best_f1 = int(np.argmax(f1))  # first maximum: the highest threshold among equals
+    if rule.target == "f1":
+        return ThresholdChoice(float(thresholds[best_f1]), str(rule), True)
+    # A hair of tolerance so that a target met exactly (e.g. 19/20 = 0.95) counts as met.
+    tolerance = 1e-9
+    if rule.target == "precision":
+        meets = np.flatnonzero(precision >= rule.value - tolerance)
+        if len(meets) == 0:
+            return ThresholdChoice(
+                float(thresholds[best_f1]), str(rule), False,
+                f"precision {rule.value:g} is not reached at any threshold (at most "
+                f"{precision.max():.3f}); the threshold of the best F1 is used instead")
+        return ThresholdChoice(float(thresholds[meets[-1]]), str(rule), True)
+    meets = np.flatnonzero(recall >= rule.value - tolerance)  # the last cut has recall 1
+    return ThresholdChoice(float(thresholds[meets[0]]), str(rule), True)
+
+
+def choose_thresholds(labels: np.ndarray, probabilities: np.ndarray, symbols: Sequence[str],
+                      rule: ThresholdRule) -> dict[str, ThresholdChoice]:
+    """One ThresholdChoice per symbol (columns of `labels`, NaN where not annotated); logs a
+    warning for each symbol whose target could not be met."""
+    choices = {}
+    for j, symbol in enumerate(symbols):
+        annotated = ~np.isnan(labels[:, j])
+        choice = choose_threshold(labels[annotated, j] == 1, probabilities[annotated, j], rule)
+        if not choice.reached:
+            log.warning("%s: %s.", symbol, choice.note)
+        choices[symbol] = choice
+    return choices
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def symbol_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict:
+    """Metrics of one symbol over the annotated frames (NaN labels are left out): ranking
+    metrics, and the confusion counts and their ratios at `threshold`."""
+    annotated = ~np.isnan(labels)
+    y = labels[annotated] == 1
+    p = np.clip(probabilities[annotated].astype(np.float64), 1e-7, 1 - 1e-7)
+    # Decided on the unclipped value, exactly as prediction decides.
+    predicted = probabilities[annotated] >= threshold
+    tp = int(np.sum(predicted & y))
+    fp = int(np.sum(predicted & ~y))
+    fn = int(np.sum(~predicted & y))
+    tn = int(np.sum(~predicted & ~y))
+    return {
+        "frames": int(annotated.sum()),
+        "positives": int(y.sum()),
+        "prevalence": _ratio(int(y.sum()), int(annotated.sum())),
+        "loss": float(-np.mean(y * np.log(p) + (~y) * np.log(1 - p))) if len(p) else float("nan"),
+        "roc_auc": roc_auc(y, p),
+        "average_precision": average_precision(y, p),
+        "threshold": float(threshold),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, len(p)),
+        "true_positives": tp, "false_positives": fp, "false_negatives": fn, "true_negatives": tn,
+    }
+
+
+def _bootstrap_weights(groups: np.ndarray, replicates: int, seed: int) -> Iterable[np.ndarray]:
+    """Chunks of (replicates x frames) weights: how often each frame is drawn when whole
+    groups are drawn with replacement, as many draws as there are groups."""
+    _, group_of_frame = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of_frame.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // max(1, len(groups)))
+    for start in range(0, replicates, chunk):
+        size = min(chunk, replicates - start)
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=size)
+        yield counts[:, group_of_frame].astype(np.float32)
+
+
+def bootstrap_replicates(labels: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray,
+                         groups: np.ndarray | None, replicates: int = BOOTSTRAP_REPLICATES,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Average precision and F1 at `thresholds` of every symbol in `replicates` bootstrap
+    resamples of the validation frames: two (replicates x symbols) arrays, NaN where a
+    resample has no positive of a symbol. With `groups`, whole groups (shots, episodes) are
+    resampled, because neighbouring frames are near-identical and resampling them one by one
+    would give intervals far too narrow."""
+    n, k = labels.shape
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    ap = np.full((replicates, k), np.nan)
+    f1 = np.full((replicates, k), np.nan)
+    row = 0
+    for weights in _bootstrap_weights(groups, replicates, seed):
+        rows = slice(row, row + len(weights))
+        for j in range(k):
+            annotated = ~np.isnan(labels[:, j])
+            y = labels[annotated, j] == 1
+            p = probabilities[annotated, j]
+            w = weights[:, annotated]
+            ap[rows, j] = _weighted_average_precision(y, p, w)
+            predicted = p >= thresholds[j]
+            tp = w @ (y & predicted)
+            wrong = w @ (y != predicted)  # false positives + false negatives
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f1[rows, j] = np.where(w @ y > 0, 2 * tp / (2 * tp + wrong), np.nan)
+        row += len(weights)
+    return ap, f1
+
+
+def _interval(values: np.ndarray, level: float = INTERVAL_LEVEL) -> list[float] | None:
+    finite = values[np.isfinite(values)]
+    # Below half the replicates the resamples mostly lack a positive: no honest interval.
+    if len(finite) < max(2, len(values) // 2):
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+MACRO_KEYS = ("prevalence", "loss", "roc_auc", "average_precision", "precision", "recall", "f1",
+              "accuracy")
+
+
+def evaluation_metrics(labels: np.ndarray, probabilities: np.ndarray, symbols: Sequence[str],
+                       thresholds: dict[str, ThresholdChoice] | None = None,
+                       groups: np.ndarray | None = None, *, group_name: str = "frames",
+                       replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> dict:
+    """metrics.json content: per symbol and macro average (the mean over symbols), with 95 %
+    bootstrap intervals of average precision and F1. `thresholds` default to 0.5."""
+    thresholds = thresholds or {s: ThresholdChoice(0.5, "0.5", True) for s in symbols}
+    per_symbol = {}
+    for j, symbol in enumerate(symbols):
+        choice = thresholds[symbol]
+        per_symbol[symbol] = {
+            **symbol_metrics(labels[:, j], probabilities[:, j], choice.threshold),
+            "threshold_rule": choice.rule, "threshold_reached": choice.reached,
+            **({"threshold_note": choice.note} if choice.note else {})}
+    macro = {k: _nanmean(m[k] for m in per_symbol.values()) for k in MACRO_KEYS}
+    if replicates > 0 and len(labels):
+        ap, f1 = bootstrap_replicates(labels, probabilities,
+                                      np.array([thresholds[s].threshold for s in symbols]),
+                                      groups, replicates, seed)
+        units = np.arange(len(labels)) if groups is None else np.asarray(groups)
+        for j, symbol in enumerate(symbols):
+            # Resampling one or two shots that show a symbol says nothing about new ones.
+            enough = len(set(units[labels[:, j] == 1])) >= MIN_POSITIVE_GROUPS_FOR_INTERVAL
+            per_symbol[symbol]["average_precision_interval"] = _interval(ap[:, j]) if enough else None
+            per_symbol[symbol]["f1_interval"] = _interval(f1[:, j]) if enough else None
+        with warnings.catch_warnings():  # a replicate without any positive: 'empty slice'
+            warnings.simplefilter("ignore", RuntimeWarning)
+            macro["average_precision_interval"] = _interval(np.nanmean(ap, axis=1))
+            macro["f1_interval"] = _interval(np.nanmean(f1, axis=1))
+    return {
+        "split": "validation",
+        "bootstrap": {"replicates": replicates, "level": INTERVAL_LEVEL, "seed": seed,
+                      "resampled": group_name},
+        "symbols": per_symbol, "macro": macro}
+
+
+# --------------------------------------------------------------------------------------------
+# The table of validation frames
+
+OUTCOMES = {(True, True): "true positive", (False, True): "false positive",
+            (True, False): "false negative", (False, False): "true negative"}
+
+
+def evaluation_table(filenames: Sequence[str], groups: Sequence[str], labels: np.ndarray,
+                     probabilities: np.ndarray, symbols: Sequence[str],
+                     thresholds: dict[str, ThresholdChoice]) -> pd.DataFrame:
+    """evaluation.csv: one row per validation frame, in split order, with its group, how many
+    symbols it gets wrong, and per symbol the label (empty where not annotated), the
+    probability, the decision at the symbol's threshold and the outcome ('false positive',
+    ...), so a spreadsheet filter finds the mistakes of one symbol."""
+    table = pd.DataFrame({"filename": list(filenames), "group": list(groups)})
+    wrong = np.zeros(len(table), int)
+    columns = {}
+    for j, symbol in enumerate(symbols):
+        label = labels[:, j]
+        annotated = ~np.isnan(label)
+        predicted = probabilities[:, j] >= thresholds[symbol].threshold
+        outcome = [OUTCOMES[(bool(l == 1), bool(d))] if a else ""
+                   for l, d, a in zip(label, predicted, annotated)]
+        wrong += annotated & ((label == 1) != predicted)
+        columns[f"{symbol}_label"] = pd.array(np.where(annotated, label, np.nan), dtype="Int64")
+        columns[f"{symbol}_probability"] = probabilities[:, j].astype(np.float64)
+        columns[f"{symbol}_predicted"] = predicted.astype(int)
+        columns[f"{symbol}_outcome"] = outcome
+    table["errors"] = wrong
+    return pd.concat([table, pd.DataFrame(columns)], axis=1)
+
+
+def format_metrics_summary(metrics: dict) -> str:
+    """A plain-text table of the validation metrics per symbol and their macro average."""
+    names = list(metrics["symbols"])
+    width = max(len("macro average"), *(len(s) for s in names))
+    head = (f"{'symbol':<{width}}  {'frames':>6}  {'pos':>5}  {'AP':>5}  {'95 % interval':>13}  "
+            f"{'thresh.':>7}  {'prec.':>5}  {'recall':>6}  {'F1':>5}")
+    lines = [head, "-" * len(head)]
+
+    def number(value, digits=3, width=5):
+        return f"{value:>{width}.{digits}f}" if value is not None and math.isfinite(value) \
+            else f"{'-':>{width}}"
+
+    def interval(values):
+        return f"{values[0]:.2f}-{values[1]:.2f}" if values else "-"
+
+    for name, m in metrics["symbols"].items():
+        mark = "*" if not m.get("threshold_reached", True) else " "
+        lines.append(
+            f"{name:<{width}}  {m['frames']:>6,}  {m['positives']:>5,}  "
+            f"{number(m['average_precision'])}  {interval(m.get('average_precision_interval')):>13}  "
+            f"{number(m['threshold'], width=6)}{mark}  {number(m['precision'])}  "
+            f"{number(m['recall'], width=6)}  {number(m['f1'])}")
+    if len(names) > 1:
+        m = metrics["macro"]
+        lines.append(
+            f"{'macro average':<{width}}  {'':>6}  {'':>5}  {number(m['average_precision'])}  "
+            f"{interval(m.get('average_precision_interval')):>13}  {'':>7}  "
+            f"{number(m['precision'])}  {number(m['recall'], width=6)}  {number(m['f1'])}")
+    if any(not m.get("threshold_reached", True) for m in metrics["symbols"].values()):
+        lines.append("* the threshold rule's target was not met on validation; see metrics.json.")
+    return "\n".join(lines)
