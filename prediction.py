@@ -1,0 +1,439 @@
+"""Running a trained model over new frames: every kind of input (images, folders, lists,
+globs, videos) expanded into one stream of frames, decoded in parallel ahead of the model,
+classified in batches by a compiled inference function, and written row by row, so memory
+stays flat however many frames there are.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import glob
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence, TextIO
+
+import numpy as np
+
+import common
+import video
+
+log = logging.getLogger(__name__)
+
+LIST_EXTENSIONS = frozenset({".txt", ".csv", ".lst"})
+GLOB_CHARACTERS = frozenset("*?[")
+OUTPUT_FORMATS = ("csv", "jsonl")
+# Batches decoded ahead of the model: enough to hide a slow image, few enough that memory
+# stays a few batches of pixels.
+BATCHES_AHEAD = 3
+SAVED_FRAME_QUALITY = 95
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    path: str      # where to read it
+    filename: str  # what the output calls it
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    path: str
+    name: str      # the `video` column, and the folder of its saved frames
+
+
+@dataclass
+class Inputs:
+    """The checked inputs, in order: callables giving image inputs, and videos; `images`
+    counts the images."""
+
+    sources: list[Callable[[], Iterator[ImageInput]] | VideoInput] = field(default_factory=list)
+    images: int = 0
+    videos: list[VideoInput] = field(default_factory=list)
+
+
+def _posix(path: str | os.PathLike) -> str:
+    return Path(path).as_posix()
+
+
+def _name_for(path: Path, base: Path | None, given: str) -> str:
+    """The output's filename: relative to `base` when the image is below it, else as given."""
+    if base is not None:
+        try:
+            return _posix(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            pass
+    return _posix(given)
+
+
+def _listed_paths(list_path: Path) -> list[str]:
+    """The image paths a .txt (one per line, # comments) or .csv (a `filename` column) lists."""
+    if list_path.suffix.lower() == ".csv":
+        header, rows, _ = common.read_csv_rows(list_path)
+        columns = [h.strip().lower() for h in header]
+        if "filename" not in columns:
+            raise common.InputError(
+                f"{list_path}: a CSV of inputs needs a 'filename' column (its columns: "
+                f"{', '.join(header)}).")
+        column = columns.index("filename")
+        return [values[column].strip() for _, values in rows
+                if column < len(values) and values[column].strip()]
+    try:
+        text = list_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise common.InputError(f"{list_path}: not a UTF-8 text file of paths.") from None
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> Inputs:
+    """Check every INPUT before any work and return them in order. An INPUT is an image, a
+    video, a folder (searched recursively for images), a .txt/.csv list of image paths
+    (relative ones resolved against `image_dir`, else the list's folder), or a glob pattern.
+    Raises InputError naming the first INPUT that is none of these."""
+    base = Path(image_dir) if image_dir else None
+    if base is not None and not base.is_dir():
+        raise common.InputError(f"--image-dir {image_dir}: no such folder.")
+    inputs = Inputs()
+
+    def add_image(path: Path, given: str, relative_to: Path | None) -> None:
+        item = ImageInput(str(path), _name_for(path, base or relative_to, given))
+        inputs.sources.append(lambda item=item: iter([item]))
+        inputs.images += 1
+
+    def add_video(path: Path) -> None:
+        item = VideoInput(str(path), path.stem)
+        inputs.sources.append(item)
+        inputs.videos.append(item)
+
+    for argument in arguments:
+        path = Path(argument)
+        suffix = path.suffix.lower()
+        if path.is_dir():
+            found = common.find_images(path)
+            if not found:
+                raise common.InputError(f"INPUT {argument}: no images found in this folder "
+                                        f"(looked for {', '.join(sorted(common.IMAGE_EXTENSIONS))}).")
+            items = [ImageInput(str(p), _name_for(p, base or path, str(p))) for p in found]
+            inputs.sources.append(lambda items=items: iter(items))
+            inputs.images += len(items)
+        elif path.is_file() and suffix in common.IMAGE_EXTENSIONS:
+            add_image(path, argument, None)
+        elif path.is_file() and suffix in video.VIDEO_EXTENSIONS:
+            add_video(path)
+        elif path.is_file() and suffix in LIST_EXTENSIONS:
+            listed = _listed_paths(path)
+            if not listed:
+                raise common.InputError(f"INPUT {argument}: the list names no images.")
+            root = base or path.parent
+            items = [ImageInput(str(root / p), _name_for(root / p, base, p) if base else _posix(p))
+                     for p in listed]
+            inputs.sources.append(lambda items=items: iter(items))
+            inputs.images += len(items)
+        elif path.is_file():
+            raise common.InputError(
+                f"INPUT {argument}: not an image ({', '.join(sorted(common.IMAGE_EXTENSIONS))}), "
+                f"a video ({', '.join(sorted(video.VIDEO_EXTENSIONS))}) or a list of paths "
+                "(.txt, .csv).")
+        elif GLOB_CHARACTERS & set(argument):
+            matches = sorted(Path(m) for m in glob.glob(argument, recursive=True))
+            images = [m for m in matches if m.is_file() and m.suffix.lower() in common.IMAGE_EXTENSIONS]
+            videos = [m for m in matches if m.is_file() and m.suffix.lower() in video.VIDEO_EXTENSIONS]
+            if not images and not videos:
+                raise common.InputError(f"INPUT {argument}: the pattern matches no image or video.")
+            for match in matches:
+                if match in videos:
+                    add_video(match)
+                elif match in images:
+                    add_image(match, str(match), None)
+        else:
+            raise common.InputError(f"INPUT {argument}: no such file or folder.")
+    names = [v.name for v in inputs.videos]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise common.InputError(
+            f"two videos share the name {duplicated[0]!r}; their frames would get the same "
+            "file names. Rename one, or predict them in separate runs.")
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Frames, decoded ahead of the model
+
+
+@dataclass
+class Frame:
+    filename: str
+    pixels: np.ndarray | None      # the model input, or None when it could not be read
+    error: str = ""
+    video: str = ""
+    frame_index: int | None = None
+    timestamp: float | None = None
+    image: object = None           # the decoded video frame, kept only to save it
+    frame_file: str = ""           # where --save-frames puts it, below its folder
+
+
+def _load_image(item: ImageInput, geometry: common.ImageGeometry) -> Frame:
+    try:
+        return Frame(item.filename, common.load_image_array(item.path, geometry))
+    except common.ImageReadError as error:
+        return Frame(item.filename, None, str(error))
+
+
+def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
+                  pool: concurrent.futures.Executor, ahead: int) -> Iterator[Frame]:
+    """Decode in the pool, at most `ahead` images in flight, yielding in input order."""
+    pending: list[concurrent.futures.Future] = []
+    for item in items:
+        pending.append(pool.submit(_load_image, item, geometry))
+        if len(pending) >= ahead:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
+
+
+def _video_frames(item: VideoInput, geometry: common.ImageGeometry, fps: float | None,
+                  keep_image: bool, prefix: str) -> Iterator[Frame]:
+    try:
+        for frame in video.sampled_frames(item.path, fps):
+            name = frame_filename(item.name, frame.index)
+            yield Frame(prefix + name, common.resize_to_geometry(frame.image, geometry),
+                        video=item.name, frame_index=frame.index, timestamp=frame.timestamp,
+                        image=frame.image if keep_image else None, frame_file=name)
+    except video.VideoReadError as error:
+        yield Frame(_posix(item.path), None, str(error), video=item.name)
+
+
+def frame_filename(video_name: str, index: int) -> str:
+    """Where --save-frames puts a sampled frame, relative to its folder: also the `filename`
+    of the frame's row, so the predictions are a labels CSV for that folder."""
+    return f"{video_name}/{video_name}_frame{index:07d}.jpg"
+
+
+def frame_stream(inputs: Inputs, geometry: common.ImageGeometry, batch_size: int,
+                 fps: float | None, keep_images: bool = False, frame_prefix: str = "",
+                 workers: int | None = None) -> Iterator[Frame]:
+    """Every frame of every input, in input order, decoded by a pool of threads ahead of the
+    caller (Pillow and FFmpeg release the GIL while they decode). Video frames are named
+    `frame_prefix` + `frame_filename(...)`."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        for source in inputs.sources:
+            if isinstance(source, VideoInput):
+                yield from _video_frames(source, geometry, fps, keep_images, frame_prefix)
+            else:
+                yield from _image_frames(source(), geometry, pool, ahead=batch_size * BATCHES_AHEAD)
+
+
+def _batched(frames: Iterator[Frame], batch_size: int) -> Iterator[list[Frame]]:
+    batch: list[Frame] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prefetched(iterator: Iterator, depth: int) -> Iterator:
+    """Run `iterator` in a background thread, at most `depth` items ahead of the consumer:
+    decoding overlaps the model, and memory is bounded by `depth`."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as error:  # handed to the consumer, which raises it
+            items.put(error)
+
+    thread = threading.Thread(target=produce, name="frames", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+class RowWriter:
+    """Writes rows as CSV or JSON lines, with a fixed column order."""
+
+    def __init__(self, handle: TextIO, columns: list[str], fmt: str):
+        self.handle, self.columns, self.format = handle, columns, fmt
+        if fmt == "csv":
+            self._csv = csv.writer(handle, lineterminator="\n")
+            self._csv.writerow(columns)
+
+    def write(self, row: dict) -> None:
+        if self.format == "csv":
+            self._csv.writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+        else:
+            self.handle.write(json.dumps({c: row.get(c) for c in self.columns}) + "\n")
+
+
+def output_columns(symbols: Sequence[str], with_video: bool) -> list[str]:
+    columns = ["filename"]
+    if with_video:
+        columns += ["video", "frame_index", "timestamp", "timecode"]
+    for symbol in symbols:
+        columns += [f"{symbol}_probability", f"{symbol}{common.VISIBLE_SUFFIX}"]
+    return columns + ["error"]
+
+
+SEGMENT_COLUMNS = ["video", "symbol", "start", "end", "duration", "start_timecode",
+                   "end_timecode", "frames", "mean_probability", "peak_probability"]
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, a log line every
+    `every` seconds otherwise."""
+
+    def __init__(self, total: int | None, every: float, stream: TextIO = sys.stderr):
+        self.total, self.every, self.stream = total, every, stream
+        self.done = 0
+        self.start = self.last = time.monotonic()
+        self.terminal = stream.isatty()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last < (0.5 if self.terminal else self.every):
+            return
+        self.last = now
+        rate = self.done / max(1e-9, now - self.start)
+        text = f"{self.done:,}" + (f"/{self.total:,}" if self.total else "") + \
+            f" frames, {rate:.1f} frames/s"
+        if self.total and rate > 0 and self.done <= self.total:
+            text += f", ETA {video.timecode((self.total - self.done) / rate)[:8]}"
+        if self.terminal:
+            self.stream.write(f"\r{text}   ")
+            self.stream.flush()
+        else:
+            log.info("Predicted %s", text)
+
+    def finish(self) -> None:
+        if self.terminal and self.done:
+            self.stream.write("\n")
+
+
+@dataclass
+class PredictionSummary:
+    frames: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    segments: int = 0
+
+
+def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter, *,
+                   batch_size: int = 32, thresholds: float | dict | None = None,
+                   fps: float | None = 1.0, skip_errors: bool = False,
+                   save_frames: Path | None = None, frame_prefix: str = "",
+                   segments: RowWriter | None = None,
+                   segment_settings: video.SegmentSettings = video.SegmentSettings(),
+                   progress: Progress | None = None) -> PredictionSummary:
+    """Predict every frame of `inputs` and write one row per frame (or per unreadable input,
+    with its `error`, unless `skip_errors`). With `save_frames`, sampled video frames are
+    saved below it as `frame_filename(...)`, and their rows' filename is that name after
+    `frame_prefix`. Returns what happened; never raises for an unreadable image or video."""
+    symbols = loaded.metadata["symbols"]
+    geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
+    cut = common.decision_thresholds(loaded.metadata, thresholds)
+    infer = common._compiled_inference(loaded.model)
+    summary = PredictionSummary()
+    started = time.monotonic()
+    per_video: dict[str, tuple[list[float], list[np.ndarray]]] = {}
+
+    def finish_video(name: str) -> None:
+        timestamps, rows = per_video.pop(name, ([], []))
+        if segments is None or not rows:
+            return
+        probabilities = np.stack(rows)
+        for j, symbol in enumerate(symbols):
+            for s in video.visible_segments(timestamps, probabilities[:, j], cut[symbol],
+                                            segment_settings):
+                segments.write({"video": name, "symbol": symbol, "start": round(s.start, 3),
+                                "end": round(s.end, 3), "duration": round(s.duration, 3),
+                                "start_timecode": video.timecode(s.start),
+                                "end_timecode": video.timecode(s.end), "frames": s.frames,
+                                "mean_probability": round(s.mean_probability, 6),
+                                "peak_probability": round(s.peak_probability, 6)})
+                summary.segments += 1
+
+    stream = frame_stream(inputs, geometry, batch_size, fps, keep_images=save_frames is not None,
+                          frame_prefix=frame_prefix)
+    current_video = None
+    for batch in prefetched(_batched(stream, batch_size), BATCHES_AHEAD):
+        readable = [f for f in batch if f.pixels is not None]
+        outputs = infer(np.stack([f.pixels for f in readable])) if readable else {}
+        values = {s: outputs[s].numpy()[:, 0].astype(np.float64) for s in symbols} if readable else {}
+        position = 0
+        for frame in batch:
+            if frame.video != current_video:
+                if current_video:
+                    finish_video(current_video)
+                current_video = frame.video or None
+            row = {"filename": frame.filename, "error": frame.error or None}
+            if frame.video:
+                row.update(video=frame.video, frame_index=frame.frame_index,
+                           timestamp=None if frame.timestamp is None else round(frame.timestamp, 3),
+                           timecode=None if frame.timestamp is None else video.timecode(frame.timestamp))
+            if frame.pixels is None:
+                summary.failed.append((frame.filename, frame.error))
+                log.error("%s", frame.error)
+                if not skip_errors:
+                    writer.write(row)
+                continue
+            probabilities = np.array([values[s][position] for s in symbols])
+            position += 1
+            for j, symbol in enumerate(symbols):
+                row[f"{symbol}_probability"] = round(float(probabilities[j]), 6)
+                row[f"{symbol}{common.VISIBLE_SUFFIX}"] = int(probabilities[j] >= cut[symbol])
+            if frame.video:
+                per_video.setdefault(frame.video, ([], []))
+                per_video[frame.video][0].append(frame.timestamp)
+                per_video[frame.video][1].append(probabilities)
+                if save_frames is not None:
+                    target = save_frames / frame.frame_file
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    frame.image.save(target, quality=SAVED_FRAME_QUALITY)
+            writer.write(row)
+            summary.frames += 1
+        if progress:
+            progress.update(len(batch))
+    if current_video:
+        finish_video(current_video)
+    if progress:
+        progress.finish()
+    summary.seconds = time.monotonic() - started
+    return summary
