@@ -6,6 +6,7 @@ stays flat however many frames there are.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import glob
@@ -18,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TextIO
+from typing import Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
@@ -54,12 +55,23 @@ class VideoInput:
 
 @dataclass
 class Inputs:
-    """The checked inputs, in order: callables giving image inputs, and videos; `images`
-    counts the images."""
+    """The checked inputs, in order: runs of images, and videos."""
 
-    sources: list[Callable[[], Iterator[ImageInput]] | VideoInput] = field(default_factory=list)
+    sources: list[list[ImageInput] | VideoInput] = field(default_factory=list)
     images: int = 0
     videos: list[VideoInput] = field(default_factory=list)
+
+    def add_images(self, items: list[ImageInput]) -> None:
+        # Consecutive images form one stream, so that they decode in parallel.
+        if self.sources and isinstance(self.sources[-1], list):
+            self.sources[-1].extend(items)
+        else:
+            self.sources.append(list(items))
+        self.images += len(items)
+
+    def add_video(self, item: VideoInput) -> None:
+        self.sources.append(item)
+        self.videos.append(item)
 
 
 def _posix(path: str | os.PathLike) -> str:
@@ -106,15 +118,6 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
         raise common.InputError(f"--image-dir {image_dir}: no such folder.")
     inputs = Inputs()
 
-    def add_image(path: Path, given: str, relative_to: Path | None) -> None:
-        item = ImageInput(str(path), _name_for(path, base or relative_to, given))
-        inputs.sources.append(lambda item=item: iter([item]))
-        inputs.images += 1
-
-    def add_video(path: Path) -> None:
-        item = VideoInput(str(path), path.stem)
-        inputs.sources.append(item)
-        inputs.videos.append(item)
 
     for argument in arguments:
         path = Path(argument)
@@ -124,38 +127,33 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
             if not found:
                 raise common.InputError(f"INPUT {argument}: no images found in this folder "
                                         f"(looked for {', '.join(sorted(common.IMAGE_EXTENSIONS))}).")
-            items = [ImageInput(str(p), _name_for(p, base or path, str(p))) for p in found]
-            inputs.sources.append(lambda items=items: iter(items))
-            inputs.images += len(items)
+            inputs.add_images([ImageInput(str(p), _name_for(p, base or path, str(p))) for p in found])
         elif path.is_file() and suffix in common.IMAGE_EXTENSIONS:
-            add_image(path, argument, None)
+            inputs.add_images([ImageInput(str(path), _name_for(path, base, argument))])
         elif path.is_file() and suffix in video.VIDEO_EXTENSIONS:
-            add_video(path)
+            inputs.add_video(VideoInput(str(path), path.stem))
         elif path.is_file() and suffix in LIST_EXTENSIONS:
             listed = _listed_paths(path)
             if not listed:
                 raise common.InputError(f"INPUT {argument}: the list names no images.")
             root = base or path.parent
-            items = [ImageInput(str(root / p), _name_for(root / p, base, p) if base else _posix(p))
-                     for p in listed]
-            inputs.sources.append(lambda items=items: iter(items))
-            inputs.images += len(items)
+            inputs.add_images([ImageInput(str(root / p), _name_for(root / p, base, p) if base
+                                          else _posix(p)) for p in listed])
         elif path.is_file():
             raise common.InputError(
                 f"INPUT {argument}: not an image ({', '.join(sorted(common.IMAGE_EXTENSIONS))}), "
                 f"a video ({', '.join(sorted(video.VIDEO_EXTENSIONS))}) or a list of paths "
                 "(.txt, .csv).")
         elif GLOB_CHARACTERS & set(argument):
-            matches = sorted(Path(m) for m in glob.glob(argument, recursive=True))
-            images = [m for m in matches if m.is_file() and m.suffix.lower() in common.IMAGE_EXTENSIONS]
-            videos = [m for m in matches if m.is_file() and m.suffix.lower() in video.VIDEO_EXTENSIONS]
-            if not images and not videos:
+            matches = [m for m in sorted(Path(m) for m in glob.glob(argument, recursive=True))
+                       if m.is_file() and m.suffix.lower() in common.IMAGE_EXTENSIONS | video.VIDEO_EXTENSIONS]
+            if not matches:
                 raise common.InputError(f"INPUT {argument}: the pattern matches no image or video.")
             for match in matches:
-                if match in videos:
-                    add_video(match)
-                elif match in images:
-                    add_image(match, str(match), None)
+                if match.suffix.lower() in video.VIDEO_EXTENSIONS:
+                    inputs.add_video(VideoInput(str(match), match.stem))
+                else:
+                    inputs.add_images([ImageInput(str(match), _name_for(match, base, str(match)))])
         else:
             raise common.InputError(f"INPUT {argument}: no such file or folder.")
     names = [v.name for v in inputs.videos]
@@ -179,8 +177,6 @@ class Frame:
     video: str = ""
     frame_index: int | None = None
     timestamp: float | None = None
-    image: object = None           # the decoded video frame, kept only to save it
-    frame_file: str = ""           # where --save-frames puts it, below its folder
 
 
 def _load_image(item: ImageInput, geometry: common.ImageGeometry) -> Frame:
@@ -193,23 +189,27 @@ def _load_image(item: ImageInput, geometry: common.ImageGeometry) -> Frame:
 def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
                   pool: concurrent.futures.Executor, ahead: int) -> Iterator[Frame]:
     """Decode in the pool, at most `ahead` images in flight, yielding in input order."""
-    pending: list[concurrent.futures.Future] = []
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
     for item in items:
         pending.append(pool.submit(_load_image, item, geometry))
         if len(pending) >= ahead:
-            yield pending.pop(0).result()
-    for future in pending:
-        yield future.result()
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _video_frames(item: VideoInput, geometry: common.ImageGeometry, fps: float | None,
-                  keep_image: bool, prefix: str) -> Iterator[Frame]:
+                  save_dir: Path | None, prefix: str) -> Iterator[Frame]:
     try:
         for frame in video.sampled_frames(item.path, fps):
             name = frame_filename(item.name, frame.index)
+            if save_dir is not None:
+                # Saved here, in the decoding thread, so full-size frames never queue up.
+                target = save_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                frame.image.save(target, quality=SAVED_FRAME_QUALITY)
             yield Frame(prefix + name, common.resize_to_geometry(frame.image, geometry),
-                        video=item.name, frame_index=frame.index, timestamp=frame.timestamp,
-                        image=frame.image if keep_image else None, frame_file=name)
+                        video=item.name, frame_index=frame.index, timestamp=frame.timestamp)
     except video.VideoReadError as error:
         yield Frame(_posix(item.path), None, str(error), video=item.name)
 
@@ -221,18 +221,19 @@ def frame_filename(video_name: str, index: int) -> str:
 
 
 def frame_stream(inputs: Inputs, geometry: common.ImageGeometry, batch_size: int,
-                 fps: float | None, keep_images: bool = False, frame_prefix: str = "",
+                 fps: float | None, save_dir: Path | None = None, frame_prefix: str = "",
                  workers: int | None = None) -> Iterator[Frame]:
     """Every frame of every input, in input order, decoded by a pool of threads ahead of the
     caller (Pillow and FFmpeg release the GIL while they decode). Video frames are named
-    `frame_prefix` + `frame_filename(...)`."""
+    `frame_prefix` + `frame_filename(...)`, and saved below `save_dir` as
+    `frame_filename(...)` when it is given."""
     workers = workers or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         for source in inputs.sources:
             if isinstance(source, VideoInput):
-                yield from _video_frames(source, geometry, fps, keep_images, frame_prefix)
+                yield from _video_frames(source, geometry, fps, save_dir, frame_prefix)
             else:
-                yield from _image_frames(source(), geometry, pool, ahead=batch_size * BATCHES_AHEAD)
+                yield from _image_frames(source, geometry, pool, ahead=batch_size * BATCHES_AHEAD)
 
 
 def _batched(frames: Iterator[Frame], batch_size: int) -> Iterator[list[Frame]]:
@@ -390,7 +391,7 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
                                 "peak_probability": round(s.peak_probability, 6)})
                 summary.segments += 1
 
-    stream = frame_stream(inputs, geometry, batch_size, fps, keep_images=save_frames is not None,
+    stream = frame_stream(inputs, geometry, batch_size, fps, save_dir=save_frames,
                           frame_prefix=frame_prefix)
     current_video = None
     for batch in prefetched(_batched(stream, batch_size), BATCHES_AHEAD):
@@ -423,10 +424,6 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
                 per_video.setdefault(frame.video, ([], []))
                 per_video[frame.video][0].append(frame.timestamp)
                 per_video[frame.video][1].append(probabilities)
-                if save_frames is not None:
-                    target = save_frames / frame.frame_file
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    frame.image.save(target, quality=SAVED_FRAME_QUALITY)
             writer.write(row)
             summary.frames += 1
         if progress:

@@ -59,6 +59,24 @@ def scene(rng: np.random.Generator, square: bool, circle: bool, size=(64, 48)) -
     return image
 
 
+def write_two_symbol_frames(folder: Path, count: int, per_episode: int, seed: int):
+    """`count` frames in folders ep0, ep1, ... of `per_episode` each, where a red square and a
+    blue circle appear independently (all four combinations equally often), and their labels:
+    a table with filename, episode, red_square_visible and blue_circle_visible."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(count):
+        square, circle = index % 2 == 1, index // 2 % 2 == 1
+        name = f"ep{index // per_episode}/frame{index:03d}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        scene(rng, square, circle).save(folder / name)
+        rows.append({"filename": name, "episode": index // per_episode,
+                     "red_square_visible": int(square), "blue_circle_visible": int(circle)})
+    return pd.DataFrame(rows)
+
+
 @pytest.fixture
 def binary_dirs(tmp_path):
     """with_square/ (in episode subfolders) and without_square/, 24 images each."""

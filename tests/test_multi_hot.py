@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FAST, ROOT, listdir, run_script, scene
+from conftest import FAST, ROOT, listdir, run_script, scene, write_two_symbol_frames
 
 import build_binary_classifier
 import build_multi_hot_model
@@ -24,18 +24,11 @@ def two_symbol_frames(tmp_path):
     """96 frames in 4 episodes of 24 (folders ep0..ep3 and an `episode` column), where a red
     square and a blue circle appear independently (all four combinations equally often in
     every episode), with labels.csv in the seed's format plus extra columns."""
-    rng = np.random.default_rng(1)
     root = tmp_path / "frames"
-    rows = []
-    for index in range(96):
-        square, circle = index % 2 == 1, index // 2 % 2 == 1
-        name = f"ep{index // 24}/frame{index:03d}.png"
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        scene(rng, square, circle).save(root / name)
-        rows.append({"filename": name, "episode": index // 24, "red_square_visible": int(square),
-                     "notes": "", "blue_circle_visible": int(circle)})
+    table = write_two_symbol_frames(root, count=96, per_episode=24, seed=1)
+    table.insert(3, "notes", "")
     csv_path = tmp_path / "labels.csv"
-    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    table.to_csv(csv_path, index=False)
     return root, csv_path
 
 

@@ -16,7 +16,7 @@ import common
 import predict
 import prediction
 import video
-from conftest import FAST, run_script, scene
+from conftest import FAST, run_script, scene, write_two_symbol_frames
 
 SYMBOLS = ["red_square", "blue_circle"]
 
@@ -49,17 +49,9 @@ def video_frame(image):
 def trained(tmp_path_factory):
     """A tiny two-symbol model (random backbone, a few seconds) and frames in folders."""
     root = tmp_path_factory.mktemp("predict")
-    rng = np.random.default_rng(3)
     frames = root / "frames"
-    rows = []
-    for index in range(40):
-        square, circle = index % 2 == 1, index // 2 % 2 == 1
-        name = f"ep{index // 20}/frame{index:03d}.png"
-        (frames / name).parent.mkdir(parents=True, exist_ok=True)
-        scene(rng, square, circle).save(frames / name)
-        rows.append({"filename": name, "red_square_visible": int(square),
-                     "blue_circle_visible": int(circle)})
-    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    write_two_symbol_frames(frames, count=40, per_episode=20, seed=3).drop(columns="episode").to_csv(
+        root / "labels.csv", index=False)
     model = root / "model"
     assert run_script(build_multi_hot_model, [frames, root / "labels.csv", model,
                                               "--weights", "none", *FAST, "--fine-tune-epochs", "0"]) == 0
@@ -279,3 +271,26 @@ def test_image_decoding_keeps_a_bounded_number_in_flight(tmp_path):
     finally:
         prediction._load_image = original
     assert names == [f"{i}.png" for i in range(500)] and most[0] <= 16
+
+
+def test_progress_is_a_redrawn_line_on_a_terminal_and_log_lines_otherwise(caplog):
+    import io
+    import logging
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log_stream = io.StringIO()
+    progress = prediction.Progress(total=100, every=0.0, stream=log_stream)
+    with caplog.at_level(logging.INFO, logger="prediction"):
+        progress.update(10)
+        progress.update(10)
+    assert caplog.text.count("Predicted 20/100 frames") == 1 and "ETA 00:00:" in caplog.text
+    assert log_stream.getvalue() == ""
+    terminal = Terminal()
+    progress = prediction.Progress(total=None, every=30.0, stream=terminal)
+    progress.last = 0.0  # as if the last redraw were long ago
+    progress.update(64)
+    progress.finish()
+    assert terminal.getvalue().startswith("\r64 frames, ") and terminal.getvalue().endswith("\n")
