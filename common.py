@@ -1628,7 +1628,11 @@ def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int
 def _compiled_inference(model: keras.Model):
     @tf.function(reduce_retracing=True)
     def infer(images):
-        return model(images, training=False)
+        with warnings.catch_warnings():
+            # A loaded model's one input is the list ['image'] to Keras, and a bare batch
+            # means the same; the warning about it would only alarm users of predict.py.
+            warnings.filterwarnings("ignore", message="The structure of `inputs`")
+            return model(images, training=False)
     return infer
 
 
@@ -1770,14 +1774,25 @@ class EpochLog(keras.callbacks.Callback):
         super().__init__()
         self.phase, self.total_epochs, self.rows = phase, total_epochs, rows
         self._start = 0.0
+        self._validation_start: float | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.monotonic()
+        self._validation_start = None
+
+    def on_test_begin(self, logs=None):
+        # Validation follows the training steps of the epoch: their time alone is what
+        # compares with a raw train_on_batch rate.
+        if self._validation_start is None:
+            self._validation_start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
-        seconds = time.monotonic() - self._start
-        row = {"phase": self.phase, "epoch": epoch + 1, "seconds": round(seconds, 3)}
+        now = time.monotonic()
+        seconds = now - self._start
+        train_seconds = (self._validation_start or now) - self._start
+        row = {"phase": self.phase, "epoch": epoch + 1, "seconds": round(seconds, 3),
+               "train_seconds": round(train_seconds, 3)}
         row.update({k: float(v) for k, v in sorted(logs.items())})
         self.rows.append(row)
         log.info("%s epoch %d/%d: loss %.4f, val_loss %.4f (%.1f s)", self.phase, epoch + 1,
@@ -1989,7 +2004,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
-    columns = ["phase", "epoch", "seconds"]
+    columns = ["phase", "epoch", "seconds", "train_seconds"]
     for row in rows:
         columns += [k for k in row if k not in columns]
     with open(path, "w", newline="", encoding="utf-8") as handle:

@@ -171,6 +171,9 @@ def stage_ours(table, symbols, args, **settings) -> dict:
     phases = metadata["training"]["phase_seconds"]
     history = pd.read_csv(output / "history.csv")
     fine_epochs = int((history.phase == "fine_tune").sum())
+    # The training steps alone, without each epoch's validation pass: what compares with
+    # the raw train_on_batch rate.
+    fine_step_seconds = float(history.loc[history.phase == "fine_tune", "train_seconds"].sum())
     head_epochs = int((history.phase == "head").sum())
     train_images = result.counts["train"]["images"]
     probabilities = common.predict_images(output, test["path"].tolist())
@@ -183,6 +186,8 @@ def stage_ours(table, symbols, args, **settings) -> dict:
         "head_seconds": phases["head"], "head_epochs": head_epochs,
         "fine_tune_seconds": phases.get("fine_tune", 0.0), "fine_tune_epochs": fine_epochs,
         "fine_tune_images_per_s": train_images * fine_epochs / phases["fine_tune"]
+        if fine_epochs else float("nan"),
+        "fine_tune_step_images_per_s": train_images * fine_epochs / fine_step_seconds
         if fine_epochs else float("nan"),
         "test_macro_ap": macro_ap(test[symbols].to_numpy(), probabilities[columns].to_numpy()),
     }
@@ -290,6 +295,7 @@ def report(results: dict, args, n_images: int, n_symbols: int) -> None:
         ("head phase, images/s (per epoch)", b["head_images_per_s"], None, None),
         ("fine-tuning, images/s", b["fine_tune_images_per_s"], o["fine_tune_images_per_s"],
          r["train_on_batch_images_per_s"]),
+        ("  training steps alone, images/s", None, o.get("fine_tune_step_images_per_s"), None),
         ("  without augmentation, images/s", None, None,
          r["train_on_batch_no_augmentation_images_per_s"]),
         ("  the same with XLA, images/s", None, None, r["train_on_batch_xla_images_per_s"]),
@@ -309,7 +315,11 @@ def report(results: dict, args, n_images: int, n_symbols: int) -> None:
     print("\nRatios (targets from issue 4 in brackets):")
     print(f"  head phase, baseline / ours:               {b['head_seconds'] / o_head:6.1f}x  [>= 10x]")
     print(f"  fine-tuning, ours / raw train_on_batch:    "
-          f"{o['fine_tune_images_per_s'] / r['train_on_batch_images_per_s']:6.0%}   [>= 85 %]")
+          f"{o['fine_tune_images_per_s'] / r['train_on_batch_images_per_s']:6.0%}   [>= 85 %]"
+          "  (whole phase, with validation)")
+    if "fine_tune_step_images_per_s" in o:
+        print(f"  the same, training steps alone:           "
+              f"{o['fine_tune_step_images_per_s'] / r['train_on_batch_images_per_s']:6.0%}")
     print(f"  feature extraction, ours / raw inference:  "
           f"{o['features_images_per_s'] / r['inference_images_per_s']:6.0%}")
     print(f"  total time, ours / baseline:               {o['wall_seconds'] / b_total:6.0%}   [<= 20 %]")

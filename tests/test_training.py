@@ -89,7 +89,8 @@ def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch, capsys):
     with open(out / "history.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["phase"] for r in rows] == ["head"] * 3 + ["fine_tune"]
-    assert {"epoch", "loss", "val_loss", "seconds"} <= set(rows[0])
+    assert {"epoch", "loss", "val_loss", "seconds", "train_seconds"} <= set(rows[0])
+    assert all(0 < float(r["train_seconds"]) < float(r["seconds"]) for r in rows)
 
     metrics = json.loads((out / "metrics.json").read_text())
     square = metrics["symbols"]["square"]
