@@ -195,9 +195,9 @@ def symbol_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     metrics, and the confusion counts and their ratios at `threshold`."""
     annotated = ~np.isnan(labels)
     y = labels[annotated] == 1
-    p = np.clip(probabilities[annotated].astype(np.float64), 1e-7, 1 - 1e-7)
-    # Decided on the unclipped value, exactly as prediction decides.
-    predicted = probabilities[annotated] >= threshold
+    scores = probabilities[annotated]
+    p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)  # for the loss only
+    predicted = scores >= threshold  # exactly as prediction decides
     tp = int(np.sum(predicted & y))
     fp = int(np.sum(predicted & ~y))
     fn = int(np.sum(~predicted & y))
@@ -207,8 +207,8 @@ def symbol_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
         "positives": int(y.sum()),
         "prevalence": _ratio(int(y.sum()), int(annotated.sum())),
         "loss": float(-np.mean(y * np.log(p) + (~y) * np.log(1 - p))) if len(p) else float("nan"),
-        "roc_auc": roc_auc(y, p),
-        "average_precision": average_precision(y, p),
+        "roc_auc": roc_auc(y, scores),
+        "average_precision": average_precision(y, scores),
         "threshold": float(threshold),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),

@@ -47,6 +47,7 @@ figure img { display: block; max-width: 192px; max-height: 128px; border: 1px so
 figcaption { overflow-wrap: anywhere; color: #333a48; }
 .confusion td, .confusion th { text-align: center; min-width: 64px; }
 .wide { overflow-x: auto; }
+a.up { font-size: 12px; font-weight: normal; margin-left: 12px; }
 .note { color: #4a5367; font-size: 13px; } .none { color: #6b7385; font-style: italic; }
 code { background: #f2f4f8; padding: 0 3px; }
 """
@@ -284,7 +285,7 @@ def write_report(directory: Path, *, model_name: str, metadata: dict, metrics: d
             if m.get("threshold_note") else ""
         sections.append(f"""
 <section class="symbol" id="symbol-{symbol}">
-<h3>{html.escape(symbol)}</h3>
+<h3>{html.escape(symbol)} <a class="up" href="#summary">back to the summary</a></h3>
 <div class="row"><div>{curve}</div><div>
 <p>AP {_number(m['average_precision'])} (95 % interval {_interval(m.get('average_precision_interval'))}),
 ROC-AUC {_number(m['roc_auc'])}.<br>At threshold {_number(m['threshold'])} (rule
@@ -317,7 +318,7 @@ validated on {counts['validation']['images']:,}{_split_by(counts, grouping)}. Ba
 (alpha {config['alpha']}), input {metadata['input']['width']}x{metadata['input']['height']}
 pixels ({html.escape(config['resize'])}).</p>
 
-<h2>Summary</h2>
+<h2 id="summary">Summary</h2>
 <p class="note">Validation metrics, weakest symbol first. AP (average precision) summarises
 the precision-recall curve independently of any threshold; red cells are below 0.5. The
 threshold decides "visible" (probability at or above it) and was chosen on these validation
