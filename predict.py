@@ -203,7 +203,17 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         return 0
 
-    return common.run_command(run, debug=args.debug,
+    def run_to_a_closed_pipe() -> int:
+        try:
+            return run()
+        except BrokenPipeError:
+            # The reader of standard output stopped (`predict.py ... | head`): stop quietly,
+            # as Unix tools do, with the shell's code for SIGPIPE.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+
+    return common.run_command(run_to_a_closed_pipe, debug=args.debug,
                               interrupted="Interrupted; no output file was completed.")
 
 

@@ -294,3 +294,20 @@ def test_progress_is_a_redrawn_line_on_a_terminal_and_log_lines_otherwise(caplog
     progress.update(64)
     progress.finish()
     assert terminal.getvalue().startswith("\r64 frames, ") and terminal.getvalue().endswith("\n")
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(trained, monkeypatch, capsys):
+    """`predict.py MODEL frames/ | head`: the closed pipe is no error to report."""
+    import sys
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    model, frames, _ = trained
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert _predict([model, frames, "--quiet"]) == 141
+    assert "ERROR" not in capsys.readouterr().err
