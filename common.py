@@ -1625,7 +1625,8 @@ def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def _compiled_inference(model: keras.Model):
+def compiled_inference(model: keras.Model):
+    """`model` in inference mode as one compiled function of a uint8 batch."""
     @tf.function(reduce_retracing=True)
     def infer(images):
         with warnings.catch_warnings():
@@ -1640,7 +1641,7 @@ def run_inference(model: keras.Model, dataset: tf.data.Dataset,
                   progress_label: str | None = None, total: int | None = None):
     """Apply `model` in inference mode to every batch; returns a numpy array, or a dict of
     them for a dict-output model, in dataset order."""
-    infer = _compiled_inference(model)
+    infer = compiled_inference(model)
     chunks = []
     done, last_report, start = 0, time.monotonic(), time.monotonic()
     for batch in dataset:

@@ -43,26 +43,19 @@ def _threshold(text: str):
     return (name.strip() or None, number)
 
 
-def _positive(kind):
+def _number(kind, minimum: float, inclusive: bool):
+    """An argparse type: a `kind` number above `minimum` (or equal to it, if `inclusive`)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0; got {text}")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be {minimum} or more; got {text}" if inclusive
+                else f"must be greater than {minimum}; got {text}")
         return value
     return parse
-
-
-def _not_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more; got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", metavar="[SYMBOL=]P", type=_threshold, action="append",
                         help="Override the stored decision threshold: a probability for every "
                              "symbol (0.7), or for one (star=0.7); repeat for several.")
-    parser.add_argument("--batch-size", type=_positive(int), default=32,
+    parser.add_argument("--batch-size", type=_number(int, 0, inclusive=False), default=32,
                         help="Frames per model call. Default: %(default)s.")
     parser.add_argument("--skip-errors", action="store_true",
                         help="Leave unreadable images and videos out of the output instead of "
@@ -98,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "standard error either way).")
     group = parser.add_argument_group("video")
     sampling = group.add_mutually_exclusive_group()
-    sampling.add_argument("--fps", type=_positive(float), default=1.0,
+    sampling.add_argument("--fps", type=_number(float, 0, inclusive=False), default=1.0,
                           help="Frames taken per second of video. Default: %(default)s.")
     sampling.add_argument("--every-frame", action="store_true",
                           help="Take every frame of the video instead.")
@@ -106,15 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Also write, per video and symbol, the intervals in which the "
                             "symbol is visible: start, end, duration (seconds and timecode), "
                             "frames, mean and peak probability.")
-    group.add_argument("--hysteresis", type=_not_negative, default=defaults.hysteresis,
+    group.add_argument("--hysteresis", type=_number(float, 0, inclusive=True),
+                       default=defaults.hysteresis,
                        help="A segment starts at a frame at or above the symbol's threshold "
                             "and goes on while frames stay at or above threshold minus this. "
                             "Default: %(default)s.")
-    group.add_argument("--merge-gap", type=_not_negative, default=defaults.merge_gap,
+    group.add_argument("--merge-gap", type=_number(float, 0, inclusive=True),
+                       default=defaults.merge_gap,
                        metavar="SECONDS",
                        help="Join segments separated by less than this many seconds, so one "
                             "flickering frame does not split an interval. Default: %(default)s.")
-    group.add_argument("--min-duration", type=_not_negative, default=defaults.min_duration,
+    group.add_argument("--min-duration", type=_number(float, 0, inclusive=True),
+                       default=defaults.min_duration,
                        metavar="SECONDS",
                        help="Drop segments shorter than this. Default: %(default)s.")
     group.add_argument("--save-frames", metavar="DIR",
@@ -122,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "rows' `filename`, so the predictions are a labels CSV for "
                             "IMAGE_DIR=DIR.")
     logging_group = parser.add_argument_group("logging")
-    logging_group.add_argument("--progress-every", type=_positive(float), default=30.0,
+    logging_group.add_argument("--progress-every", type=_number(float, 0, inclusive=False),
+                               default=30.0,
                                metavar="SECONDS",
                                help="When standard error is not a terminal, log progress this "
                                     "often. Default: %(default)s.")
@@ -195,11 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                 progress=progress if not args.quiet else None)
         rate = summary.frames / max(1e-9, summary.seconds)
         log.info("Predicted %s frames in %.1f s (%.1f frames/s)%s.", f"{summary.frames:,}",
-                        summary.seconds, rate,
-                        f"; {summary.segments:,} segments" if args.segments else "")
+                 summary.seconds, rate, f"; {summary.segments:,} segments" if args.segments else "")
         if summary.failed:
             log.error("%s input(s) could not be read, e.g. %s", f"{len(summary.failed):,}",
-                             summary.failed[0][1])
+                      summary.failed[0][1])
             return 3
         return 0
 

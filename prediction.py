@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 LIST_EXTENSIONS = frozenset({".txt", ".csv", ".lst"})
 GLOB_CHARACTERS = frozenset("*?[")
-OUTPUT_FORMATS = ("csv", "jsonl")
 # Batches decoded ahead of the model: enough to hide a slow image, few enough that memory
 # stays a few batches of pixels.
 BATCHES_AHEAD = 3
@@ -370,21 +369,23 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
     symbols = loaded.metadata["symbols"]
     geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
     cut = common.decision_thresholds(loaded.metadata, thresholds)
-    infer = common._compiled_inference(loaded.model)
+    infer = common.compiled_inference(loaded.model)
     summary = PredictionSummary()
     started = time.monotonic()
-    per_video: dict[str, tuple[list[float], list[np.ndarray]]] = {}
+    # A video's frames come one after another: its timestamps and probabilities so far,
+    # turned into segments when the next input starts.
+    current_video, timestamps, video_rows = "", [], []
 
-    def finish_video(name: str) -> None:
-        timestamps, rows = per_video.pop(name, ([], []))
-        if segments is None or not rows:
+    def finish_video() -> None:
+        if segments is None or not video_rows:
             return
-        probabilities = np.stack(rows)
+        probabilities = np.stack(video_rows)
         for j, symbol in enumerate(symbols):
             for s in video.visible_segments(timestamps, probabilities[:, j], cut[symbol],
                                             segment_settings):
-                segments.write({"video": name, "symbol": symbol, "start": round(s.start, 3),
-                                "end": round(s.end, 3), "duration": round(s.duration, 3),
+                segments.write({"video": current_video, "symbol": symbol,
+                                "start": round(s.start, 3), "end": round(s.end, 3),
+                                "duration": round(s.duration, 3),
                                 "start_timecode": video.timecode(s.start),
                                 "end_timecode": video.timecode(s.end), "frames": s.frames,
                                 "mean_probability": round(s.mean_probability, 6),
@@ -393,17 +394,16 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
 
     stream = frame_stream(inputs, geometry, batch_size, fps, save_dir=save_frames,
                           frame_prefix=frame_prefix)
-    current_video = None
     for batch in prefetched(_batched(stream, batch_size), BATCHES_AHEAD):
         readable = [f for f in batch if f.pixels is not None]
-        outputs = infer(np.stack([f.pixels for f in readable])) if readable else {}
-        values = {s: outputs[s].numpy()[:, 0].astype(np.float64) for s in symbols} if readable else {}
-        position = 0
+        if readable:
+            outputs = infer(np.stack([f.pixels for f in readable]))
+            values = iter(np.concatenate([outputs[s].numpy() for s in symbols], axis=1)
+                          .astype(np.float64))
         for frame in batch:
             if frame.video != current_video:
-                if current_video:
-                    finish_video(current_video)
-                current_video = frame.video or None
+                finish_video()
+                current_video, timestamps, video_rows = frame.video, [], []
             row = {"filename": frame.filename, "error": frame.error or None}
             if frame.video:
                 row.update(video=frame.video, frame_index=frame.frame_index,
@@ -415,21 +415,18 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
                 if not skip_errors:
                     writer.write(row)
                 continue
-            probabilities = np.array([values[s][position] for s in symbols])
-            position += 1
+            probabilities = next(values)  # readable frames' rows, in batch order
             for j, symbol in enumerate(symbols):
                 row[f"{symbol}_probability"] = round(float(probabilities[j]), 6)
                 row[f"{symbol}{common.VISIBLE_SUFFIX}"] = int(probabilities[j] >= cut[symbol])
             if frame.video:
-                per_video.setdefault(frame.video, ([], []))
-                per_video[frame.video][0].append(frame.timestamp)
-                per_video[frame.video][1].append(probabilities)
+                timestamps.append(frame.timestamp)
+                video_rows.append(probabilities)
             writer.write(row)
             summary.frames += 1
         if progress:
             progress.update(len(batch))
-    if current_video:
-        finish_video(current_video)
+    finish_video()
     if progress:
         progress.finish()
     summary.seconds = time.monotonic() - started

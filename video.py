@@ -42,27 +42,6 @@ def timecode(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}.{rest % 1000:03d}"
 
 
-def video_info(path: str | Path) -> dict:
-    """Duration (s), frame rate and frame count of the first video stream, as far as the
-    container says; raises VideoReadError for a file FFmpeg cannot open."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"{path}: has no video stream.")
-            stream = container.streams.video[0]
-            duration = (float(stream.duration * stream.time_base) if stream.duration
-                        else container.duration / 1e6 if container.duration else None)
-            rate = float(stream.average_rate) if stream.average_rate else None
-            return {"duration": duration, "fps": rate, "frames": stream.frames or None,
-                    "width": stream.codec_context.width, "height": stream.codec_context.height}
-    except VideoReadError:
-        raise
-    except Exception as error:  # PyAV raises FFmpeg's errors under many types
-        raise VideoReadError(f"{path}: cannot be read as a video ({error}).") from None
-
-
 def sampled_frames(path: str | Path, fps: float | None) -> Iterator[VideoFrame]:
     """Decode the first video stream and yield every frame (`fps` None) or, for `fps` N, the
     first frame at or after each multiple of 1/N seconds: N frames per second of video,

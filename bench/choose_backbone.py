@@ -50,7 +50,7 @@ def speed(batch_size=32, size=224, repeats=3):
     for name, alpha in SPEED_BACKBONES:
         config = common.TrainingConfig(backbone=name, alpha=alpha, weights="none", image_size=size)
         parts = common.build_model(["s"], config, common.ImageGeometry(size, size))
-        infer = common._compiled_inference(parts.features)
+        infer = common.compiled_inference(parts.features)
         features = rate(lambda b: infer(b).numpy(), batch, repeats)
         common.unfreeze_top(parts.backbone, config.fine_tune_fraction)
         parts.model.compile(optimizer="adam", loss={"s": "binary_crossentropy"})

@@ -87,7 +87,7 @@ def main() -> int:
                                                 batch_size=BATCH, fps=fps)
         return summary.frames / summary.seconds, summary.frames
 
-    infer = common._compiled_inference(loaded.model)
+    infer = common.compiled_inference(loaded.model)
     batch = np.random.default_rng(0).integers(0, 256, (BATCH, geometry.height, geometry.width, 3),
                                              dtype=np.uint8)
     infer(batch)

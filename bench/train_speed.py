@@ -203,7 +203,7 @@ def stage_raw(table, symbols, args) -> dict:
                                    batch_size=BATCH, resize="squash")
     parts = common.build_model(list(symbols), config, common.ImageGeometry(SIZE, SIZE))
     batch = np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3)).astype(np.uint8)
-    infer = common._compiled_inference(parts.features)
+    infer = common.compiled_inference(parts.features)
     common.unfreeze_top(parts.backbone, config.fine_tune_fraction)
     targets = common.fused_targets(np.zeros((BATCH, len(symbols)), np.float32),
                                    np.ones((BATCH, len(symbols)), np.float32))
