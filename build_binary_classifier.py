@@ -14,18 +14,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+# The positional arguments, which --download-weights-only alone may leave out.
+POSITIONALS = {"with_dir": "WITH_DIR", "without_dir": "WITHOUT_DIR", "output_dir": "OUTPUT_MODEL_DIR"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     import common
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s WITH_DIR WITHOUT_DIR OUTPUT_MODEL_DIR [options]\n"
+              "       %(prog)s --download-weights-only [--backbone NAME] [--alpha A]",
         allow_abbrev=False)  # a prefix that works today would break when a flag is added
-    parser.add_argument("with_dir", metavar="WITH_DIR",
+    parser.add_argument("with_dir", nargs="?", metavar="WITH_DIR",
                         help="Folder of frames in which the symbol is visible.")
-    parser.add_argument("without_dir", metavar="WITHOUT_DIR",
+    parser.add_argument("without_dir", nargs="?", metavar="WITHOUT_DIR",
                         help="Folder of frames in which the symbol is not visible.")
-    parser.add_argument("output_dir", metavar="OUTPUT_MODEL_DIR",
+    parser.add_argument("output_dir", nargs="?", metavar="OUTPUT_MODEL_DIR",
                         help="Folder to write the model directory to.")
     parser.add_argument(
         "--symbol", metavar="NAME",
@@ -41,24 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import cli
     import common
 
-    args = build_parser().parse_args(argv)
-    common.configure_logging(quiet=args.quiet, debug=args.debug)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
-    def run() -> int:
-        config = common.config_from_args(args)
+    def labelled_images():
         images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol)
-        is_validation = None
-        if args.validation_dirs:
-            validation = common.images_from_directories(*args.validation_dirs, images.symbols[0])
-            images, is_validation = common.with_validation_set(
-                images, validation, "--validation-dirs " + " ".join(args.validation_dirs))
-        print(common.check_or_train(images, config, args.output_dir, overwrite=args.overwrite,
-                                    dry_run=args.dry_run, is_validation=is_validation))
-        return 0
+        if not args.validation_dirs:
+            return images, None
+        validation = common.images_from_directories(*args.validation_dirs, images.symbols[0])
+        return common.with_validation_set(
+            images, validation, "--validation-dirs " + " ".join(args.validation_dirs))
 
-    return common.run_command(run, debug=args.debug)
+    return cli.training_main(parser, args, labelled_images, POSITIONALS)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+# The positional arguments, which --download-weights-only alone may leave out.
+POSITIONALS = {"image_dir": "IMAGE_DIR", "labels_csv": "LABELS_CSV", "output_dir": "OUTPUT_MODEL_DIR"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     import common
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s IMAGE_DIR LABELS_CSV OUTPUT_MODEL_DIR [options]\n"
+              "       %(prog)s --download-weights-only [--backbone NAME] [--alpha A]",
         allow_abbrev=False)  # a prefix that works today would break when a flag is added
-    parser.add_argument("image_dir", metavar="IMAGE_DIR",
+    parser.add_argument("image_dir", nargs="?", metavar="IMAGE_DIR",
                         help="Folder the file names in LABELS_CSV are relative to.")
-    parser.add_argument("labels_csv", metavar="LABELS_CSV",
+    parser.add_argument("labels_csv", nargs="?", metavar="LABELS_CSV",
                         help="CSV with a filename column and one <symbol>_visible column per symbol.")
-    parser.add_argument("output_dir", metavar="OUTPUT_MODEL_DIR",
+    parser.add_argument("output_dir", nargs="?", metavar="OUTPUT_MODEL_DIR",
                         help="Folder to write the model directory to.")
     parser.add_argument(
         "--symbols", metavar="A,B", type=lambda text: text.split(","),
@@ -46,26 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import cli
     import common
 
-    args = build_parser().parse_args(argv)
-    common.configure_logging(quiet=args.quiet, debug=args.debug)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
-    def run() -> int:
-        config = common.config_from_args(args)
+    def labelled_images():
         images = common.images_from_csv(args.image_dir, args.labels_csv, args.symbols)
-        is_validation = None
-        if args.validation_csv:
-            validation = common.images_from_csv(
-                args.image_dir, args.validation_csv, images.symbols,
-                symbols_from=f"--validation-csv needs every trained symbol ({args.labels_csv})")
-            images, is_validation = common.with_validation_set(
-                images, validation, f"--validation-csv {args.validation_csv}")
-        print(common.check_or_train(images, config, args.output_dir, overwrite=args.overwrite,
-                                    dry_run=args.dry_run, is_validation=is_validation))
-        return 0
+        if not args.validation_csv:
+            return images, None
+        validation = common.images_from_csv(
+            args.image_dir, args.validation_csv, images.symbols,
+            symbols_from=f"--validation-csv needs every trained symbol ({args.labels_csv})")
+        return common.with_validation_set(images, validation,
+                                          f"--validation-csv {args.validation_csv}")
 
-    return common.run_command(run, debug=args.debug)
+    return cli.training_main(parser, args, labelled_images, POSITIONALS)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import platform
 import posixpath
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -91,6 +92,8 @@ tf = _import_tensorflow_quietly()
 import keras  # noqa: E402
 
 import augmentation  # noqa: E402
+import checkpoints  # noqa: E402
+import distribution  # noqa: E402
 import evaluation  # noqa: E402
 import report  # noqa: E402
 import feature_cache  # noqa: E402
@@ -116,6 +119,7 @@ IMAGE_EXTENSIONS = frozenset(
 # Transparent pixels are composited onto this colour; recorded in metadata.json.
 ALPHA_BACKGROUND = "white"
 RESIZE_METHODS = ("letterbox", "squash", "crop")
+EXPORT_FORMATS = ("saved_model", "tflite")
 SWITCH_SETTINGS = ("auto", "on", "off")  # --mixed-precision and --xla
 # Layer names the model uses itself; a symbol may not take one of them.
 RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout"})
@@ -130,6 +134,11 @@ SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 class SymbolTrainerError(Exception):
     """Base class of the errors this library raises on purpose."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler ending the job, `kill`): raised in the main thread, like
+    KeyboardInterrupt for Ctrl-C, so that work unwinds and the command exits with 143."""
 
 
 class InputError(SymbolTrainerError):
@@ -289,6 +298,8 @@ class TrainingConfig:
         "auto", "--xla",
         "Compile the training steps with XLA: 'auto' does it on GPUs (Keras's own default) and "
         "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=SWITCH_SETTINGS)
+    devices: str = _setting(
+        "auto", "--devices", distribution.DEVICES_HELP, metavar="auto|cpu|cpu:N|0,1,...")
 
     tensorboard: str | None = _setting(
         None, "--tensorboard",
@@ -356,6 +367,10 @@ class TrainingConfig:
                     f"--weights {self.weights!r}: expected a Keras weights file ending in .h5 "
                     "or .weights.h5.")
         try:
+            distribution.DeviceChoice.parse(self.devices)
+        except ValueError as error:
+            raise InputError(f"--devices {self.devices!r}: {error}.") from None
+        try:
             evaluation.parse_threshold_rule(self.threshold_for)
         except ValueError as error:
             raise InputError(f"--threshold-for {self.threshold_for!r}: {error}.") from None
@@ -388,7 +403,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         meta = dict(f.metadata)
         flag = meta.pop("flag")
         if "action" not in meta:
-            meta.setdefault("type", type(f.default) if not isinstance(f.default, str) else str)
+            # A setting whose default is None (no grouping, no folder) takes text.
+            meta.setdefault("type", str if f.default is None or isinstance(f.default, str)
+                            else type(f.default))
         if "choices" in meta:
             meta.pop("type")
         group.add_argument(flag, dest=f.name, default=f.default, **meta)
@@ -403,6 +420,30 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true",
         help="Replace OUTPUT_MODEL_DIR if it exists and is not empty (it is only replaced once "
              "the new model is complete).")
+    output.add_argument(
+        "--no-resume", action="store_true",
+        help="Start over even if OUTPUT_MODEL_DIR.partial holds the checkpoint of an unfinished "
+             "run, and delete that checkpoint. By default a run continues from the checkpoint "
+             "that an interrupted run of the same settings and data left (every completed "
+             "epoch of either phase is kept), and refuses one of other settings.")
+    output.add_argument(
+        "--export", action="append", default=[], choices=EXPORT_FORMATS,
+        help="Also write the model as a TensorFlow SavedModel for TensorFlow Serving "
+             "(saved_model/, whose default signature takes encoded image files) or as "
+             "TensorFlow Lite (model.tflite); each is loaded back and checked against the Keras "
+             "model's predictions before the run succeeds. Repeat the flag for both. "
+             "Default: neither.")
+    output.add_argument(
+        "--download-weights-only", action="store_true",
+        help="Only download the ImageNet weights of --backbone (and --alpha) into the Keras "
+             "cache ($KERAS_HOME/models, by default ~/.keras/models) and stop; no images or "
+             "output folder are needed. Run it on a machine with internet, then copy that "
+             "folder to the offline machine (see the README).")
+    output.add_argument(
+        "--json", action="store_true",
+        help="Print one JSON line at the end on standard output, and nothing else there: the "
+             "status, exit code, model directory, metrics and timings, or the error. Logs and "
+             "the summary go to standard error.")
     output.add_argument("--quiet", action="store_true",
                         help="Only print warnings and errors.")
     output.add_argument("--debug", action="store_true",
@@ -433,26 +474,52 @@ def configure_logging(quiet: bool = False, debug: bool = False) -> None:
     tf.get_logger().setLevel(logging.ERROR)
 
 
-def run_command(command: Callable[[], int], debug: bool = False,
-                interrupted: str = "Interrupted; no model directory was written.") -> int:
-    """Run a script's work and turn exceptions into one clear line and an exit code."""
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block, SIGTERM raises Terminated in the main thread (outside it, or where
+    signals cannot be handled, the process keeps its handler)."""
     try:
-        return command()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(command: Callable[[], int], debug: bool = False,
+                interrupted: str = "Interrupted; no model directory was written.",
+                on_failure: Callable[[int, str], None] | None = None) -> int:
+    """Run a script's work and turn exceptions into one clear line and an exit code: 2 for
+    input the user must fix, 130 for Ctrl-C (SIGINT), 143 for SIGTERM, 1 for anything else.
+    `on_failure(exit code, message)` is called after the message is logged."""
+    try:
+        with sigterm_raises():
+            return command()
+    except Terminated:
+        code, message = 143, f"Stopped by SIGTERM. {interrupted}"
     except InputError as error:
         if debug:
             log.exception("input error")
-        log.error("%s", error)
-        return 2
+        code, message = 2, str(error)
     except KeyboardInterrupt:
-        log.error("%s", interrupted)
-        return 130
+        code, message = 130, f"Stopped by Ctrl-C (SIGINT). {interrupted}"
     except Exception as error:  # the last line of defence of a command-line program
         if debug:
             log.exception("unexpected error")
-        else:
-            log.error("%s: %s (run again with --debug for the traceback)",
-                      type(error).__name__, error)
-        return 1
+        code, message = 1, f"{type(error).__name__}: {error}"
+        if not debug:
+            message += " (run again with --debug for the traceback)"
+    log.error("%s", message)
+    if on_failure is not None:
+        on_failure(code, message)
+    return code
 
 
 # --------------------------------------------------------------------------------------------
@@ -1585,11 +1652,12 @@ def unfreeze_top(backbone: keras.Model, fraction: float) -> int:
 
 
 def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int, *,
-                  targets: np.ndarray | None = None, shuffle_seed: int | None = None,
+                  targets: np.ndarray | None = None, order: tf.data.Dataset | None = None,
                   store: PixelStore | None = None) -> tf.data.Dataset:
     """Stream images from disk in batches of uint8 tensors; with `targets` (one row per path,
-    see `fused_targets`), yield (images, targets). With `store`, images come from it when it
-    has them and are added to it when it does not.
+    see `fused_targets`), yield (images, targets). `order` is a dataset of index batches to
+    load (see `epoch_batches`); without it, every path once, in order, `batch_size` at a time.
+    With `store`, images come from it when it has them and are added to it when it does not.
 
     Each map call loads a whole batch, and several batches load in parallel (Pillow releases
     the GIL while it decodes): one Python call per batch rather than per image keeps the
@@ -1608,10 +1676,7 @@ def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int
         images.set_shape((None, geometry.height, geometry.width, 3))
         return images
 
-    dataset = tf.data.Dataset.range(len(paths))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
+    dataset = order if order is not None else tf.data.Dataset.range(len(paths)).batch(batch_size)
     if targets is None:
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
@@ -1622,7 +1687,35 @@ def image_dataset(paths: Sequence[str], geometry: ImageGeometry, batch_size: int
 
         dataset = dataset.map(decode_labelled, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return _distributable(dataset.prefetch(tf.data.AUTOTUNE))
+
+
+def _distributable(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    # Across workers, tf.data would first try to split the input by file, which an index
+    # pipeline has none of; saying so up front splits it by batch without the warning.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def epoch_batches(items: int, batch_size: int, seed: int, first_epoch: int,
+                  epochs: int) -> tf.data.Dataset:
+    """Index batches of epochs `first_epoch` to `epochs - 1`, one epoch after the other, each
+    in its own shuffled order (`checkpoints.epoch_order`): an epoch's batches depend only on
+    the seed and its number, so a resumed run repeats them exactly."""
+    orders = np.stack([checkpoints.epoch_order(items, seed, e) for e in range(first_epoch, epochs)])
+    return tf.data.Dataset.from_tensor_slices(orders).flat_map(
+        lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+
+
+def feature_dataset(features: np.ndarray, targets: np.ndarray, batch_size: int,
+                    order: tf.data.Dataset | None = None) -> tf.data.Dataset:
+    """(features, targets) batches gathered in `order` (index batches), or in row order."""
+    x, y = tf.constant(features), tf.constant(np.asarray(targets, np.float32))
+    if order is None:
+        order = tf.data.Dataset.range(len(features)).batch(batch_size)
+    dataset = order.map(lambda indices: (tf.gather(x, indices), tf.gather(y, indices)))
+    return _distributable(dataset.prefetch(tf.data.AUTOTUNE))
 
 
 def compiled_inference(model: keras.Model):
@@ -1768,18 +1861,35 @@ def sample_weights(labels: np.ndarray, weight_of_positive: np.ndarray) -> np.nda
     return np.where(np.isnan(labels), 0.0, weights).astype(np.float32)
 
 
-class EpochLog(keras.callbacks.Callback):
-    """Logs one line per epoch and collects the history rows of a phase."""
+# Seconds between the progress lines of a long epoch when no progress bar is shown (batch jobs).
+PROGRESS_LINE_SECONDS = 60.0
 
-    def __init__(self, phase: str, total_epochs: int, rows: list[dict]):
+
+class EpochLog(keras.callbacks.Callback):
+    """Logs one line per epoch, and a progress line every PROGRESS_LINE_SECONDS within long
+    epochs, and collects the history rows of a phase."""
+
+    def __init__(self, phase: str, total_epochs: int, rows: list[dict], steps: int | None = None):
         super().__init__()
-        self.phase, self.total_epochs, self.rows = phase, total_epochs, rows
-        self._start = 0.0
+        self.phase, self.total_epochs, self.rows, self.steps = phase, total_epochs, rows, steps
+        self._start = self._last_line = 0.0
         self._validation_start: float | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.monotonic()
+        self._start = self._last_line = time.monotonic()
         self._validation_start = None
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        if now - self._last_line < PROGRESS_LINE_SECONDS or not self.steps:
+            return
+        self._last_line = now
+        done = batch + 1
+        left = (now - self._start) / done * (self.steps - done)
+        log.info("%s epoch %d/%d: step %s of %s, loss %.4f, about %.0f s left in the epoch",
+                 self.phase, self._epoch + 1, self.total_epochs, f"{done:,}", f"{self.steps:,}",
+                 float((logs or {}).get("loss", float("nan"))), left)
 
     def on_test_begin(self, logs=None):
         # Validation follows the training steps of the epoch: their time alone is what
@@ -1850,30 +1960,135 @@ def _copy_fused_head(fused: keras.Model, parts: ModelParts, symbols: Sequence[st
         parts.head.get_layer(symbol).set_weights([kernel[:, i:i + 1], bias[i:i + 1]])
 
 
-def _callbacks(phase: str, config: TrainingConfig, rows: list[dict]):
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's early stopping, whose counters and best weights a checkpoint saves and restores."""
+
+    def __init__(self, patience: int, restored: checkpoints.PhaseState | None = None):
+        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
+        self._restored = restored
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._restored is not None:
+            for name, value in self._restored.early_stopping.items():
+                setattr(self, name, value)
+            self.best_weights = self._restored.best_weights
+
+    def counters(self) -> dict:
+        return {"wait": self.wait, "best": None if self.best is None else float(self.best),
+                "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch}
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Writes the phase's state to the run's checkpoint at the end of every epoch. Listed after
+    early stopping and EpochLog, so the state includes their view of the epoch."""
+
+    def __init__(self, checkpoint: checkpoints.Checkpoint, phase: str, epochs: int,
+                 rows: list[dict], early_stopping: ResumableEarlyStopping):
+        super().__init__()
+        self.checkpoint, self.phase, self.epochs = checkpoint, phase, epochs
+        self.rows, self.early_stopping = rows, early_stopping
+
+    def on_epoch_end(self, epoch, logs=None):
+        model = self.model
+        self.checkpoint.save(checkpoints.PhaseState(
+            phase=self.phase, epochs_done=epoch + 1,
+            finished=bool(model.stop_training) or epoch + 1 >= self.epochs,
+            rows=list(self.rows), early_stopping=self.early_stopping.counters(),
+            variables=[np.asarray(v.numpy()) for v in model.variables],
+            optimizer=[np.asarray(v.numpy()) for v in model.optimizer.variables],
+            best_weights=self.early_stopping.best_weights))
+
+
+@dataclass
+class TrainingRun:
+    """Where a run trains and what it resumes: the devices and cluster (`placement`), the
+    checkpoint it writes every epoch (None: none), and the state it continues from."""
+
+    placement: distribution.Placement
+    checkpoint: checkpoints.Checkpoint | None = None
+    resumed: checkpoints.PhaseState | None = None
+
+    def resumed_in(self, phase: str) -> checkpoints.PhaseState | None:
+        return self.resumed if self.resumed is not None and self.resumed.phase == phase else None
+
+    def global_batch(self, batch_size: int) -> int:
+        return batch_size * self.placement.replicas
+
+
+def single_device_run() -> TrainingRun:
+    """Training on TensorFlow's default device, without a checkpoint: what library callers that
+    train one phase by hand (benchmarks, tests) get."""
+    return TrainingRun(distribution.Placement(tf.distribute.get_strategy(), 1, 1, 0,
+                                              "the default device"))
+
+
+def _restore_variables(model: keras.Model, state: checkpoints.PhaseState) -> None:
+    # Compared by shape, in order: Keras numbers unnamed layers by how many were built before
+    # in the process, so a run resumed in fine-tuning names its variables differently.
+    shapes = [tuple(v.shape) for v in model.variables]
+    if shapes != [tuple(np.shape(value)) for value in state.variables]:
+        raise InputError(
+            "the checkpoint's model does not match the model this run builds (was the code "
+            "or Keras updated since?); pass --no-resume to start over.")
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    for variable, value in zip(model.variables, state.variables):
+        variable.assign(value)
+    for variable, value in zip(model.optimizer.variables, state.optimizer):
+        variable.assign(value)
+
+
+def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: TrainingRun,
+              train_data: Callable[[int], tf.data.Dataset], steps: int,
+              validation_data: tf.data.Dataset, rows: list[dict], verbose: int = 0) -> None:
+    """Fit a compiled `model` for one phase, with early stopping, one log line and one history
+    row per epoch, and a checkpoint per epoch. `train_data(first_epoch)` gives the training
+    batches of epochs first_epoch onwards, `steps` per epoch. Resumes from `run.resumed`
+    when it is a state of this phase, and returns at once when that phase had finished."""
     epochs = config.epochs if phase == "head" else config.fine_tune_epochs
-    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
-                                               restore_best_weights=True),
-                 EpochLog(phase, epochs, rows)]
-    if config.tensorboard:
+    resumed = run.resumed_in(phase)
+    early_stopping = ResumableEarlyStopping(config.patience, resumed)
+    first_epoch = 0
+    if resumed is not None:
+        rows[:] = resumed.rows
+        with run.placement.strategy.scope():
+            _restore_variables(model, resumed)
+        if resumed.finished:
+            if resumed.best_weights is not None:
+                model.set_weights(resumed.best_weights)
+            return
+        first_epoch = resumed.epochs_done
+    callbacks = [early_stopping, EpochLog(phase, epochs, rows, steps)]
+    if run.checkpoint is not None:
+        callbacks.append(EpochCheckpoint(run.checkpoint, phase, epochs, rows, early_stopping))
+    if config.tensorboard and run.placement.is_chief:
         # One folder per phase: their epochs both count from 1 and would overwrite each other.
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.tensorboard, phase),
                                                      write_graph=False))
-    return callbacks
+    model.fit(train_data(first_epoch), steps_per_epoch=steps, validation_data=validation_data,
+              initial_epoch=first_epoch, epochs=epochs, verbose=verbose, callbacks=callbacks,
+              shuffle=False)  # the batches come shuffled by epoch_batches
 
 
 def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
                train: tuple[np.ndarray, np.ndarray, np.ndarray],
                validation: tuple[np.ndarray, np.ndarray, np.ndarray],
-               rows: list[dict]) -> None:
+               rows: list[dict], run: TrainingRun | None = None) -> None:
     """Head phase on precomputed features; each tuple is (features, labels, weights).
     Trains `fused_head` and copies its weights into the per-symbol output layers."""
-    fused = fused_head(parts, symbols, config.dropout)
-    compile_fused(fused, config.learning_rate, config.xla)
-    fused.fit(train[0], fused_targets(train[1], train[2]),
-              validation_data=(validation[0], fused_targets(validation[1], validation[2])),
-              epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
-              callbacks=_callbacks("head", config, rows))
+    run = run or single_device_run()
+    batch = run.global_batch(config.batch_size)
+    with run.placement.strategy.scope():
+        fused = fused_head(parts, symbols, config.dropout)
+        compile_fused(fused, config.learning_rate, config.xla)
+    targets = fused_targets(train[1], train[2])
+    fit_phase(fused, "head", config, run,
+              lambda first: feature_dataset(train[0], targets, batch, epoch_batches(
+                  len(targets), batch, config.seed, first, config.epochs)),
+              math.ceil(len(targets) / batch),
+              feature_dataset(validation[0], fused_targets(validation[1], validation[2]), batch),
+              rows)
     _copy_fused_head(fused, parts, symbols)
 
 
@@ -1891,28 +2106,31 @@ def training_model(parts: ModelParts, head: keras.Model, config: TrainingConfig)
 def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
               geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
               validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict],
-              store: PixelStore | None = None) -> None:
+              store: PixelStore | None = None, run: TrainingRun | None = None) -> None:
     """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights)."""
+    run = run or single_device_run()
+    batch = run.global_batch(config.batch_size)
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
     log.info("Fine-tuning the top %d weighted layers of %s at learning rate %g", layers,
              config.backbone, config.fine_tune_learning_rate)
-    fused = fused_head(parts, symbols, config.dropout)
-    model = training_model(parts, fused, config)
     # XLA is not known to compile the augmentation's image resampling op, so 'auto' leaves
     # an augmented fine-tuning step to TensorFlow's own kernels; --xla on forces it.
     augmented = augmentation.augments(config.augment, config.flip)
     xla = "off" if augmented and config.xla == "auto" else config.xla
-    compile_fused(model, config.fine_tune_learning_rate, xla)
-    train_data = image_dataset(train[0], geometry, config.batch_size,
-                               targets=fused_targets(train[1], train[2]),
-                               shuffle_seed=config.seed, store=store)
-    validation_data = image_dataset(validation[0], geometry, config.batch_size,
-                                    targets=fused_targets(validation[1], validation[2]),
-                                    store=store)
-    verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
-    model.fit(train_data, validation_data=validation_data, shuffle=False,  # shuffled above
-              epochs=config.fine_tune_epochs, verbose=verbose,
-              callbacks=_callbacks("fine_tune", config, rows))
+    with run.placement.strategy.scope():
+        fused = fused_head(parts, symbols, config.dropout)
+        model = training_model(parts, fused, config)
+        compile_fused(model, config.fine_tune_learning_rate, xla)
+    targets = fused_targets(train[1], train[2])
+    verbose = 1 if sys.stderr.isatty() and log.isEnabledFor(logging.INFO) else 0
+    fit_phase(model, "fine_tune", config, run,
+              lambda first: image_dataset(train[0], geometry, batch, targets=targets, store=store,
+                                          order=epoch_batches(len(targets), batch, config.seed,
+                                                              first, config.fine_tune_epochs)),
+              math.ceil(len(targets) / batch),
+              image_dataset(validation[0], geometry, batch, store=store,
+                            targets=fused_targets(validation[1], validation[2])),
+              rows, verbose)
     _copy_fused_head(fused, parts, symbols)
     parts.backbone.trainable = False
 
@@ -1940,24 +2158,33 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, create_pare
     return path
 
 
+CHECKPOINT_FOLDER = "checkpoint"
+
+
 class ModelDirectory:
-    """Writes into a temporary sibling `<name>.partial` and renames it into place on success,
-    so a failed or interrupted run never leaves a directory that looks complete."""
+    """The model directory being written. Everything goes into a sibling `<name>.partial`,
+    renamed into place only when complete, so a failed or interrupted run never leaves a
+    directory that looks complete; the run's checkpoint lives in `<name>.partial/checkpoint/`,
+    where the next run of the same command finds it."""
 
     def __init__(self, output_dir: str | os.PathLike):
         self.final = Path(output_dir).resolve()
         self.partial = self.final.with_name(self.final.name + ".partial")
+        self.checkpoint = self.partial / CHECKPOINT_FOLDER
 
-    def __enter__(self) -> Path:
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
+    def prepare(self, keep_checkpoint: bool) -> Path:
+        """Create the partial directory, emptied of all but (with `keep_checkpoint`) the
+        checkpoint of an earlier run."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        for entry in self.partial.iterdir():
+            if keep_checkpoint and entry == self.checkpoint:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         return self.partial
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            return False
+    def commit(self) -> None:
+        """Drop the checkpoint and move the finished directory into place."""
+        shutil.rmtree(self.checkpoint, ignore_errors=True)
         old = None
         if self.final.exists():
             old = self.final.with_name(f"{self.final.name}.old-{os.getpid()}")
@@ -1965,7 +2192,9 @@ class ModelDirectory:
         self.partial.rename(self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return False
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
 
 
 def package_versions() -> dict:
@@ -1984,23 +2213,26 @@ def data_fingerprint(table: pd.DataFrame, symbols: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def finite_json(value):
+    """`value` with every NaN or infinity replaced by None: strict JSON readers (browsers, jq)
+    reject NaN."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json(path: Path, data: dict) -> None:
-    # NaN is written as null: strict JSON readers (browsers, jq) reject NaN.
-    def clean(value):
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-    path.write_text(json.dumps(clean(data), indent=2, default=_json_default) + "\n",
+    path.write_text(json.dumps(finite_json(data), indent=2, default=json_default) + "\n",
                     encoding="utf-8")
 
 
@@ -2127,10 +2359,14 @@ def predict_images(model_dir_or_loaded: str | os.PathLike | LoadedModel,
 @dataclass
 class TrainingResult:
     output_dir: Path
-    metrics: dict
+    metrics: dict      # empty on a worker that is not the chief
     seconds: float
     counts: dict
     model: keras.Model  # the trained model in memory, the same weights as the saved one
+    written: bool = True  # False on a worker that is not the chief: it writes nothing
+    phase_seconds: dict = field(default_factory=dict)
+    resumed_from: str | None = None  # where the run continued from a checkpoint, if it did
+    exports: dict = field(default_factory=dict)  # format -> path, checked against the model
 
 
 def split_counts(labels: np.ndarray, is_validation: np.ndarray, symbols: Sequence[str],
@@ -2331,11 +2567,13 @@ def float32_twin(parts: ModelParts, symbols: Sequence[str], config: TrainingConf
 
 def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: ImageGeometry,
                   is_validation: np.ndarray, weight_of_positive: np.ndarray,
-                  store: PixelStore | None):
-    """Build the model, extract features, train the head and fine-tune; returns the model
-    parts, the history rows and the seconds per phase."""
+                  store: PixelStore | None, run: TrainingRun):
+    """Build the model, extract features, train the head and fine-tune, continuing from
+    `run.resumed` where a phase was under way; returns the model parts, the history rows and
+    the seconds per phase of this run."""
     symbols, labels = images.symbols, images.labels()
-    parts = build_model(symbols, config, geometry)
+    with run.placement.strategy.scope():
+        parts = build_model(symbols, config, geometry)
     paths = images.table["path"].tolist()
     if config.weights_source == "none":
         sample = [paths[i] for i in np.flatnonzero(~is_validation)[:64]]
@@ -2343,35 +2581,110 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
         log.warning("Random backbone weights (--weights none): fine for tests and demos, far "
                     "less accurate than --weights imagenet on real frames.")
     phase_seconds = {}
-    t = time.monotonic()
-    features = backbone_features(parts, images.table, geometry, config, store)
-    phase_seconds["features"] = time.monotonic() - t
-
     weights = sample_weights(labels, weight_of_positive)
     train_idx, val_idx = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
     rows: list[dict] = []
-    t = time.monotonic()
-    train_head(parts, symbols, config,
-               (features[train_idx], labels[train_idx], weights[train_idx]),
-               (features[val_idx], labels[val_idx], weights[val_idx]), rows)
-    phase_seconds["head"] = time.monotonic() - t
+    if run.resumed_in("fine_tune") is None:  # the head phase, or its end state, is still needed
+        t = time.monotonic()
+        features = run.checkpoint.features() if run.checkpoint is not None else None
+        if features is None or len(features) != len(paths):
+            features = backbone_features(parts, images.table, geometry, config, store)
+            if run.checkpoint is not None:
+                run.checkpoint.save_features(features)
+        phase_seconds["features"] = time.monotonic() - t
+        t = time.monotonic()
+        train_head(parts, symbols, config,
+                   (features[train_idx], labels[train_idx], weights[train_idx]),
+                   (features[val_idx], labels[val_idx], weights[val_idx]), rows, run)
+        phase_seconds["head"] = time.monotonic() - t
     if config.fine_tune_epochs > 0:
         t = time.monotonic()
         fine_tune(parts, symbols, config, geometry,
                   ([paths[i] for i in train_idx], labels[train_idx], weights[train_idx]),
-                  ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows, store)
+                  ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows, store,
+                  run)
         phase_seconds["fine_tune"] = time.monotonic() - t
     return parts, rows, phase_seconds
 
 
+# Settings that change where or how fast a run goes, not what it computes: a checkpoint made
+# with other values of these is resumed all the same. The device count is compared instead
+# of --devices, and mixed precision as it was resolved.
+SETTINGS_NOT_IN_RUN_KEY = frozenset({"tensorboard", "cache_dir", "decoded_cache_gb", "devices",
+                                     "mixed_precision"})
+
+
+def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
+            placement: distribution.Placement) -> dict:
+    """What makes two runs the same run, for resuming: a checkpoint is only continued by a
+    run whose key is equal."""
+    config = prepared.config
+    split = prepared.split_table().to_csv(index=False).encode()
+    return {
+        "settings": {k: v for k, v in dataclasses.asdict(config).items()
+                     if k not in SETTINGS_NOT_IN_RUN_KEY},
+        "mixed_precision": mixed, "replicas": placement.replicas,
+        "symbols": list(prepared.images.symbols), "input": geometry.to_json(),
+        "data_sha256": data_fingerprint(prepared.images.table, prepared.images.symbols),
+        "split_sha256": hashlib.sha256(split).hexdigest(),
+    }
+
+
+def _open_checkpoint(directory: ModelDirectory, key: dict, placement: distribution.Placement,
+                     resume: bool) -> TrainingRun:
+    if placement.is_chief:
+        directory.prepare(keep_checkpoint=resume)
+    checkpoint = checkpoints.Checkpoint(directory.checkpoint, key, writer=placement.is_chief)
+    try:
+        resumed = checkpoint.open(resume)
+    except checkpoints.RunMismatch as error:
+        shown = "; ".join(error.differences[:3]) + ("; ..." if len(error.differences) > 3 else "")
+        raise InputError(
+            f"{directory.partial} holds the checkpoint of an unfinished run with other settings "
+            f"or data ({shown}). Run the command that started it to continue it, or pass "
+            "--no-resume to start this one over (its checkpoint is then deleted).") from None
+    if resumed is not None:
+        epochs = {"head": key["settings"]["epochs"],
+                  "fine_tune": key["settings"]["fine_tune_epochs"]}
+        log.info("Resuming from the checkpoint in %s: %s. (--no-resume starts over.)",
+                 directory.checkpoint, checkpoints.describe(resumed, epochs))
+    return TrainingRun(placement, checkpoint, resumed)
+
+
+def _resume_hint(directory: ModelDirectory, run: TrainingRun) -> str:
+    """What a rerun would continue from, for the user; empty when there is nothing to keep."""
+    state = run.checkpoint.latest()
+    if state is None and run.checkpoint.features() is None:
+        return ""
+    config = run.checkpoint.run["settings"]
+    done = checkpoints.describe(state, {"head": config["epochs"],
+                                        "fine_tune": config["fine_tune_epochs"]})
+    return (f"The checkpoint in {directory.checkpoint} keeps the backbone features and the "
+            f"completed epochs ({done}); run the same command again to continue from there, or "
+            "add --no-resume to start over.")
+
+
 def train_and_save(images: LabelledImages, config: TrainingConfig,
                    output_dir: str | os.PathLike, *, overwrite: bool = False,
-                   is_validation: np.ndarray | None = None) -> TrainingResult:
+                   is_validation: np.ndarray | None = None, resume: bool = True,
+                   exports: Sequence[str] = ()) -> TrainingResult:
     """Train on `images` with `config` and write the model directory; the whole pipeline.
-    `is_validation` (one bool per row of `images.table`) replaces the seeded split."""
+    `is_validation` (one bool per row of `images.table`) replaces the seeded split. With
+    `resume`, a checkpoint left by an interrupted run of the same settings and data is
+    continued; otherwise it is deleted. `exports` ('saved_model', 'tflite') are written into
+    the model directory and checked against the Keras model."""
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     check_output_dir(output_dir, overwrite)
+    for name in exports:
+        if name not in EXPORT_FORMATS:
+            raise InputError(f"--export {name!r}: choose from {', '.join(EXPORT_FORMATS)}.")
+    try:
+        placement = distribution.placement(distribution.DeviceChoice.parse(config.devices))
+    except ValueError as error:
+        raise InputError(f"--devices {config.devices!r}: {error}.") from None
+    log.info("Training on %s; global batch %d (--batch-size %d per device).",
+             placement.description, config.batch_size * placement.replicas, config.batch_size)
     prepared = prepare_training_data(images, config, is_validation)
     images, is_validation, counts = prepared.images, prepared.is_validation, prepared.counts
     symbols = images.symbols
@@ -2388,78 +2701,133 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     paths = images.table["path"].tolist()
     val_idx = np.flatnonzero(is_validation)
     weight_of_positive = positive_weights(labels[~is_validation], config.positive_weighting)
-    store = decoded_image_store(paths, geometry, config)
+    directory = ModelDirectory(output_dir)
+    run = None
     try:
-        with dtype_policy("mixed_float16" if mixed else "float32"):
-            parts, rows, phase_seconds = _train_phases(images, config, geometry, is_validation,
-                                                       weight_of_positive, store)
-        if mixed:
-            parts = float32_twin(parts, symbols, config, geometry)
-        # Scored with the model as saved, so metrics.json describes the file users get.
-        outputs = run_inference(parts.model, image_dataset(
-            [paths[i] for i in val_idx], geometry, config.batch_size, store=store))
-    finally:
-        if store is not None:
-            store.close()
-    probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
-    split_table = prepared.split_table()
-    validation_labels = labels[val_idx]
-    thresholds = evaluation.choose_thresholds(
-        validation_labels, probabilities, symbols, evaluation.parse_threshold_rule(config.threshold_for))
-    grouped = prepared.groups is not None
-    metrics = evaluation.evaluation_metrics(
-        validation_labels, probabilities, symbols, thresholds,
-        prepared.groups[val_idx] if grouped else None, seed=config.seed,
-        group_name=f"groups, by {counts['grouping']}" if grouped else
-        "frames one by one (the split was not grouped, so the intervals are too narrow "
-        "where neighbouring frames are near-identical)")
-    evaluation_table = evaluation.evaluation_table(
-        images.table["filename"].to_numpy()[val_idx], split_table["group"].to_numpy()[val_idx],
-        validation_labels, probabilities, symbols, thresholds)
-
-    metadata = {
-        "format_version": MODEL_FORMAT_VERSION,
-        "symbols": list(symbols),
-        "outputs": {s: {"activation": "sigmoid", "meaning": f"probability that {s} is visible"}
-                    for s in symbols},
-        "input": {**geometry.to_json(), "channels": 3, "color": "RGB", "dtype": "uint8",
-                  "value_range": [0, 255], "alpha_background": ALPHA_BACKGROUND,
-                  "exif_orientation": "applied"},
-        "backbone": {"name": config.backbone, "alpha": config.alpha,
-                     "weights": config.weights_source,
-                     "preprocessing": BACKBONES[config.backbone].preprocessing},
-        "training": {"config": dataclasses.asdict(config),
-                     "positive_weights": dict(zip(symbols, map(float, weight_of_positive))),
-                     "phase_seconds": phase_seconds, "started_at": started_at,
-                     "mixed_precision": mixed},
-        # Decision thresholds, `probability >= threshold` meaning visible, from the validation
-        # set by `threshold_rule`; predict_images applies them.
-        "thresholds": {s: thresholds[s].threshold for s in symbols},
-        "threshold_rule": config.threshold_for,
-        "data": {"source": images.source, "details": images.details, "counts": counts,
-                 "fingerprint_sha256": data_fingerprint(images.table, symbols)},
-        "packages": package_versions(),
-    }
-    with ModelDirectory(output_dir) as directory:
-        save_model(parts, symbols, directory)
-        write_history(directory / HISTORY_FILE, rows)
-        write_json(directory / METRICS_FILE, metrics)
-        write_json(directory / METADATA_FILE, metadata)
-        split_table.to_csv(directory / SPLIT_FILE, index=False)
-        evaluation_table.to_csv(directory / EVALUATION_FILE, index=False)
-        report.write_report(directory, model_name=Path(output_dir).name, metadata=metadata,
+        run = _open_checkpoint(directory, run_key(prepared, geometry, mixed, placement),
+                               placement, resume)
+        store = decoded_image_store(paths, geometry, config)
+        try:
+            with dtype_policy("mixed_float16" if mixed else "float32"):
+                parts, rows, phase_seconds = _train_phases(images, config, geometry,
+                                                           is_validation, weight_of_positive,
+                                                           store, run)
+            if mixed:
+                parts = float32_twin(parts, symbols, config, geometry)
+            if not placement.is_chief:
+                log.info("Worker %d is done; worker 0 writes the model directory.",
+                         placement.worker_index)
+                return TrainingResult(Path(output_dir), {}, time.monotonic() - started, counts,
+                                      parts.model, written=False, phase_seconds=phase_seconds)
+            # Scored with the model as saved, so metrics.json describes the file users get.
+            outputs = run_inference(parts.model, image_dataset(
+                [paths[i] for i in val_idx], geometry, config.batch_size, store=store))
+        finally:
+            if store is not None:
+                store.close()
+        probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
+        split_table = prepared.split_table()
+        validation_labels = labels[val_idx]
+        thresholds = evaluation.choose_thresholds(
+            validation_labels, probabilities, symbols,
+            evaluation.parse_threshold_rule(config.threshold_for))
+        grouped = prepared.groups is not None
+        metrics = evaluation.evaluation_metrics(
+            validation_labels, probabilities, symbols, thresholds,
+            prepared.groups[val_idx] if grouped else None, seed=config.seed,
+            group_name=f"groups, by {counts['grouping']}" if grouped else
+            "frames one by one (the split was not grouped, so the intervals are too narrow "
+            "where neighbouring frames are near-identical)")
+        evaluation_table = evaluation.evaluation_table(
+            images.table["filename"].to_numpy()[val_idx], split_table["group"].to_numpy()[val_idx],
+            validation_labels, probabilities, symbols, thresholds)
+        resumed_from = (checkpoints.describe(run.resumed, {"head": config.epochs,
+                                                           "fine_tune": config.fine_tune_epochs})
+                        if run.resumed is not None else None)
+        metadata = {
+            "format_version": MODEL_FORMAT_VERSION,
+            "symbols": list(symbols),
+            "outputs": {s: {"activation": "sigmoid", "meaning": f"probability that {s} is visible"}
+                        for s in symbols},
+            "input": {**geometry.to_json(), "channels": 3, "color": "RGB", "dtype": "uint8",
+                      "value_range": [0, 255], "alpha_background": ALPHA_BACKGROUND,
+                      "exif_orientation": "applied"},
+            "backbone": {"name": config.backbone, "alpha": config.alpha,
+                         "weights": config.weights_source,
+                         "preprocessing": BACKBONES[config.backbone].preprocessing},
+            "training": {"config": dataclasses.asdict(config),
+                         "positive_weights": dict(zip(symbols, map(float, weight_of_positive))),
+                         "phase_seconds": phase_seconds, "started_at": started_at,
+                         "mixed_precision": mixed, "devices": placement.description,
+                         "replicas": placement.replicas,
+                         "global_batch_size": config.batch_size * placement.replicas,
+                         "resumed_from": resumed_from},
+            # Decision thresholds, `probability >= threshold` meaning visible, from the
+            # validation set by `threshold_rule`; predict_images applies them.
+            "thresholds": {s: thresholds[s].threshold for s in symbols},
+            "threshold_rule": config.threshold_for,
+            "data": {"source": images.source, "details": images.details, "counts": counts,
+                     "fingerprint_sha256": data_fingerprint(images.table, symbols)},
+            "packages": package_versions(),
+        }
+        partial = directory.partial
+        save_model(parts, symbols, partial)
+        exported = {}
+        if exports:
+            import export  # TensorFlow's exporters load only for runs that ask for them
+            exported = export.export_and_check(
+                partial, parts.model, symbols, geometry, list(exports),
+                [paths[i] for i in val_idx[:8]])
+            metadata["exports"] = {name: str(path.relative_to(partial))
+                                   for name, path in exported.items()}
+        write_history(partial / HISTORY_FILE, rows)
+        write_json(partial / METRICS_FILE, metrics)
+        write_json(partial / METADATA_FILE, metadata)
+        split_table.to_csv(partial / SPLIT_FILE, index=False)
+        evaluation_table.to_csv(partial / EVALUATION_FILE, index=False)
+        report.write_report(partial, model_name=Path(output_dir).name, metadata=metadata,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
                             paths=[paths[i] for i in val_idx])
+        directory.commit()
+    except BaseException:  # an error, Ctrl-C or SIGTERM: keep what a rerun can continue from
+        if placement.is_chief and run is not None:
+            hint = _resume_hint(directory, run)
+            if hint:
+                log.warning("%s", hint)
+            else:
+                directory.discard()
+        raise
     seconds = time.monotonic() - started
-    return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model)
+    return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model,
+                          phase_seconds=phase_seconds, resumed_from=resumed_from,
+                          exports={k: Path(output_dir) / v.relative_to(directory.partial)
+                                   for k, v in exported.items()})
+
+
+@dataclass
+class CommandOutcome:
+    """What a training command reports: a summary for people, and the record that --json
+    prints as one line."""
+
+    summary: str
+    record: dict
+
+
+def _metrics_record(metrics: dict) -> dict:
+    """The numbers of metrics.json that fit on one line: macro figures and, per symbol, its
+    scalar metrics and threshold."""
+    def scalars(values: dict) -> dict:
+        return {k: v for k, v in values.items() if isinstance(v, (int, float, str)) or v is None}
+    return {"macro": scalars(metrics.get("macro", {})),
+            "symbols": {s: scalars(v) for s, v in metrics.get("symbols", {}).items()}}
 
 
 def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: str | os.PathLike,
                    *, overwrite: bool = False, dry_run: bool = False,
-                   is_validation: np.ndarray | None = None) -> str:
+                   is_validation: np.ndarray | None = None, resume: bool = True,
+                   exports: Sequence[str] = ()) -> CommandOutcome:
     """What both scripts do once they have their labelled images: with `dry_run`, every check
-    before training and the data summary; otherwise train, save, and summarise the metrics.
-    Returns the summary for the user."""
+    before training and the data summary; otherwise train, save, and summarise the metrics."""
     if dry_run:
         # An existing model directory is only a note here: dry runs are repeated after every
         # labelling session next to the model trained last time.
@@ -2470,14 +2838,46 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
         except InputError as error:
             output_note = f"\nNote: {error}"
         prepared = prepare_training_data(images, config, is_validation)
-        return ("Dry run: all checks of the data passed; no model was trained." + output_note
-                + "\n" + format_data_summary(prepared))
+        counts = prepared.counts
+        return CommandOutcome(
+            "Dry run: all checks of the data passed; no model was trained." + output_note
+            + "\n" + format_data_summary(prepared),
+            {"status": "ok", "exit_code": 0, "dry_run": True,
+             "images": {k: counts[k]["images"] for k in ("train", "validation")},
+             "unreadable": counts["unreadable"]})
     result = train_and_save(images, config, output_dir, overwrite=overwrite,
-                            is_validation=is_validation)
+                            is_validation=is_validation, resume=resume, exports=exports)
+    record = {"status": "ok", "exit_code": 0,
+              "model_dir": str(Path(result.output_dir).resolve()), "written": result.written,
+              "resumed_from": result.resumed_from,
+              "images": {k: result.counts[k]["images"] for k in ("train", "validation")},
+              "seconds": {"total": round(result.seconds, 3),
+                          **{k: round(v, 3) for k, v in result.phase_seconds.items()}},
+              "metrics": _metrics_record(result.metrics),
+              "exports": {k: str(Path(v).resolve()) for k, v in result.exports.items()}}
+    if not result.written:
+        return CommandOutcome(f"Training finished on this worker in {result.seconds:.0f} s; "
+                              f"the chief (worker 0) writes {result.output_dir}.", record)
     bootstrap = result.metrics["bootstrap"]
-    return (f"Validation metrics (thresholds chosen by --threshold-for {config.threshold_for}; "
-            f"95 % intervals from {bootstrap['replicates']:,} bootstrap resamples of "
-            f"{bootstrap['resampled'].split(' (')[0]}):\n"
-            f"{evaluation.format_metrics_summary(result.metrics)}\n"
-            f"Wrote {result.output_dir} in {result.seconds:.0f} s; open "
-            f"{Path(result.output_dir) / report.REPORT_FILE} for curves and the frames it gets wrong.")
+    return CommandOutcome(
+        f"Validation metrics (thresholds chosen by --threshold-for {config.threshold_for}; "
+        f"95 % intervals from {bootstrap['replicates']:,} bootstrap resamples of "
+        f"{bootstrap['resampled'].split(' (')[0]}):\n"
+        f"{evaluation.format_metrics_summary(result.metrics)}\n"
+        f"Wrote {result.output_dir} in {result.seconds:.0f} s; open "
+        f"{Path(result.output_dir) / report.REPORT_FILE} for curves and the frames it gets wrong.",
+        record)
+
+
+def download_weights(config: TrainingConfig) -> tuple[Path, list[str]]:
+    """Fetch the ImageNet weights of `config`'s backbone into the Keras cache, for a later run
+    on a machine without internet; returns the cache folder and the files it gained (none
+    when they were there already)."""
+    if config.weights_source != "imagenet":
+        raise InputError(f"--download-weights-only fetches ImageNet weights; --weights is "
+                         f"{config.weights!r}. Leave --weights at its default (imagenet).")
+    cache = keras_models_cache()
+    before = set(cache.iterdir()) if cache.is_dir() else set()
+    build_backbone(config, (config.image_size, config.image_size, 3))
+    gained = sorted(p.name for p in set(cache.iterdir()) - before) if cache.is_dir() else []
+    return cache, gained

@@ -138,14 +138,26 @@ def test_overwrite_replaces_a_previous_model(binary_dirs, tmp_path):
 
 
 def test_a_failure_during_training_leaves_no_model_directory(binary_dirs, tmp_path, monkeypatch, capsys):
+    """An error after the head phase leaves no model directory, only the checkpoint of the
+    finished phase in model.partial, and says how to continue; an error before any work
+    worth keeping leaves nothing at all."""
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
     monkeypatch.setattr(common, "fine_tune", crash)
     out = tmp_path / "model"
     code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"])
     assert code == 1
-    assert "RuntimeError: disk full (run again with --debug for the traceback)" in capsys.readouterr().err
-    assert listdir(tmp_path) == ["frames"]
+    err = capsys.readouterr().err
+    assert "RuntimeError: disk full (run again with --debug for the traceback)" in err
+    assert "keeps the backbone features and the completed epochs (head phase done); run the " \
+           "same command again to continue" in err
+    assert listdir(tmp_path) == ["frames", "model.partial"]
+    assert listdir(tmp_path / "model.partial") == ["checkpoint"]
+
+    monkeypatch.setattr(common, "backbone_features", crash)
+    code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none",
+                                                "--no-resume"])
+    assert code == 1 and listdir(tmp_path) == ["frames"]
 
 
 def test_corrupt_image_is_skipped_and_counted(binary_dirs, tmp_path, caplog):

@@ -1,0 +1,131 @@
+"""Batch jobs: resuming after a real SIGINT and SIGTERM, exit codes, the --json line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import build_multi_hot_model
+import checkpoints
+import common
+from conftest import ROOT, listdir, run_script, write_two_symbol_frames
+
+# Small and slow enough to be interrupted mid-phase: 4 head and 4 fine-tuning epochs, with
+# patience so that early stopping never ends a phase before its last epoch.
+RESUMABLE = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",
+             "--weights", "none", "--epochs", "4", "--fine-tune-epochs", "4", "--patience", "9",
+             "--batch-size", "8", "--group-by", "none"]
+
+
+@pytest.fixture
+def frames(tmp_path):
+    root = tmp_path / "frames"
+    root.mkdir()
+    write_two_symbol_frames(root, 48, 8, seed=3).to_csv(root / "labels.csv", index=False)
+    return root, root / "labels.csv"
+
+
+def _command(frames, out, *extra) -> list[str]:
+    root, csv_path = frames
+    return [sys.executable, str(ROOT / "build_multi_hot_model.py"), str(root), str(csv_path),
+            str(out), *RESUMABLE, *extra]
+
+
+def _environment(keras_home: Path) -> dict:
+    return {**os.environ, "KERAS_HOME": str(keras_home), "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _interrupt(command, env, checkpoint_dir: Path, phase: str, epochs_done: int, signum: int):
+    """Start `command`, send `signum` as soon as its checkpoint has `epochs_done` epochs of
+    `phase`, and return the finished process's exit code and standard error."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    reader = checkpoints.Checkpoint(checkpoint_dir, {}, writer=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        state = reader.latest() if (checkpoint_dir / checkpoints.STATE_FILE).exists() else None
+        if state is not None and state.phase == phase and state.epochs_done >= epochs_done:
+            process.send_signal(signum)
+            break
+        time.sleep(0.02)
+    _, err = process.communicate(timeout=300)
+    return process.returncode, err
+
+
+def _history_without_timings(model_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(model_dir / "history.csv").drop(columns=["seconds", "train_seconds"])
+
+
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(frames, tmp_path,
+                                                               isolated_keras_home):
+    """Ctrl-C in the head phase exits 130, SIGTERM in fine-tuning exits 143; each time the
+    same command continues from the last completed epoch and says so, and the model
+    directory it ends with has the history, split and metrics of a run never stopped."""
+    env = _environment(isolated_keras_home)
+    whole = tmp_path / "whole"
+    done = subprocess.run(_command(frames, whole), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "model"
+    checkpoint_dir = tmp_path / "model.partial" / "checkpoint"
+    code, err = _interrupt(_command(frames, out), env, checkpoint_dir, "head", 2, signal.SIGINT)
+    assert code == 130, err
+    assert "Stopped by Ctrl-C (SIGINT)" in err
+    assert "run the same command again to continue" in err
+    assert not out.exists() and checkpoint_dir.is_dir()
+    assert checkpoints.Checkpoint(checkpoint_dir, {}, writer=False).latest().phase == "head"
+
+    code, err = _interrupt(_command(frames, out), env, checkpoint_dir, "fine_tune", 1,
+                           signal.SIGTERM)
+    assert code == 143, err
+    assert "Resuming from the checkpoint" in err and "head phase epoch" in err
+    assert "Stopped by SIGTERM" in err
+    state = checkpoints.Checkpoint(checkpoint_dir, {}, writer=False).latest()
+    assert state.phase == "fine_tune" and 1 <= state.epochs_done < 4
+
+    resumed = subprocess.run(_command(frames, out), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from the checkpoint" in resumed.stderr
+    assert "head phase done, fine-tuning epoch" in resumed.stderr
+    assert listdir(tmp_path) == ["frames", "model", "whole"]
+    assert not (out / common.CHECKPOINT_FOLDER).exists()
+
+    pd.testing.assert_frame_equal(_history_without_timings(out), _history_without_timings(whole))
+    assert (out / "split.csv").read_text() == (whole / "split.csv").read_text()
+    assert json.loads((out / "metrics.json").read_text()) == \
+        json.loads((whole / "metrics.json").read_text())
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["training"]["resumed_from"].startswith("head phase done, fine-tuning epoch")
+
+
+def test_a_checkpoint_of_other_settings_is_refused_until_no_resume(frames, tmp_path,
+                                                                  isolated_keras_home, capsys):
+    """Changing a setting between a crash and the rerun must not mix two runs: the rerun stops
+    with exit code 2 and names the change; --no-resume deletes the checkpoint and starts over."""
+    env = _environment(isolated_keras_home)
+    out = tmp_path / "model"
+    checkpoint_dir = tmp_path / "model.partial" / "checkpoint"
+    code, err = _interrupt(_command(frames, out), env, checkpoint_dir, "head", 1, signal.SIGTERM)
+    assert code == 143, err
+
+    root, csv_path = frames
+    argv = [root, csv_path, out, *RESUMABLE, "--learning-rate", "0.01", "--fine-tune-epochs", "1"]
+    assert run_script(build_multi_hot_model, argv) == 2
+    error = capsys.readouterr().err
+    assert "holds the checkpoint of an unfinished run with other settings" in error
+    assert "settings.learning_rate: 0.003 then, 0.01 now" in error and "--no-resume" in error
+    assert checkpoint_dir.is_dir()
+
+    assert run_script(build_multi_hot_model, [*argv, "--no-resume", "--quiet"]) == 0
+    rows = pd.read_csv(out / "history.csv")
+    assert list(rows["phase"]) == ["head"] * 4 + ["fine_tune"]
+    assert listdir(tmp_path) == ["frames", "model"]
