@@ -2039,6 +2039,22 @@ def _restore_variables(model: keras.Model, state: checkpoints.PhaseState) -> Non
         variable.assign(value)
 
 
+def _build_for_workers(model: keras.Model, strategy: tf.distribute.Strategy,
+                       dataset: tf.data.Dataset) -> None:
+    """Build `model`'s state from the shapes of `dataset` before fitting it across workers.
+
+    Keras 3.15 builds a model under a tf.distribute strategy inside fit() by averaging its
+    first batch over the replicas with `strategy.reduce`, which MultiWorkerMirroredStrategy
+    cannot do for an (images, targets) pair ('unsupported type PerReplica'). Built here from
+    shapes alone, fit() and evaluate() are told to skip that step."""
+    example = tf.nest.map_structure(
+        lambda spec: np.zeros([1, *spec.shape[1:]], spec.dtype.as_numpy_dtype),
+        dataset.element_spec)
+    with strategy.scope():
+        model._symbolic_build(data_batch=example)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
 def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: TrainingRun,
               train_data: Callable[[int], tf.data.Dataset], steps: int,
               validation_data: tf.data.Dataset, rows: list[dict], verbose: int = 0) -> None:
@@ -2059,6 +2075,8 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
                 model.set_weights(resumed.best_weights)
             return
         first_epoch = resumed.epochs_done
+    if isinstance(run.placement.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _build_for_workers(model, run.placement.strategy, train_data(first_epoch))
     callbacks = [early_stopping, EpochLog(phase, epochs, rows, steps)]
     if run.checkpoint is not None:
         callbacks.append(EpochCheckpoint(run.checkpoint, phase, epochs, rows, early_stopping))

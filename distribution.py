@@ -131,6 +131,36 @@ def _restrict_devices(choice: DeviceChoice) -> None:
                     "%s.", error, ", ".join(current))
 
 
+def _mend_keras_multi_worker_logs() -> None:
+    """Let Keras 3's fit() run under MultiWorkerMirroredStrategy.
+
+    Keras (3.15 at the time of writing) averages each step's logs across workers with
+    `strategy.reduce("MEAN", value, axis=0)`, and every log is a scalar, so every step fails
+    with 'Invalid reduction dimension 0 for input with 0 dimensions' (tensorflow/tensorflow
+    issue 72388; the reported workaround is going back to Keras 2). A scalar is averaged over
+    the replicas with axis=None instead, which is what one-worker training does too; every
+    other case is left to Keras."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    keras_reduce = trainer.reduce_per_replica
+    if getattr(keras_reduce, "mends_scalars", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or \
+                not trainer._collective_all_reduce_multi_worker(strategy):
+            return keras_reduce(values, strategy, reduction)
+
+        def mean(value):
+            rank = strategy.experimental_local_results(value)[0].shape.rank
+            return strategy.reduce("MEAN", value, axis=0 if rank else None)
+        return tree.map_structure(mean, values)
+
+    reduce_per_replica.mends_scalars = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
 def placement(choice: DeviceChoice) -> Placement:
     """The strategy for `choice` and the cluster this process belongs to (TF_CONFIG, SLURM).
     Call it before any TensorFlow operation runs: devices and collective operations can only
@@ -148,6 +178,7 @@ def placement(choice: DeviceChoice) -> Placement:
         else:
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        _mend_keras_multi_worker_logs()
         index = _worker_index(resolver)
         return Placement(strategy, strategy.num_replicas_in_sync, workers, index,
                          f"MultiWorkerMirroredStrategy over {workers} workers from "
