@@ -2811,6 +2811,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         if placement.is_chief and run is not None:
             hint = _resume_hint(directory, run)
             if hint:
+                directory.prepare(keep_checkpoint=True)  # only the checkpoint stays
                 log.warning("%s", hint)
             else:
                 directory.discard()

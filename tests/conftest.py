@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -93,15 +92,6 @@ def binary_dirs(tmp_path):
 def run_script(module, argv) -> int:
     """Run a script's main() in this process, as the command line would."""
     return module.main([str(a) for a in argv])
-
-
-@pytest.fixture
-def copy_weights_to_keras_cache(isolated_keras_home):
-    def copy(source: Path) -> Path:
-        models = isolated_keras_home / "models"
-        models.mkdir(parents=True, exist_ok=True)
-        return Path(shutil.copy(source, models / source.name))
-    return copy
 
 
 def listdir(path: Path) -> list[str]:

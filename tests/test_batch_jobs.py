@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,3 +130,94 @@ def test_a_checkpoint_of_other_settings_is_refused_until_no_resume(frames, tmp_p
     rows = pd.read_csv(out / "history.csv")
     assert list(rows["phase"]) == ["head"] * 4 + ["fine_tune"]
     assert listdir(tmp_path) == ["frames", "model"]
+
+
+def _json_line(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines  # --json: one line on standard output, nothing else
+    return json.loads(lines[0])
+
+
+def test_json_line_and_exit_codes_0_1_2(frames, tmp_path, monkeypatch, capsys):
+    """--json ends every run with one JSON line: the model directory, metrics and timings on
+    success (0); the error and its exit code for bad input (2) and for a crash (1)."""
+    root, csv_path = frames
+    out = tmp_path / "model"
+    fast = ["--alpha", "0.35", "--image-size", "32", "--weights", "none", "--epochs", "2",
+            "--fine-tune-epochs", "1", "--json"]
+    assert run_script(build_multi_hot_model, [root, csv_path, out, *fast]) == 0
+    record = _json_line(capsys)
+    assert record["status"] == "ok" and record["exit_code"] == 0
+    assert record["model_dir"] == str(out.resolve()) and record["written"] is True
+    assert 0 <= record["metrics"]["macro"]["average_precision"] <= 1
+    assert set(record["metrics"]["symbols"]) == {"red_square", "blue_circle"}
+    assert record["seconds"]["total"] > record["seconds"]["head"] > 0
+    assert record["images"]["train"] + record["images"]["validation"] == 48
+
+    missing = tmp_path / "nope.csv"
+    assert run_script(build_multi_hot_model, [root, missing, tmp_path / "m2", *fast]) == 2
+    record = _json_line(capsys)
+    assert record["status"] == "error" and record["exit_code"] == 2
+    assert str(missing) in record["error"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(common, "fine_tune", crash)
+    assert run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m3", *fast]) == 1
+    record = _json_line(capsys)
+    assert record == {"status": "error", "exit_code": 1, "error": "RuntimeError: out of memory "
+                      "(run again with --debug for the traceback)"}
+
+
+# Runs a script with every network connection refused, as on an offline compute node.
+OFFLINE = """
+import runpy, socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network disabled by the test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _offline(script: str, *args, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", OFFLINE, str(ROOT / script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_offline_node_downloads_nothing_and_trains_from_the_fetched_weights(
+        frames, tmp_path, isolated_keras_home):
+    """Without the weights, --download-weights-only fails (2) naming the cache folder; once
+    the file is in $KERAS_HOME/models (as copied from a machine with internet), it reports it
+    there, and training and prediction run with every network connection refused."""
+    from conftest import SHARED_WEIGHTS_LEGACY
+
+    env = _environment(isolated_keras_home)
+    cache = isolated_keras_home / "models"
+    root, csv_path = frames
+    done = _offline("build_multi_hot_model.py", "--download-weights-only", "--alpha", "0.35",
+                    env=env)
+    assert done.returncode == 2, done.stderr
+    assert "could not get the ImageNet weights of mobilenet_v2 (alpha 0.35" in done.stderr
+    assert "network disabled by the test" in done.stderr and str(cache) in done.stderr
+
+    if not SHARED_WEIGHTS_LEGACY.is_file():
+        pytest.skip(f"needs {SHARED_WEIGHTS_LEGACY}, which a clone without ../shared lacks")
+    cache.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SHARED_WEIGHTS_LEGACY, cache / SHARED_WEIGHTS_LEGACY.name)
+    done = _offline("build_multi_hot_model.py", "--download-weights-only", "--alpha", "0.35",
+                    "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["downloaded"] == [] and record["weights_dir"] == str(cache)
+
+    out = tmp_path / "model"
+    done = _offline("build_multi_hot_model.py", root, csv_path, out, "--alpha", "0.35",
+                    "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "1", "--quiet",
+                    env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "metadata.json").read_text())["backbone"]["weights"] == "imagenet"
+    done = _offline("predict.py", out, root / "ep0", "--quiet", env=env)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1 + 8  # header and 8 frames
