@@ -19,10 +19,10 @@ import checkpoints
 import common
 from conftest import ROOT, listdir, run_script, write_two_symbol_frames
 
-# Small and slow enough to be interrupted mid-phase: 4 head and 4 fine-tuning epochs, with
-# patience so that early stopping never ends a phase before its last epoch.
+# Long enough to be interrupted mid-phase: 3 head and 3 fine-tuning epochs, with patience so
+# that early stopping never ends a phase before its last epoch.
 RESUMABLE = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",
-             "--weights", "none", "--epochs", "4", "--fine-tune-epochs", "4", "--patience", "9",
+             "--weights", "none", "--epochs", "3", "--fine-tune-epochs", "3", "--patience", "9",
              "--batch-size", "8", "--group-by", "none"]
 
 
@@ -30,7 +30,7 @@ RESUMABLE = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "3
 def frames(tmp_path):
     root = tmp_path / "frames"
     root.mkdir()
-    write_two_symbol_frames(root, 48, 8, seed=3).to_csv(root / "labels.csv", index=False)
+    write_two_symbol_frames(root, 32, 8, seed=3).to_csv(root / "labels.csv", index=False)
     return root, root / "labels.csv"
 
 
@@ -67,10 +67,11 @@ def _history_without_timings(model_dir: Path) -> pd.DataFrame:
 
 
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(frames, tmp_path,
-                                                               isolated_keras_home):
+                                                               isolated_keras_home, capsys):
     """Ctrl-C in the head phase exits 130, SIGTERM in fine-tuning exits 143; each time the
     same command continues from the last completed epoch and says so, and the model
-    directory it ends with has the history, split and metrics of a run never stopped."""
+    directory it ends with has the history, split and metrics of a run never stopped. A
+    rerun with another setting is refused in between."""
     env = _environment(isolated_keras_home)
     whole = tmp_path / "whole"
     done = subprocess.run(_command(frames, whole), env=env, capture_output=True, text=True)
@@ -85,13 +86,21 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(frames, tmp_path,
     assert not out.exists() and checkpoint_dir.is_dir()
     assert checkpoints.Checkpoint(checkpoint_dir, {}, writer=False).latest().phase == "head"
 
+    # Another setting must not continue this run's checkpoint: exit 2, naming the change.
+    root, csv_path = frames
+    changed = [root, csv_path, out, *RESUMABLE, "--learning-rate", "0.01"]
+    assert run_script(build_multi_hot_model, changed) == 2
+    error = capsys.readouterr().err
+    assert "holds the checkpoint of an unfinished run with other settings" in error
+    assert "settings.learning_rate: 0.003 then, 0.01 now" in error and "--no-resume" in error
+
     code, err = _interrupt(_command(frames, out), env, checkpoint_dir, "fine_tune", 1,
                            signal.SIGTERM)
     assert code == 143, err
     assert "Resuming from the checkpoint" in err and "head phase epoch" in err
     assert "Stopped by SIGTERM" in err
     state = checkpoints.Checkpoint(checkpoint_dir, {}, writer=False).latest()
-    assert state.phase == "fine_tune" and 1 <= state.epochs_done < 4
+    assert state.phase == "fine_tune" and 1 <= state.epochs_done < 3
 
     resumed = subprocess.run(_command(frames, out), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -106,30 +115,6 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(frames, tmp_path,
         json.loads((whole / "metrics.json").read_text())
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["training"]["resumed_from"].startswith("head phase done, fine-tuning epoch")
-
-
-def test_a_checkpoint_of_other_settings_is_refused_until_no_resume(frames, tmp_path,
-                                                                  isolated_keras_home, capsys):
-    """Changing a setting between a crash and the rerun must not mix two runs: the rerun stops
-    with exit code 2 and names the change; --no-resume deletes the checkpoint and starts over."""
-    env = _environment(isolated_keras_home)
-    out = tmp_path / "model"
-    checkpoint_dir = tmp_path / "model.partial" / "checkpoint"
-    code, err = _interrupt(_command(frames, out), env, checkpoint_dir, "head", 1, signal.SIGTERM)
-    assert code == 143, err
-
-    root, csv_path = frames
-    argv = [root, csv_path, out, *RESUMABLE, "--learning-rate", "0.01", "--fine-tune-epochs", "1"]
-    assert run_script(build_multi_hot_model, argv) == 2
-    error = capsys.readouterr().err
-    assert "holds the checkpoint of an unfinished run with other settings" in error
-    assert "settings.learning_rate: 0.003 then, 0.01 now" in error and "--no-resume" in error
-    assert checkpoint_dir.is_dir()
-
-    assert run_script(build_multi_hot_model, [*argv, "--no-resume", "--quiet"]) == 0
-    rows = pd.read_csv(out / "history.csv")
-    assert list(rows["phase"]) == ["head"] * 4 + ["fine_tune"]
-    assert listdir(tmp_path) == ["frames", "model"]
 
 
 def _json_line(capsys) -> dict:
@@ -152,7 +137,7 @@ def test_json_line_and_exit_codes_0_1_2(frames, tmp_path, monkeypatch, capsys):
     assert 0 <= record["metrics"]["macro"]["average_precision"] <= 1
     assert set(record["metrics"]["symbols"]) == {"red_square", "blue_circle"}
     assert record["seconds"]["total"] > record["seconds"]["head"] > 0
-    assert record["images"]["train"] + record["images"]["validation"] == 48
+    assert record["images"]["train"] + record["images"]["validation"] == 32
 
     missing = tmp_path / "nope.csv"
     assert run_script(build_multi_hot_model, [root, missing, tmp_path / "m2", *fast]) == 2
@@ -162,62 +147,54 @@ def test_json_line_and_exit_codes_0_1_2(frames, tmp_path, monkeypatch, capsys):
 
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(common, "fine_tune", crash)
+    monkeypatch.setattr(common, "train_and_save", crash)
     assert run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m3", *fast]) == 1
     record = _json_line(capsys)
     assert record == {"status": "error", "exit_code": 1, "error": "RuntimeError: out of memory "
                       "(run again with --debug for the traceback)"}
 
 
-# Runs a script with every network connection refused, as on an offline compute node.
+# Every network connection refused, as on an offline compute node; then the scripts' main()s
+# in this one process, whose Keras reads $KERAS_HOME when imported.
 OFFLINE = """
-import runpy, socket, sys
+import json, socket, sys
 def refuse(*args, **kwargs):
     raise OSError("network disabled by the test")
 socket.socket.connect = refuse
 socket.create_connection = refuse
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+import build_multi_hot_model, predict
+runs = json.loads(sys.argv[1])
+sys.exit(max(build_multi_hot_model.main(runs[0]), build_multi_hot_model.main(runs[1]),
+             predict.main(runs[2])))
 """
 
 
-def _offline(script: str, *args, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", OFFLINE, str(ROOT / script), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
-def test_offline_node_downloads_nothing_and_trains_from_the_fetched_weights(
-        frames, tmp_path, isolated_keras_home):
-    """Without the weights, --download-weights-only fails (2) naming the cache folder; once
-    the file is in $KERAS_HOME/models (as copied from a machine with internet), it reports it
-    there, and training and prediction run with every network connection refused."""
+def test_offline_node_trains_and_predicts_from_the_fetched_weights(frames, tmp_path,
+                                                                   isolated_keras_home):
+    """Once the weights file is in $KERAS_HOME/models (as copied from a machine with
+    internet), --download-weights-only reports it there and fetches nothing, and training
+    and prediction run with every network connection refused. (Without the file the same
+    command fails with exit code 2: see test_cli_errors.)"""
     from conftest import SHARED_WEIGHTS_LEGACY
-
-    env = _environment(isolated_keras_home)
-    cache = isolated_keras_home / "models"
-    root, csv_path = frames
-    done = _offline("build_multi_hot_model.py", "--download-weights-only", "--alpha", "0.35",
-                    env=env)
-    assert done.returncode == 2, done.stderr
-    assert "could not get the ImageNet weights of mobilenet_v2 (alpha 0.35" in done.stderr
-    assert "network disabled by the test" in done.stderr and str(cache) in done.stderr
-
     if not SHARED_WEIGHTS_LEGACY.is_file():
         pytest.skip(f"needs {SHARED_WEIGHTS_LEGACY}, which a clone without ../shared lacks")
+    cache = isolated_keras_home / "models"
     cache.mkdir(parents=True, exist_ok=True)
     shutil.copy(SHARED_WEIGHTS_LEGACY, cache / SHARED_WEIGHTS_LEGACY.name)
-    done = _offline("build_multi_hot_model.py", "--download-weights-only", "--alpha", "0.35",
-                    "--json", env=env)
-    assert done.returncode == 0, done.stderr
-    record = json.loads(done.stdout)
-    assert record["downloaded"] == [] and record["weights_dir"] == str(cache)
-
+    root, csv_path = frames
     out = tmp_path / "model"
-    done = _offline("build_multi_hot_model.py", root, csv_path, out, "--alpha", "0.35",
-                    "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "1", "--quiet",
-                    env=env)
+    runs = [["--download-weights-only", "--alpha", "0.35", "--json"],
+            [str(root), str(csv_path), str(out), "--alpha", "0.35", "--image-size", "32",
+             "--epochs", "1", "--fine-tune-epochs", "1", "--quiet"],
+            [str(out), str(root / "ep0"), "--quiet"]]
+    done = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(runs)], cwd=ROOT,
+                          env=_environment(isolated_keras_home), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    record = json.loads(lines[0])
+    assert record["downloaded"] == [] and record["weights_dir"] == str(cache)
+    assert "weights were already in" in done.stderr
     assert json.loads((out / "metadata.json").read_text())["backbone"]["weights"] == "imagenet"
-    done = _offline("predict.py", out, root / "ep0", "--quiet", env=env)
-    assert done.returncode == 0, done.stderr
-    assert len(done.stdout.strip().splitlines()) == 1 + 8  # header and 8 frames
+    header = next(i for i, line in enumerate(lines) if line.startswith("filename,"))
+    assert len(lines) - header == 1 + 8  # predict.py's header and its 8 frames, at the end

@@ -131,6 +131,9 @@ def test_offline_imagenet_download_failure_says_how_to_run_offline(binary_dirs, 
     assert "could not get the ImageNet weights of mobilenet_v2" in errors[0]
     assert "--weights PATH" in errors[0] and "Never trained on random weights" in errors[0]
     assert not out.exists()
+    # --download-weights-only fails the same way, and needs no other argument.
+    assert run_script(build_binary_classifier, ["--download-weights-only", "--alpha", "1.0"]) == 2
+    assert "could not get the ImageNet weights of mobilenet_v2" in _error_lines(capsys)[0]
 
 
 def test_command_line_process_exit_codes_and_clean_stderr(tmp_path):
