@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,13 @@ class Checkpoint:
         path = self.directory / STATE_FILE
         if not path.is_file():
             return None
+        try:
+            return self._read_state(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise RunMismatch(self.directory, [f"{STATE_FILE} unreadable ({error})"]) from None
+
+    @staticmethod
+    def _read_state(path: Path) -> PhaseState:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["state_json"]))
 

@@ -2625,11 +2625,12 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
     return parts, rows, phase_seconds
 
 
-# Settings that change where or how fast a run goes, not what it computes: a checkpoint made
-# with other values of these is resumed all the same. The device count is compared instead
+# Settings that change where or how fast a run goes, or only what happens after training
+# (--threshold-for), not what it trains: a checkpoint made with other values of these is
+# resumed all the same. The device count is compared instead
 # of --devices, and mixed precision as it was resolved.
 SETTINGS_NOT_IN_RUN_KEY = frozenset({"tensorboard", "cache_dir", "decoded_cache_gb", "devices",
-                                     "mixed_precision"})
+                                     "mixed_precision", "threshold_for"})
 
 
 def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
@@ -2671,7 +2672,10 @@ def _open_checkpoint(directory: ModelDirectory, key: dict, placement: distributi
 
 def _resume_hint(directory: ModelDirectory, run: TrainingRun) -> str:
     """What a rerun would continue from, for the user; empty when there is nothing to keep."""
-    state = run.checkpoint.latest()
+    try:
+        state = run.checkpoint.latest()
+    except checkpoints.RunMismatch:
+        return ""
     if state is None and run.checkpoint.features() is None:
         return ""
     config = run.checkpoint.run["settings"]

@@ -198,3 +198,34 @@ def test_offline_node_trains_and_predicts_from_the_fetched_weights(frames, tmp_p
     assert json.loads((out / "metadata.json").read_text())["backbone"]["weights"] == "imagenet"
     header = next(i for i, line in enumerate(lines) if line.startswith("filename,"))
     assert len(lines) - header == 1 + 8  # predict.py's header and its 8 frames, at the end
+
+
+def test_checkpoint_state_round_trip_and_an_unreadable_one(tmp_path):
+    """The state file gives back what was saved; a damaged one is reported (the command then
+    exits 2 and suggests --no-resume), never half-loaded."""
+    import numpy as np
+
+    run = {"settings": {"epochs": 3, "fine_tune_epochs": 2}}
+    writer = checkpoints.Checkpoint(tmp_path / "checkpoint", run)
+    assert writer.open(resume=True) is None
+    state = checkpoints.PhaseState(
+        phase="fine_tune", epochs_done=1, finished=False,
+        rows=[{"phase": "head", "epoch": 1, "loss": 0.5}],
+        early_stopping={"wait": 0, "best": 0.25, "best_epoch": 0, "stopped_epoch": 0},
+        variables=[np.arange(6, dtype=np.float32).reshape(2, 3)], optimizer=[np.int64(7)],
+        best_weights=[np.ones(2, np.float32)])
+    writer.save(state)
+    reader = checkpoints.Checkpoint(tmp_path / "checkpoint", run, writer=False)
+    back = reader.open(resume=True)
+    assert back.rows == state.rows and back.early_stopping == state.early_stopping
+    np.testing.assert_array_equal(back.variables[0], state.variables[0])
+    assert int(back.optimizer[0]) == 7 and back.best_weights[0].tolist() == [1.0, 1.0]
+    assert checkpoints.describe(back, {"head": 3, "fine_tune": 2}) == \
+        "head phase done, fine-tuning epoch 1 of 2 done"
+
+    with pytest.raises(checkpoints.RunMismatch, match="settings.epochs: 3 then, 4 now"):
+        checkpoints.Checkpoint(tmp_path / "checkpoint",
+                               {"settings": {"epochs": 4, "fine_tune_epochs": 2}}).open(True)
+    (tmp_path / "checkpoint" / checkpoints.STATE_FILE).write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(checkpoints.RunMismatch, match="state.npz unreadable"):
+        reader.open(resume=True)
