@@ -474,7 +474,12 @@ def configure_logging(quiet: bool = False, debug: bool = False) -> None:
     tf.get_logger().setLevel(logging.ERROR)
 
 
+_sigterm_received = False
+
+
 def _raise_terminated(signum, frame):
+    global _sigterm_received
+    _sigterm_received = True
     raise Terminated()
 
 
@@ -516,6 +521,10 @@ def run_command(command: Callable[[], int], debug: bool = False,
         code, message = 1, f"{type(error).__name__}: {error}"
         if not debug:
             message += " (run again with --debug for the traceback)"
+        if _sigterm_received:
+            # SIGTERM can land inside TensorFlow's C++ code, or end a worker whose peers it
+            # stopped first with a collective-operation error: either way the job was stopped.
+            code, message = 143, f"Stopped by SIGTERM. {interrupted}"
     log.error("%s", message)
     if on_failure is not None:
         on_failure(code, message)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import signal
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -161,6 +162,19 @@ def _mend_keras_multi_worker_logs() -> None:
     trainer.reduce_per_replica = reduce_per_replica
 
 
+def _rearm_python_sigterm() -> None:
+    """Give SIGTERM back to Python's handler (the command's, which stops training with a
+    checkpoint and exit code 143). TensorFlow's coordination service, which a multi-worker
+    strategy starts, installs a C++ SIGTERM handler of its own for its preemption notices,
+    and with it the signal no longer reaches Python: workers kept training through it."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: the caller handles no signals there
+            pass
+
+
 def placement(choice: DeviceChoice) -> Placement:
     """The strategy for `choice` and the cluster this process belongs to (TF_CONFIG, SLURM).
     Call it before any TensorFlow operation runs: devices and collective operations can only
@@ -179,6 +193,7 @@ def placement(choice: DeviceChoice) -> Placement:
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         _mend_keras_multi_worker_logs()
+        _rearm_python_sigterm()
         index = _worker_index(resolver)
         return Placement(strategy, strategy.num_replicas_in_sync, workers, index,
                          f"MultiWorkerMirroredStrategy over {workers} workers from "
