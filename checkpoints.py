@@ -179,6 +179,12 @@ class Checkpoint:
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
 
+    def progress(self, state: PhaseState | None) -> str:
+        """`describe` of `state`, with this run's epochs per phase."""
+        settings = self.run["settings"]
+        return describe(state, {"head": settings["epochs"],
+                                "fine_tune": settings["fine_tune_epochs"]})
+
     def remove(self) -> None:
         if self.writer:
             shutil.rmtree(self.directory, ignore_errors=True)

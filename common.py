@@ -487,6 +487,8 @@ def _raise_terminated(signum, frame):
 def sigterm_raises():
     """Within the block, SIGTERM raises Terminated in the main thread (outside it, or where
     signals cannot be handled, the process keeps its handler)."""
+    global _sigterm_received
+    _sigterm_received = False
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread
@@ -2084,16 +2086,17 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
                 model.set_weights(resumed.best_weights)
             return
         first_epoch = resumed.epochs_done
+    batches = train_data(first_epoch)
     if isinstance(run.placement.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _build_for_workers(model, run.placement.strategy, train_data(first_epoch))
+        _build_for_workers(model, run.placement.strategy, batches)
     callbacks = [early_stopping, EpochLog(phase, epochs, rows, steps)]
-    if run.checkpoint is not None:
+    if run.checkpoint is not None and run.checkpoint.writer:
         callbacks.append(EpochCheckpoint(run.checkpoint, phase, epochs, rows, early_stopping))
     if config.tensorboard and run.placement.is_chief:
         # One folder per phase: their epochs both count from 1 and would overwrite each other.
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.tensorboard, phase),
                                                      write_graph=False))
-    model.fit(train_data(first_epoch), steps_per_epoch=steps, validation_data=validation_data,
+    model.fit(batches, steps_per_epoch=steps, validation_data=validation_data,
               initial_epoch=first_epoch, epochs=epochs, verbose=verbose, callbacks=callbacks,
               shuffle=False)  # the batches come shuffled by epoch_batches
 
@@ -2149,7 +2152,8 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
         model = training_model(parts, fused, config)
         compile_fused(model, config.fine_tune_learning_rate, xla)
     targets = fused_targets(train[1], train[2])
-    verbose = 1 if sys.stderr.isatty() and log.isEnabledFor(logging.INFO) else 0
+    # Keras's progress bar writes to standard output: shown only when that is a terminal.
+    verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     fit_phase(model, "fine_tune", config, run,
               lambda first: image_dataset(train[0], geometry, batch, targets=targets, store=store,
                                           order=epoch_batches(len(targets), batch, config.seed,
@@ -2636,8 +2640,8 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
 
 # Settings that change where or how fast a run goes, or only what happens after training
 # (--threshold-for), not what it trains: a checkpoint made with other values of these is
-# resumed all the same. The device count is compared instead
-# of --devices, and mixed precision as it was resolved.
+# resumed all the same. The device count is compared instead of --devices, and mixed precision
+# as it was resolved.
 SETTINGS_NOT_IN_RUN_KEY = frozenset({"tensorboard", "cache_dir", "decoded_cache_gb", "devices",
                                      "mixed_precision", "threshold_for"})
 
@@ -2672,10 +2676,8 @@ def _open_checkpoint(directory: ModelDirectory, key: dict, placement: distributi
             f"or data ({shown}). Run the command that started it to continue it, or pass "
             "--no-resume to start this one over (its checkpoint is then deleted).") from None
     if resumed is not None:
-        epochs = {"head": key["settings"]["epochs"],
-                  "fine_tune": key["settings"]["fine_tune_epochs"]}
         log.info("Resuming from the checkpoint in %s: %s. (--no-resume starts over.)",
-                 directory.checkpoint, checkpoints.describe(resumed, epochs))
+                 directory.checkpoint, checkpoint.progress(resumed))
     return TrainingRun(placement, checkpoint, resumed)
 
 
@@ -2687,9 +2689,7 @@ def _resume_hint(directory: ModelDirectory, run: TrainingRun) -> str:
         return ""
     if state is None and run.checkpoint.features() is None:
         return ""
-    config = run.checkpoint.run["settings"]
-    done = checkpoints.describe(state, {"head": config["epochs"],
-                                        "fine_tune": config["fine_tune_epochs"]})
+    done = run.checkpoint.progress(state)
     return (f"The checkpoint in {directory.checkpoint} keeps the backbone features and the "
             f"completed epochs ({done}); run the same command again to continue from there, or "
             "add --no-resume to start over.")
@@ -2735,8 +2735,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     directory = ModelDirectory(output_dir)
     run = None
     try:
-        run = _open_checkpoint(directory, run_key(prepared, geometry, mixed, placement),
-                               placement, resume)
+        key = run_key(prepared, geometry, mixed, placement)
+        run = _open_checkpoint(directory, key, placement, resume)
         store = decoded_image_store(paths, geometry, config)
         try:
             with dtype_policy("mixed_float16" if mixed else "float32"):
@@ -2772,9 +2772,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         evaluation_table = evaluation.evaluation_table(
             images.table["filename"].to_numpy()[val_idx], split_table["group"].to_numpy()[val_idx],
             validation_labels, probabilities, symbols, thresholds)
-        resumed_from = (checkpoints.describe(run.resumed, {"head": config.epochs,
-                                                           "fine_tune": config.fine_tune_epochs})
-                        if run.resumed is not None else None)
+        resumed_from = run.checkpoint.progress(run.resumed) if run.resumed is not None else None
         metadata = {
             "format_version": MODEL_FORMAT_VERSION,
             "symbols": list(symbols),
@@ -2798,7 +2796,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             "thresholds": {s: thresholds[s].threshold for s in symbols},
             "threshold_rule": config.threshold_for,
             "data": {"source": images.source, "details": images.details, "counts": counts,
-                     "fingerprint_sha256": data_fingerprint(images.table, symbols)},
+                     "fingerprint_sha256": key["data_sha256"]},
             "packages": package_versions(),
         }
         partial = directory.partial

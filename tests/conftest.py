@@ -89,6 +89,32 @@ def binary_dirs(tmp_path):
     return root / "with_square", root / "without_square"
 
 
+@pytest.fixture
+def small_two_symbol_csv(tmp_path):
+    """32 frames in 4 episodes of 8 and their labels.csv: the data of the tests that start
+    real training processes, small enough to keep each of them at seconds."""
+    root = tmp_path / "frames"
+    root.mkdir()
+    write_two_symbol_frames(root, 32, 8, seed=3).to_csv(root / "labels.csv", index=False)
+    return root, root / "labels.csv"
+
+
+def training_command(data, out, *options) -> list[str]:
+    """The command line of build_multi_hot_model.py on `data` (a small_two_symbol_csv)."""
+    root, csv_path = data
+    return [sys.executable, str(ROOT / "build_multi_hot_model.py"), str(root), str(csv_path),
+            str(out), *map(str, options)]
+
+
+def process_environment(keras_home: Path, **extra) -> dict:
+    """The environment of a training subprocess: its own $KERAS_HOME, no GPU, no cluster
+    (TF_CONFIG) unless `extra` gives one, and unbuffered output."""
+    env = {**os.environ, "KERAS_HOME": str(keras_home), "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("TF_CONFIG", None)
+    return {**env, **extra}
+
+
 def run_script(module, argv) -> int:
     """Run a script's main() in this process, as the command line would."""
     return module.main([str(a) for a in argv])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import build_multi_hot_model
 import checkpoints
 import common
-from conftest import ROOT, listdir, run_script, write_two_symbol_frames
+from conftest import (ROOT, listdir, process_environment, run_script, training_command)
 
 # Long enough to be interrupted mid-phase: 3 head and 3 fine-tuning epochs, with patience so
 # that early stopping never ends a phase before its last epoch.
@@ -27,22 +26,12 @@ RESUMABLE = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "3
 
 
 @pytest.fixture
-def frames(tmp_path):
-    root = tmp_path / "frames"
-    root.mkdir()
-    write_two_symbol_frames(root, 32, 8, seed=3).to_csv(root / "labels.csv", index=False)
-    return root, root / "labels.csv"
+def frames(small_two_symbol_csv):
+    return small_two_symbol_csv
 
 
 def _command(frames, out, *extra) -> list[str]:
-    root, csv_path = frames
-    return [sys.executable, str(ROOT / "build_multi_hot_model.py"), str(root), str(csv_path),
-            str(out), *RESUMABLE, *extra]
-
-
-def _environment(keras_home: Path) -> dict:
-    return {**os.environ, "KERAS_HOME": str(keras_home), "CUDA_VISIBLE_DEVICES": "",
-            "PYTHONUNBUFFERED": "1"}
+    return training_command(frames, out, *RESUMABLE, *extra)
 
 
 def _interrupt(command, env, checkpoint_dir: Path, phase: str, epochs_done: int, signum: int):
@@ -72,7 +61,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(frames, tmp_path,
     same command continues from the last completed epoch and says so, and the model
     directory it ends with has the history, split and metrics of a run never stopped. A
     rerun with another setting is refused in between."""
-    env = _environment(isolated_keras_home)
+    env = process_environment(isolated_keras_home)
     whole = tmp_path / "whole"
     done = subprocess.run(_command(frames, whole), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -188,7 +177,7 @@ def test_offline_node_trains_and_predicts_from_the_fetched_weights(frames, tmp_p
              "--epochs", "1", "--fine-tune-epochs", "1", "--quiet"],
             [str(out), str(root / "ep0"), "--quiet"]]
     done = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(runs)], cwd=ROOT,
-                          env=_environment(isolated_keras_home), capture_output=True, text=True,
+                          env=process_environment(isolated_keras_home), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()

@@ -5,38 +5,25 @@ collective operations can only be set up before TensorFlow starts its runtime.""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT, listdir, write_two_symbol_frames
+from conftest import listdir, process_environment, training_command
 
 TINY = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights",
         "none", "--epochs", "2", "--fine-tune-epochs", "1", "--batch-size", "8", "--json"]
 
 
 @pytest.fixture
-def frames(tmp_path):
-    root = tmp_path / "frames"
-    root.mkdir()
-    write_two_symbol_frames(root, 32, 8, seed=3).to_csv(root / "labels.csv", index=False)
-    return root, root / "labels.csv"
+def frames(small_two_symbol_csv):
+    return small_two_symbol_csv
 
 
 def _command(frames, out, *extra):
-    root, csv_path = frames
-    return [sys.executable, str(ROOT / "build_multi_hot_model.py"), str(root), str(csv_path),
-            str(out), *TINY, *extra]
-
-
-def _environment(keras_home, **extra):
-    env = {**os.environ, "KERAS_HOME": str(keras_home), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("TF_CONFIG", None)
-    return {**env, **extra}
+    return training_command(frames, out, *TINY, *extra)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -59,7 +46,7 @@ def test_two_logical_cpu_devices_train_under_mirrored_strategy(frames, tmp_path,
                                                                isolated_keras_home):
     out = tmp_path / "model"
     done = subprocess.run(_command(frames, out, "--devices", "cpu:2"),
-                          env=_environment(isolated_keras_home), capture_output=True, text=True,
+                          env=process_environment(isolated_keras_home), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert "MirroredStrategy over 2 devices" in done.stderr
@@ -81,7 +68,7 @@ def test_two_workers_on_localhost_train_one_model_directory(frames, tmp_path, is
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     processes = [
         subprocess.Popen(_command(frames, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=_environment(isolated_keras_home, TF_CONFIG=json.dumps(
+                         text=True, env=process_environment(isolated_keras_home, TF_CONFIG=json.dumps(
                              {"cluster": cluster, "task": {"type": "worker", "index": index}})))
         for index in range(2)]
     results = [p.communicate(timeout=600) for p in processes]
