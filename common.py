@@ -1940,10 +1940,14 @@ def fused_targets(labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.concatenate([np.nan_to_num(labels), weights], axis=1).astype(np.float32)
 
 
-def compile_fused(model: keras.Model, learning_rate: float, xla: str = "auto") -> None:
-    """Compile a model with fused logits (`fused_head`) for training with `fused_targets`."""
+def compile_fused(model: keras.Model, learning_rate: float, xla: str = "auto",
+                  steps_per_execution: int = 1) -> None:
+    """Compile a model with fused logits (`fused_head`) for training with `fused_targets`.
+    `steps_per_execution` steps run in one call of the compiled step; it must divide the
+    steps of an epoch, or an execution would run into the next epoch's batches."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=weighted_binary_crossentropy, jit_compile=_jit_compile(xla))
+                  loss=weighted_binary_crossentropy, jit_compile=_jit_compile(xla),
+                  steps_per_execution=steps_per_execution)
 
 
 def fused_head(parts: ModelParts, symbols: Sequence[str], dropout: float) -> keras.Model:
@@ -2109,14 +2113,21 @@ def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig
     Trains `fused_head` and copies its weights into the per-symbol output layers."""
     run = run or single_device_run()
     batch = run.global_batch(config.batch_size)
+    steps = math.ceil(len(train[1]) / batch)
     with run.placement.strategy.scope():
         fused = fused_head(parts, symbols, config.dropout)
-        compile_fused(fused, config.learning_rate, config.xla)
+        # A head step on cached features is a few microseconds of arithmetic and a
+        # millisecond of Keras's per-call overhead; running a whole epoch in one compiled call
+        # halves the head epochs' time (0.3 s to 0.13 s at 5,000 frames and 45 symbols).
+        # Keras 3.15 cannot run several steps per call under MirroredStrategy (an
+        # InvalidArgumentError in multi_step_on_iterator), so several replicas keep one.
+        compile_fused(fused, config.learning_rate, config.xla,
+                      steps_per_execution=steps if run.placement.replicas == 1 else 1)
     targets = fused_targets(train[1], train[2])
     fit_phase(fused, "head", config, run,
               lambda first: feature_dataset(train[0], targets, batch, epoch_batches(
                   len(targets), batch, config.seed, first, config.epochs)),
-              math.ceil(len(targets) / batch),
+              steps,
               feature_dataset(validation[0], fused_targets(validation[1], validation[2]), batch),
               rows)
     _copy_fused_head(fused, parts, symbols)
