@@ -25,6 +25,30 @@ def fake_decoder(calls):
     return decode
 
 
+def test_decoded_chunks_keep_order_fill_the_store_and_name_an_unreadable_file(tmp_path):
+    from PIL import Image
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"frame_{i}.png"
+        Image.new("RGB", (12, 10), (i * 30, 0, 0)).save(path)
+        paths.append(str(path))
+    geometry = common.ImageGeometry(10, 12, "letterbox")
+    calls = []
+    store = PixelStore(paths, (10, 12, 3), lambda p: (calls.append(p),
+                       common.load_image_array(p, geometry))[1], tmp_path)
+    chunks = list(common.decoded_chunks(paths, geometry, 3, store))
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert [int(image[0, 0, 0]) for c in chunks for image in c] == [i * 30 for i in range(7)]
+    assert store.filled == 7 and sorted(calls) == sorted(paths)
+    list(common.decoded_chunks(paths, geometry, 3, store))
+    assert len(calls) == 7  # the second pass reads the store
+    (tmp_path / "frame_4.png").write_bytes(b"not an image")
+    with pytest.raises(common.ImageReadError, match="frame_4.png"):
+        list(common.decoded_chunks(paths, geometry, 3))
+    with pytest.raises(ValueError, match="chunk_size"):
+        list(common.decoded_chunks(paths, geometry, 0))
+
+
 def test_pixel_store_decodes_each_image_once_and_reads_it_back(tmp_path):
     calls = []
     paths = [f"img_{i}" for i in range(5)]
