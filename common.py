@@ -1877,19 +1877,23 @@ def extract_features(parts: ModelParts, paths: Sequence[str], geometry: ImageGeo
     The backbone runs on in-memory chunks of a few batches while threads decode the next
     chunk (`decoded_chunks`). A `tf.data` pipeline decoding a batch per Python call beside
     the backbone reached only 40-75 % of the in-memory inference rate on 2 CPU cores
-    (29 against 69 images/s at 224x384 in one benchmark run); decoding whole chunks ahead
-    reached 85-100 % in the same comparison."""
+    (29 against 69 images/s at 224x384 in one run of bench/train_speed.py); decoding a
+    chunk ahead reached 75-79 % in the next run (55-59 against 74 images/s)."""
     start = time.monotonic()
     infer = compiled_inference(parts.features)
     chunks, done, last_report = [], 0, start
-    for images in decoded_chunks(paths, geometry, FEATURE_CHUNK_BATCHES * batch_size, store):
-        for first in range(0, len(images), batch_size):
-            chunks.append(np.asarray(infer(images[first:first + batch_size])))
-        done += len(images)
-        if time.monotonic() - last_report > 10:
-            last_report = time.monotonic()
-            log.info("Computing backbone features: %s of %s images (%.1f images/s)",
-                     f"{done:,}", f"{len(paths):,}", done / (last_report - start))
+    # Closed on the way out, so that an error or SIGTERM here also stops the decoding threads
+    # at once instead of when the generator is garbage-collected.
+    with contextlib.closing(decoded_chunks(paths, geometry, FEATURE_CHUNK_BATCHES * batch_size,
+                                           store)) as decoded:
+        for images in decoded:
+            for first in range(0, len(images), batch_size):
+                chunks.append(np.asarray(infer(images[first:first + batch_size])))
+            done += len(images)
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                log.info("Computing backbone features: %s of %s images (%.1f images/s)",
+                         f"{done:,}", f"{len(paths):,}", done / (last_report - start))
     if not chunks:
         raise ValueError("extract_features needs at least one path")
     features = np.concatenate(chunks).astype(np.float32)
