@@ -49,7 +49,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -1741,10 +1741,11 @@ def compiled_inference(model: keras.Model):
     return infer
 
 
-def run_inference(model: keras.Model, dataset: tf.data.Dataset,
+def run_inference(model: keras.Model, dataset: Iterable,
                   progress_label: str | None = None, total: int | None = None):
-    """Apply `model` in inference mode to every batch; returns a numpy array, or a dict of
-    them for a dict-output model, in dataset order."""
+    """Apply `model` in inference mode to every batch of `dataset` (a tf.data.Dataset or
+    any iterable of batches, either of which may be (images, targets) pairs); returns a
+    numpy array, or a dict of them for a dict-output model, in dataset order."""
     infer = compiled_inference(model)
     chunks = []
     done, last_report, start = 0, time.monotonic(), time.monotonic()
@@ -1848,10 +1849,10 @@ FEATURE_CHUNK_BATCHES = 4
 def decoded_chunks(paths: Sequence[str], geometry: ImageGeometry, chunk_size: int,
                    store: PixelStore | None = None):
     """The model inputs of `paths` in order, as uint8 arrays of `chunk_size` images (the last
-    may be shorter). While the caller works on one chunk, a thread per core decodes the
-    next, so at most two chunks are in memory. With `store`, images come from it when it has
-    them and are added to it when it does not. A file that cannot be read raises
-    ImageReadError."""
+    may be shorter). While the caller works on one chunk, threads (one fewer than the
+    cores, leaving one to the caller) decode the next, so at most two chunks are in memory.
+    With `store`, images come from it when it has them and are added to it when it does
+    not. A file that cannot be read raises ImageReadError."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     load = store.load if store is not None else (lambda path: load_image_array(path, geometry))
@@ -1880,23 +1881,14 @@ def extract_features(parts: ModelParts, paths: Sequence[str], geometry: ImageGeo
     (29 against 69 images/s at 224x384 in one run of bench/train_speed.py); decoding a
     chunk ahead reached 75-79 % in the next run (55-59 against 74 images/s)."""
     start = time.monotonic()
-    infer = compiled_inference(parts.features)
-    chunks, done, last_report = [], 0, start
     # Closed on the way out, so that an error or SIGTERM here also stops the decoding threads
     # at once instead of when the generator is garbage-collected.
     with contextlib.closing(decoded_chunks(paths, geometry, FEATURE_CHUNK_BATCHES * batch_size,
                                            store)) as decoded:
-        for images in decoded:
-            for first in range(0, len(images), batch_size):
-                chunks.append(np.asarray(infer(images[first:first + batch_size])))
-            done += len(images)
-            if time.monotonic() - last_report > 10:
-                last_report = time.monotonic()
-                log.info("Computing backbone features: %s of %s images (%.1f images/s)",
-                         f"{done:,}", f"{len(paths):,}", done / (last_report - start))
-    if not chunks:
-        raise ValueError("extract_features needs at least one path")
-    features = np.concatenate(chunks).astype(np.float32)
+        batches = (images[first:first + batch_size] for images in decoded
+                   for first in range(0, len(images), batch_size))
+        features = run_inference(parts.features, batches, "Computing backbone features",
+                                 len(paths)).astype(np.float32)
     seconds = time.monotonic() - start
     log.info("Computed backbone features of %s images in %.1f s (%.1f images/s)",
              f"{len(paths):,}", seconds, len(paths) / max(seconds, 1e-9))

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -85,7 +86,6 @@ def test_second_run_reuses_every_feature_and_a_changed_image_misses_alone(frames
 
 
 def test_another_backbone_geometry_or_weights_file_misses(frames, tmp_path, weights_file, computed):
-    import keras
     table = scanned_table(*frames)
     base = dict(alpha=0.35, weights=str(weights_file), image_size=32, cache_dir=str(tmp_path / "cache"))
     features_with(common.TrainingConfig(**base), table)
