@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import (ALPHA, BATCH, SIZE, WEIGHTS, check_inputs, input_shape,  # noqa: E402
-                         load_data, macro_ap, peak_rss_mb)
+from train_speed import (ALPHA, BATCH, SIZE, WEIGHTS, add_data_arguments,  # noqa: E402
+                         check_inputs, input_shape, load_data, macro_ap, peak_rss_mb)
 
 
 def augmented_features(parts, paths, geometry, policy: str, seed: int) -> np.ndarray:
@@ -82,16 +82,12 @@ def head_ap(parts, symbols, config, train, validation, test_features, test_label
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", choices=("logodet", "frames"))
-    parser.add_argument("--frames-dir", help="Output folder of make_symbol_frames.py --layout multi.")
-    parser.add_argument("--square", action="store_true",
-                        help="Frames at 224x224, squashed, instead of 224x384.")
+    add_data_arguments(parser)
     parser.add_argument("--views", type=int, default=3,
                         help="Most augmented views per training image. Default: %(default)s.")
     parser.add_argument("--seeds", type=int, default=5,
                         help="Head trainings per variant. Default: %(default)s.")
     parser.add_argument("--policy", default="default", help="Augmentation policy of the views.")
-    parser.add_argument("--limit", type=int, help="Use only about this many images.")
     args = parser.parse_args()
     check_inputs(parser, args)
     logging.basicConfig(level=logging.WARNING)

@@ -104,6 +104,17 @@ def load_data(args):
     return table, images.symbols
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that load_data and check_inputs read, shared by the benchmarks here."""
+    parser.add_argument("data", choices=["logodet", "frames"])
+    parser.add_argument("--frames-dir", help="Output folder of make_symbol_frames.py --layout multi.")
+    parser.add_argument("--square", action="store_true",
+                        help="Frames too at 224x224, squashed, as earlier versions of this "
+                             "benchmark ran them, instead of 224x384.")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="Use only about this many images (a quick check of the script).")
+
+
 def check_inputs(parser: argparse.ArgumentParser, args) -> None:
     """What every benchmark here needs before it starts: its data and the shared weights."""
     if args.data == "frames" and not args.frames_dir:
@@ -446,19 +457,13 @@ def report(results: dict, args, table, symbols) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", choices=["logodet", "frames"])
-    parser.add_argument("--frames-dir", help="Output folder of make_symbol_frames.py --layout multi.")
-    parser.add_argument("--square", action="store_true",
-                        help="Frames too at 224x224, squashed, as earlier versions of this "
-                             "benchmark ran them, instead of 224x384.")
+    add_data_arguments(parser)
     parser.add_argument("--baseline-head-epochs", type=int, default=10)
     parser.add_argument("--baseline-fine-tune-epochs", type=int, default=5)
     parser.add_argument("--raw-rounds", type=int, default=5,
                         help="Interleaved timing rounds per raw rate; the median is reported.")
     parser.add_argument("--raw-seconds", type=float, default=6.0,
                         help="Seconds each raw rate is timed in each round.")
-    parser.add_argument("--limit", type=int, default=0,
-                        help="Use only about this many images (a quick check of the script).")
     parser.add_argument("--work", default="/tmp/train_speed", help="Folder for the split and models.")
     parser.add_argument("--stages", default="raw,ours_head,ours_head_warm,ours,baseline")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
