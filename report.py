@@ -63,32 +63,49 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def kept_epoch(rows: pd.DataFrame) -> int | None:
+    """The epoch whose weights a phase kept: highest validation AP, or lowest validation
+    loss in phases (and older histories) without it."""
+    if "val_ap" in rows and rows["val_ap"].notna().any():
+        return int(rows.loc[rows["val_ap"].idxmax(), "epoch"])
+    if "val_loss" in rows and rows["val_loss"].notna().any():
+        return int(rows.loc[rows["val_loss"].idxmin(), "epoch"])
+    return None
+
+
 def training_curves_png(history: pd.DataFrame) -> bytes:
-    """Loss per epoch of each phase, training and validation, with the epoch of lowest
-    validation loss marked: the weights that phase keeps."""
+    """Loss per epoch of each phase, training and validation, the validation average
+    precision on a second axis, and the epoch whose weights the phase kept marked."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     phases = [p for p in ("head", "fine_tune") if (history["phase"] == p).any()]
-    figure = Figure(figsize=(5.2 * len(phases), 3.4))
+    figure = Figure(figsize=(5.6 * len(phases), 3.4))
     axes = np.atleast_1d(figure.subplots(1, len(phases)))
     titles = {"head": "Head phase (features computed once)",
               "fine_tune": "Fine-tuning phase (images streamed)"}
     for ax, phase in zip(axes, phases):
         rows = history[history["phase"] == phase]
-        ax.plot(rows["epoch"], rows["loss"], marker="o", ms=3, label="training loss")
+        lines = ax.plot(rows["epoch"], rows["loss"], marker="o", ms=3, label="training loss")
         if "val_loss" in rows and rows["val_loss"].notna().any():
-            ax.plot(rows["epoch"], rows["val_loss"], marker="o", ms=3, label="validation loss")
-            best = rows.loc[rows["val_loss"].idxmin()]
-            ax.axvline(best["epoch"], color="#888", ls="--", lw=1)
-            ax.annotate(f"kept: epoch {int(best['epoch'])}", (best["epoch"], best["val_loss"]),
-                        textcoords="offset points", xytext=(6, 10), fontsize=8, color="#444")
+            lines += ax.plot(rows["epoch"], rows["val_loss"], marker="o", ms=3,
+                             label="validation loss")
+        if "val_ap" in rows and rows["val_ap"].notna().any():
+            ap_axis = ax.twinx()
+            lines += ap_axis.plot(rows["epoch"], rows["val_ap"], marker="s", ms=3, color="#2a7",
+                                  label="validation AP (right)")
+            ap_axis.set_ylabel("average precision, mean over symbols")
+        kept = kept_epoch(rows)
+        if kept is not None:
+            ax.axvline(kept, color="#888", ls="--", lw=1)
+            ax.annotate(f"kept: epoch {kept}", (kept, 1), xycoords=("data", "axes fraction"),
+                        textcoords="offset points", xytext=(4, -12), fontsize=8, color="#444")
         ax.set_title(titles[phase], fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss (weighted cross-entropy)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
     figure.tight_layout()
     return _png(figure)
 
@@ -332,8 +349,9 @@ and outcomes are in <code>evaluation.csv</code>.</p>
 <h2>Training</h2>
 <p class="note">Feature extraction {phases.get('features', 0):.0f} s, head phase
 {phases.get('head', 0):.0f} s, fine-tuning {phases.get('fine_tune', 0):.0f} s. Each phase keeps
-the weights of its epoch with the lowest validation loss (early stopping after
-{config['patience']} epochs without improvement).</p>
+the weights of its epoch with the highest validation AP (mean over the symbols with both
+visible and not-visible validation frames; the lowest validation loss when there are none),
+and stops after {config['patience']} epochs without improvement.</p>
 {curves}
 
 <h2>Data</h2>

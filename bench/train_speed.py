@@ -40,6 +40,7 @@ rest validation), so no shot is in two splits.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -451,7 +452,13 @@ def report(results: dict, args, table, symbols) -> None:
               if "speed_before" in x]
     if speeds:
         print("\nMachine speed around each stage (reference inference, images/s, before and after):")
-        print("  " + "; ".join(f"{name} {before:.0f} -> {after:.0f}" for name, before, after in speeds))
+        print("  " + "; ".join(f"{name} {before:.0f} -> {after:.0f}"
+                               + (" (earlier run)" if results[name].get("reused") else "")
+                               for name, before, after in speeds))
+    reused = [name for name, x in results.items() if x.get("reused")]
+    if reused:
+        print(f"Reused from an earlier run on the same split (--reuse): {', '.join(reused)}; "
+              "ratios against them mix two runs.")
 
 
 def main() -> int:
@@ -466,6 +473,12 @@ def main() -> int:
                         help="Seconds each raw rate is timed in each round.")
     parser.add_argument("--work", default="/tmp/train_speed", help="Folder for the split and models.")
     parser.add_argument("--stages", default="raw,ours_head,ours_head_warm,ours,baseline")
+    parser.add_argument("--reuse", default="",
+                        help="Comma-separated stages (for example baseline,raw) whose results to "
+                             "read from WORK/results.json, written by an earlier run on the same "
+                             "split, instead of running them again: for when only our pipeline "
+                             "changed. The report marks them; their times are that run's, on "
+                             "that day's machine.")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     check_inputs(parser, args)
@@ -487,15 +500,31 @@ def main() -> int:
     counts = table.split.value_counts()
     print(f"Split: {counts.get('train', 0):,} train, {counts.get('validation', 0):,} validation, "
           f"{counts.get('test', 0):,} test images", flush=True)
+    split_sha256 = hashlib.sha256(
+        table[["filename", "split"]].to_csv(index=False).encode()).hexdigest()
+    results_file = Path(args.work) / "results.json"
+    earlier = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    reused = [name for name in args.reuse.split(",") if name]
+    for name in reused:
+        if name not in earlier.get("stages", {}):
+            parser.error(f"--reuse {name}: {results_file} has no result of that stage")
+        if earlier.get("split_sha256") != split_sha256:
+            parser.error(f"--reuse: {results_file} comes from another split; run every stage")
     shutil.rmtree(cache_dir(args), ignore_errors=True)  # ours_head must start cold
-    results = {}
+    results = {name: dict(earlier["stages"][name], reused=True) for name in reused}
     speed = run_stage("speed", args)["images_per_s"]
     for name in args.stages.split(","):
+        if name in reused:
+            continue
         print(f"Running {name} ...", flush=True)
         results[name] = run_stage(name, args)
         results[name]["speed_before"] = speed
         speed = results[name]["speed_after"] = run_stage("speed", args)["images_per_s"]
         print(json.dumps({name: results[name]}), flush=True)
+        stored = {"split_sha256": split_sha256,
+                  "stages": {**earlier.get("stages", {}) if earlier.get("split_sha256")
+                             == split_sha256 else {}, **results}}
+        results_file.write_text(json.dumps(stored, indent=1))
     if {"raw", "ours", "baseline"} <= set(results):
         report(results, args, table, symbols)
     return 0

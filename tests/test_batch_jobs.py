@@ -18,10 +18,12 @@ import checkpoints
 import common
 from conftest import (ROOT, listdir, process_environment, run_script, training_command)
 
-# Long enough to be interrupted mid-phase: 3 head and 3 fine-tuning epochs, with patience so
-# that early stopping never ends a phase before its last epoch.
+# Long enough to be interrupted mid-phase: 6 head and 3 fine-tuning epochs, with patience so
+# that early stopping never ends a phase before its last epoch. A head epoch here takes a
+# fraction of a second, so the signal sent after its second epoch needs several more to land
+# before the phase is over.
 RESUMABLE = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",
-             "--weights", "none", "--epochs", "3", "--fine-tune-epochs", "3", "--patience", "9",
+             "--weights", "none", "--epochs", "6", "--fine-tune-epochs", "3", "--patience", "9",
              "--batch-size", "8", "--group-by", "none"]
 
 

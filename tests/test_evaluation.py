@@ -210,7 +210,13 @@ def test_report_embeds_curves_and_thumbnails_of_the_worst_errors(tmp_path):
                              "started_at": "2026-11-22T10:00:00+00:00",
                              "phase_seconds": {"features": 3.0, "head": 2.0, "fine_tune": 9.0}}}
     history = pd.DataFrame({"phase": ["head"] * 3 + ["fine_tune"] * 2, "epoch": [1, 2, 3, 1, 2],
-                            "loss": [0.9, 0.7, 0.6, 0.5, 0.45], "val_loss": [0.8, 0.7, 0.75, 0.6, 0.62]})
+                            "loss": [0.9, 0.7, 0.6, 0.5, 0.45], "val_loss": [0.8, 0.7, 0.75, 0.6, 0.62],
+                            "val_ap": [0.5, 0.6, 0.7, 0.72, 0.71]})
+    # The kept epoch is the best val_ap (head: 3, not 2 of the lowest val_loss), and the
+    # lowest val_loss in histories without val_ap (written by earlier versions).
+    assert report.kept_epoch(history[history.phase == "head"]) == 3
+    assert report.kept_epoch(history[history.phase == "head"].drop(columns="val_ap")) == 2
+    assert report.kept_epoch(history[history.phase == "fine_tune"]) == 1
     path = report.write_report(tmp_path, model_name="symbols", metadata=metadata, metrics=metrics,
                                history=history, table=table, paths=paths)
     html = path.read_text()

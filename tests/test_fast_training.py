@@ -220,3 +220,78 @@ def test_precision_and_xla_flags_are_checked(flag, value, capsys):
         build_binary_classifier.build_parser().parse_args(["a", "b", "c", flag, value])
     assert exit_info.value.code == 2
     assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_validation_scores_are_the_training_loss_and_the_macro_ap_of_rankable_symbols():
+    symbols = ["a", "b", "c", "d"]
+    keras.utils.set_random_seed(2)
+    parts, _ = _random_parts(symbols, dropout=0.0)
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(30, parts.features.output_shape[-1])).astype(np.float32)
+    labels = (rng.random((30, 4)) < 0.4).astype(np.float32)
+    labels[:, 2] = 0  # no positive: its AP says nothing and must not count
+    labels[0, 0] = np.nan  # not annotated: left out of a's AP
+    labels[:, 3] = 1
+    labels[5, 3] = np.nan  # only positives once the unannotated frame is left out: not counted
+    labels[6, 3] = 0
+    weights = common.sample_weights(labels, np.array([3.0, 2.0, 1.0, 1.0], np.float32))
+    weights[6, 3] = 0  # d's only negative is not annotated either
+    targets = common.fused_targets(labels, weights)
+    fused = common.fused_head(parts, symbols, 0.0)
+    common.compile_fused(fused, 1e-3)
+
+    scores = common.ValidationScores(lambda: (features[i:i + 8] for i in range(0, 30, 8)), targets)
+    scores.set_model(fused)
+    scores.on_train_begin()
+    logs = {"loss": 1.0}
+    scores.on_epoch_end(0, logs)
+    assert logs["val_loss"] == pytest.approx(
+        fused.evaluate(features, targets, batch_size=30, verbose=0), rel=1e-5)
+    probabilities = 1 / (1 + np.exp(-fused(features, training=False).numpy()))
+    from evaluation import average_precision
+    expected = np.mean([average_precision(labels[1:, 0] == 1, probabilities[1:, 0]),
+                        average_precision(labels[:, 1] == 1, probabilities[:, 1])])
+    assert logs["val_ap"] == pytest.approx(expected, rel=1e-6)
+    assert scores.monitor() == "val_ap" and scores.seconds > 0
+
+    nothing_to_rank = common.fused_targets(np.zeros((30, 4), np.float32), np.ones((30, 4), np.float32))
+    assert common.ValidationScores(lambda: [features], nothing_to_rank).monitor() == "val_loss"
+
+
+def test_the_head_keeps_the_epoch_with_the_highest_validation_ap(caplog):
+    # Patience longer than the run: every epoch runs, and the weights kept must be those of
+    # the epoch whose val_ap was highest, which need not be the one with the lowest val_loss.
+    symbols = ["a", "b"]
+    keras.utils.set_random_seed(4)
+    parts, config = _random_parts(symbols, epochs=8, patience=20, learning_rate=0.05)
+    rng = np.random.default_rng(5)
+    size = parts.features.output_shape[-1]
+    x = rng.normal(size=(120, size)).astype(np.float32)
+    y = (x[:, :2] + rng.normal(scale=2.0, size=(120, 2)) > 0.8).astype(np.float32)
+    w = common.sample_weights(y, common.positive_weights(y[:80], "balanced"))
+    rows = []
+    with caplog.at_level(logging.INFO, logger="common"):
+        common.train_head(parts, symbols, config, (x[:80], y[:80], w[:80]),
+                          (x[80:], y[80:], w[80:]), rows)
+    assert len(rows) == 8 and all("val_ap" in row and "val_loss" in row for row in rows)
+    assert "val_ap" in caplog.text
+    kept = parts.head(x[80:], training=False)
+    probabilities = np.concatenate([kept[s].numpy() for s in symbols], axis=1)
+    best = max(row["val_ap"] for row in rows)
+    assert common.validation_macro_ap(y[80:], w[80:], probabilities) == pytest.approx(best, abs=1e-6)
+
+
+def test_without_rankable_validation_symbols_early_stopping_watches_the_loss(caplog):
+    symbols = ["a"]
+    parts, config = _random_parts(symbols, epochs=2)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(20, parts.features.output_shape[-1])).astype(np.float32)
+    y = np.zeros((20, 1), np.float32)
+    y[:5] = 1
+    w = np.ones_like(y)
+    rows = []
+    with caplog.at_level(logging.WARNING, logger="common"):
+        common.train_head(parts, symbols, config, (x[:10], y[:10], w[:10]),
+                          (x[10:], y[10:], w[10:]), rows)
+    assert "watches the validation loss" in caplog.text
+    assert len(rows) == 2 and np.isnan(rows[0]["val_ap"])
