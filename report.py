@@ -63,13 +63,23 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def kept_epoch(rows: pd.DataFrame) -> int | None:
-    """The epoch whose weights a phase kept: highest validation AP, or lowest validation
-    loss in phases (and older histories) without it."""
-    if "val_ap" in rows and rows["val_ap"].notna().any():
-        return int(rows.loc[rows["val_ap"].idxmax(), "epoch"])
-    if "val_loss" in rows and rows["val_loss"].notna().any():
-        return int(rows.loc[rows["val_loss"].idxmin(), "epoch"])
+def kept_epoch(history: pd.DataFrame, phase: str) -> int | None:
+    """The epoch of `phase` whose weights the run kept: highest validation AP, or lowest
+    validation loss in histories (and phases) without it; 0 when fine-tuning kept the head
+    phase's weights because none of its epochs scored better; None without validation."""
+    rows = history[history["phase"] == phase]
+    head = history[history["phase"] == "head"]
+    for column, best in (("val_ap", "idxmax"), ("val_loss", "idxmin")):
+        if column in rows and rows[column].notna().any():
+            epoch = int(rows.loc[getattr(rows[column], best)(), "epoch"])
+            if phase == "fine_tune" and column in head and head[column].notna().any():
+                start = head[column].max() if column == "val_ap" else head[column].min()
+                value = rows[column].max() if column == "val_ap" else rows[column].min()
+                # Only val_ap runs compare the phases (earlier versions kept the best
+                # fine-tuning epoch whatever the head scored).
+                if column == "val_ap" and not value > start:
+                    return 0
+            return epoch
     return None
 
 
@@ -95,8 +105,12 @@ def training_curves_png(history: pd.DataFrame) -> bytes:
             lines += ap_axis.plot(rows["epoch"], rows["val_ap"], marker="s", ms=3, color="#2a7",
                                   label="validation AP (right)")
             ap_axis.set_ylabel("average precision, mean over symbols")
-        kept = kept_epoch(rows)
-        if kept is not None:
+        kept = kept_epoch(history, phase)
+        if kept == 0:
+            ax.annotate("kept: the head phase's weights (no epoch scored higher)", (0, 1),
+                        xycoords="axes fraction", textcoords="offset points", xytext=(4, -12),
+                        fontsize=8, color="#444")
+        elif kept is not None:
             ax.axvline(kept, color="#888", ls="--", lw=1)
             ax.annotate(f"kept: epoch {kept}", (kept, 1), xycoords=("data", "axes fraction"),
                         textcoords="offset points", xytext=(4, -12), fontsize=8, color="#444")
@@ -351,7 +365,8 @@ and outcomes are in <code>evaluation.csv</code>.</p>
 {phases.get('head', 0):.0f} s, fine-tuning {phases.get('fine_tune', 0):.0f} s. Each phase keeps
 the weights of its epoch with the highest validation AP (mean over the symbols with both
 visible and not-visible validation frames; the lowest validation loss when there are none),
-and stops after {config['patience']} epochs without improvement.</p>
+and stops after {config['patience']} epochs without improvement; fine-tuning keeps the head
+phase's weights when none of its epochs scores higher than they did.</p>
 {curves}
 
 <h2>Data</h2>

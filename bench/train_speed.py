@@ -521,9 +521,9 @@ def main() -> int:
         results[name]["speed_before"] = speed
         speed = results[name]["speed_after"] = run_stage("speed", args)["images_per_s"]
         print(json.dumps({name: results[name]}), flush=True)
+        same_split = earlier.get("split_sha256") == split_sha256
         stored = {"split_sha256": split_sha256,
-                  "stages": {**earlier.get("stages", {}) if earlier.get("split_sha256")
-                             == split_sha256 else {}, **results}}
+                  "stages": {**(earlier.get("stages", {}) if same_split else {}), **results}}
         results_file.write_text(json.dumps(stored, indent=1))
     if {"raw", "ours", "baseline"} <= set(results):
         report(results, args, table, symbols)

@@ -213,10 +213,15 @@ def test_report_embeds_curves_and_thumbnails_of_the_worst_errors(tmp_path):
                             "loss": [0.9, 0.7, 0.6, 0.5, 0.45], "val_loss": [0.8, 0.7, 0.75, 0.6, 0.62],
                             "val_ap": [0.5, 0.6, 0.7, 0.72, 0.71]})
     # The kept epoch is the best val_ap (head: 3, not 2 of the lowest val_loss), and the
-    # lowest val_loss in histories without val_ap (written by earlier versions).
-    assert report.kept_epoch(history[history.phase == "head"]) == 3
-    assert report.kept_epoch(history[history.phase == "head"].drop(columns="val_ap")) == 2
-    assert report.kept_epoch(history[history.phase == "fine_tune"]) == 1
+    # lowest val_loss in histories without val_ap (written by earlier versions); fine-tuning
+    # whose epochs do not beat the head's best keeps the head's weights (0).
+    assert report.kept_epoch(history, "head") == 3
+    assert report.kept_epoch(history.drop(columns="val_ap"), "head") == 2
+    assert report.kept_epoch(history, "fine_tune") == 1
+    assert report.kept_epoch(history.drop(columns="val_ap"), "fine_tune") == 1
+    lower = history.assign(val_ap=[0.5, 0.6, 0.7, 0.65, 0.7])
+    assert report.kept_epoch(lower, "fine_tune") == 0
+    assert len(report.training_curves_png(lower)) > 1000
     path = report.write_report(tmp_path, model_name="symbols", metadata=metadata, metrics=metrics,
                                history=history, table=table, paths=paths)
     html = path.read_text()

@@ -295,3 +295,34 @@ def test_without_rankable_validation_symbols_early_stopping_watches_the_loss(cap
                           (x[10:], y[10:], w[10:]), rows)
     assert "watches the validation loss" in caplog.text
     assert len(rows) == 2 and np.isnan(rows[0]["val_ap"])
+
+
+@pytest.mark.parametrize("head_val_ap, kept_head", [(1.0, True), (0.0, False)])
+def test_fine_tuning_keeps_the_head_phase_weights_unless_an_epoch_beats_them(
+        tmp_path, caplog, head_val_ap, kept_head):
+    # A fake head row scored 1.0 cannot be beaten (AP is at most 1 and must rise strictly):
+    # the model must end exactly as it started. Scored 0.0, the first epoch beats it.
+    from PIL import Image
+    symbols = ["a", "b"]
+    keras.utils.set_random_seed(3)
+    parts, config = _random_parts(symbols, augment="none", fine_tune_epochs=2,
+                                  fine_tune_learning_rate=1e-2)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(24):
+        path = tmp_path / f"frame_{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    labels = np.tile(np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32), (6, 1))
+    weights = np.ones_like(labels)
+    before = [w.copy() for w in parts.model.get_weights()]
+    rows = [{"phase": "head", "epoch": 1, "val_ap": head_val_ap, "val_loss": 1.0}]
+    with caplog.at_level(logging.INFO, logger="common"):
+        common.fine_tune(parts, symbols, config, common.ImageGeometry(32, 32),
+                         (paths[:16], labels[:16], weights[:16]),
+                         (paths[16:], labels[16:], weights[16:]), rows)
+    after = parts.model.get_weights()
+    assert [r["phase"] for r in rows] == ["head", "fine_tune", "fine_tune"]
+    unchanged = all(np.array_equal(b, a) for b, a in zip(before, after))
+    assert unchanged == kept_head
+    assert ("keeping the head phase's weights" in caplog.text) == kept_head
