@@ -1977,9 +1977,10 @@ class ValidationScores(keras.callbacks.Callback):
         start = time.monotonic()
         logits = np.concatenate([self._infer(batch).numpy() for batch in self.batches()])
         probabilities = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        scores = {"val_loss": mean_weighted_crossentropy(self.targets, logits),
+                  "val_ap": validation_macro_ap(self.labels, self.weights, probabilities)}
         self.seconds = time.monotonic() - start
-        return {"val_loss": mean_weighted_crossentropy(self.targets, logits),
-                "val_ap": validation_macro_ap(self.labels, self.weights, probabilities)}
+        return scores
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -2022,8 +2023,9 @@ class EpochLog(keras.callbacks.Callback):
         seconds = time.monotonic() - self._start
         # The training steps' time alone is what compares with a raw train_on_batch rate.
         train_seconds = seconds - (self.validation.seconds if self.validation else 0.0)
-        row = {"phase": self.phase, "epoch": epoch + 1, "seconds": round(seconds, 3),
-               "train_seconds": round(train_seconds, 3)}
+        # Microseconds: a head epoch's validation pass can take less than a millisecond.
+        row = {"phase": self.phase, "epoch": epoch + 1, "seconds": round(seconds, 6),
+               "train_seconds": round(train_seconds, 6)}
         row.update({k: float(v) for k, v in sorted(logs.items())})
         self.rows.append(row)
         log.info("%s epoch %d/%d: loss %.4f, val_loss %.4f, val_ap %.4f (%.1f s)", self.phase,
@@ -2316,7 +2318,7 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
                                       fused_targets(validation[1], validation[2])),
                      rows, verbose, keep_start_unless_beaten=True)
     if kept == 0:
-        log.info("No fine-tuning epoch scored better on validation than the head phase; "
+        log.info("Fine-tuning did not raise the validation AP above the head phase's; "
                  "keeping the head phase's weights (the backbone as it was pretrained).")
     _copy_fused_head(fused, parts, symbols)
     parts.backbone.trainable = False
