@@ -2237,8 +2237,9 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
         # One folder per phase: their epochs both count from 1 and would overwrite each other.
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.tensorboard, phase),
                                                      write_graph=False))
-    model.fit(batches, steps_per_epoch=steps, initial_epoch=first_epoch, epochs=epochs, verbose=verbose, callbacks=callbacks,
-              shuffle=False)  # the batches come shuffled by epoch_batches
+    # shuffle=False: the batches come shuffled by epoch_batches.
+    model.fit(batches, steps_per_epoch=steps, initial_epoch=first_epoch, epochs=epochs,
+              verbose=verbose, callbacks=callbacks, shuffle=False)
     return early_stopping.best_epoch + 1
 
 
