@@ -64,23 +64,25 @@ def _png(figure) -> bytes:
 
 
 def kept_epoch(history: pd.DataFrame, phase: str) -> int | None:
-    """The epoch of `phase` whose weights the run kept: highest validation AP, or lowest
-    validation loss in histories (and phases) without it; 0 when fine-tuning kept the head
-    phase's weights because none of its epochs scored better; None without validation."""
+    """The epoch of `phase` whose weights the run kept, by the rule of `common.fit_phase`:
+    the highest validation AP, or the lowest validation loss where no AP was computed; 0 when
+    fine-tuning kept the head phase's weights because none of its epochs beat them (only in
+    histories with a val_ap column: earlier versions kept the best fine-tuning epoch
+    whatever the head scored); None without validation scores."""
     rows = history[history["phase"] == phase]
-    head = history[history["phase"] == "head"]
-    for column, best in (("val_ap", "idxmax"), ("val_loss", "idxmin")):
-        if column in rows and rows[column].notna().any():
-            epoch = int(rows.loc[getattr(rows[column], best)(), "epoch"])
-            if phase == "fine_tune" and column in head and head[column].notna().any():
-                start = head[column].max() if column == "val_ap" else head[column].min()
-                value = rows[column].max() if column == "val_ap" else rows[column].min()
-                # Only val_ap runs compare the phases (earlier versions kept the best
-                # fine-tuning epoch whatever the head scored).
-                if column == "val_ap" and not value > start:
-                    return 0
-            return epoch
-    return None
+    if "val_ap" in rows and rows["val_ap"].notna().any():
+        scores, head, higher_is_better = rows["val_ap"], history["val_ap"], True
+    elif "val_loss" in rows and rows["val_loss"].notna().any():
+        scores, head, higher_is_better = rows["val_loss"], history["val_loss"], False
+    else:
+        return None
+    best = scores.idxmax() if higher_is_better else scores.idxmin()
+    head = head[history["phase"] == "head"].dropna()
+    if phase == "fine_tune" and "val_ap" in history and len(head):
+        start = head.max() if higher_is_better else head.min()
+        if not (scores[best] > start if higher_is_better else scores[best] < start):
+            return 0
+    return int(rows.loc[best, "epoch"])
 
 
 def training_curves_png(history: pd.DataFrame) -> bytes:

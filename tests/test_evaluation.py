@@ -221,6 +221,11 @@ def test_report_embeds_curves_and_thumbnails_of_the_worst_errors(tmp_path):
     assert report.kept_epoch(history.drop(columns="val_ap"), "fine_tune") == 1
     lower = history.assign(val_ap=[0.5, 0.6, 0.7, 0.65, 0.7])
     assert report.kept_epoch(lower, "fine_tune") == 0
+    # Runs without rankable symbols watch val_loss in both phases (val_ap all NaN), and
+    # fine-tuning competes with the head's lowest loss there too (0.7 against 0.6).
+    by_loss = history.assign(val_ap=np.nan)
+    assert report.kept_epoch(by_loss, "head") == 2 and report.kept_epoch(by_loss, "fine_tune") == 1
+    assert report.kept_epoch(by_loss.assign(val_loss=[0.8, 0.5, 0.75, 0.6, 0.62]), "fine_tune") == 0
     assert len(report.training_curves_png(lower)) > 1000
     path = report.write_report(tmp_path, model_name="symbols", metadata=metadata, metrics=metrics,
                                history=history, table=table, paths=paths)
