@@ -512,6 +512,8 @@ def main() -> int:
             parser.error(f"--reuse: {results_file} comes from another split; run every stage")
     shutil.rmtree(cache_dir(args), ignore_errors=True)  # ours_head must start cold
     results = {name: dict(earlier["stages"][name], reused=True) for name in reused}
+    # Results of other stages of an earlier run on this split stay in results.json.
+    kept_stages = earlier.get("stages", {}) if earlier.get("split_sha256") == split_sha256 else {}
     speed = run_stage("speed", args)["images_per_s"]
     for name in args.stages.split(","):
         if name in reused:
@@ -521,9 +523,7 @@ def main() -> int:
         results[name]["speed_before"] = speed
         speed = results[name]["speed_after"] = run_stage("speed", args)["images_per_s"]
         print(json.dumps({name: results[name]}), flush=True)
-        same_split = earlier.get("split_sha256") == split_sha256
-        stored = {"split_sha256": split_sha256,
-                  "stages": {**(earlier.get("stages", {}) if same_split else {}), **results}}
+        stored = {"split_sha256": split_sha256, "stages": {**kept_stages, **results}}
         results_file.write_text(json.dumps(stored, indent=1))
     if {"raw", "ours", "baseline"} <= set(results):
         report(results, args, table, symbols)
