@@ -1731,15 +1731,29 @@ def feature_dataset(features: np.ndarray, targets: np.ndarray, batch_size: int,
 
 
 def compiled_inference(model: keras.Model):
-    """`model` in inference mode as one compiled function of a uint8 batch."""
-    @tf.function(reduce_retracing=True)
+    """`model` in inference mode as one compiled function of an image batch of any length.
+
+    It is traced once per image shape and dtype, for any number of images: left to itself,
+    tf.function traces again for the first batch of another length (the last, shorter batch
+    of nearly every pass), which costs as long as a hundred images of MobileNetV2-0.35 at
+    224 px on 2 CPU cores."""
+    @tf.function(autograph=False)
     def infer(images):
         with warnings.catch_warnings():
             # A loaded model's one input is the list ['image'] to Keras, and a bare batch
             # means the same; the warning about it would only alarm users of predict.py.
             warnings.filterwarnings("ignore", message="The structure of `inputs`")
             return model(images, training=False)
-    return infer
+
+    traced = {}
+
+    def any_length(images):
+        images = tf.convert_to_tensor(images)
+        key = (images.dtype, tuple(images.shape[1:]))
+        if key not in traced:
+            traced[key] = infer.get_concrete_function(tf.TensorSpec((None, *key[1]), key[0]))
+        return traced[key](images)
+    return any_length
 
 
 def run_inference(model: keras.Model, dataset: Iterable,
