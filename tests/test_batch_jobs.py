@@ -120,7 +120,7 @@ def test_json_line_and_exit_codes_0_1_2(frames, tmp_path, monkeypatch, capsys):
     root, csv_path = frames
     out = tmp_path / "model"
     fast = ["--alpha", "0.35", "--image-size", "32", "--weights", "none", "--epochs", "2",
-            "--fine-tune-epochs", "1", "--json"]
+            "--fine-tune-epochs", "0", "--json"]
     assert run_script(build_multi_hot_model, [root, csv_path, out, *fast]) == 0
     record = _json_line(capsys)
     assert record["status"] == "ok" and record["exit_code"] == 0
@@ -176,7 +176,7 @@ def test_offline_node_trains_and_predicts_from_the_fetched_weights(frames, tmp_p
     out = tmp_path / "model"
     runs = [["--download-weights-only", "--alpha", "0.35", "--json"],
             [str(root), str(csv_path), str(out), "--alpha", "0.35", "--image-size", "32",
-             "--epochs", "1", "--fine-tune-epochs", "1", "--quiet"],
+             "--epochs", "1", "--fine-tune-epochs", "0", "--quiet"],
             [str(out), str(root / "ep0"), "--quiet"]]
     done = subprocess.run([sys.executable, "-c", OFFLINE, json.dumps(runs)], cwd=ROOT,
                           env=process_environment(isolated_keras_home), capture_output=True, text=True,
