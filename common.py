@@ -1753,6 +1753,7 @@ def compiled_inference(model: keras.Model):
         if key not in traced:
             traced[key] = infer.get_concrete_function(tf.TensorSpec((None, *key[1]), key[0]))
         return traced[key](images)
+    any_length.tracing_count = infer.experimental_get_tracing_count
     return any_length
 
 

@@ -49,6 +49,26 @@ def test_decoded_chunks_keep_order_fill_the_store_and_name_an_unreadable_file(tm
         list(common.decoded_chunks(paths, geometry, 0))
 
 
+def test_compiled_inference_traces_once_for_batches_of_any_length():
+    """The last batch of a pass is nearly always shorter; it must not cost a second trace of
+    the backbone. Outputs are the model's own, dict outputs included."""
+    inputs = keras.Input((6, 8, 3), dtype="uint8")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(
+        keras.layers.Rescaling(1 / 255)(inputs)))
+    model = keras.Model(inputs, {"a": keras.layers.Dense(1, name="a")(x),
+                                 "b": keras.layers.Dense(1, name="b")(x)})
+    infer = common.compiled_inference(model)
+    images = np.random.default_rng(0).integers(0, 256, (5, 6, 8, 3)).astype(np.uint8)
+    for length in (5, 3, 1, 5):
+        got = infer(images[:length])
+        expected = model(images[:length], training=False)
+        for name in ("a", "b"):
+            np.testing.assert_allclose(got[name].numpy(), expected[name].numpy(), rtol=1e-6)
+    assert infer.tracing_count() == 1
+    infer(images.astype(np.float32))  # another dtype is another function
+    assert infer.tracing_count() == 2
+
+
 def test_pixel_store_decodes_each_image_once_and_reads_it_back(tmp_path):
     calls = []
     paths = [f"img_{i}" for i in range(5)]
