@@ -1757,12 +1757,13 @@ def compiled_inference(model: keras.Model):
     return any_length
 
 
-def run_inference(model: keras.Model, dataset: Iterable,
+def run_inference(model: keras.Model | Callable, dataset: Iterable,
                   progress_label: str | None = None, total: int | None = None):
     """Apply `model` in inference mode to every batch of `dataset` (a tf.data.Dataset or
     any iterable of batches, either of which may be (images, targets) pairs); returns a
-    numpy array, or a dict of them for a dict-output model, in dataset order."""
-    infer = compiled_inference(model)
+    numpy array, or a dict of them for a dict-output model, in dataset order. `model` may
+    also be a function from `compiled_inference`, for passes that should not trace anew."""
+    infer = model if not isinstance(model, keras.Model) else compiled_inference(model)
     chunks = []
     done, last_report, start = 0, time.monotonic(), time.monotonic()
     for batch in dataset:
@@ -1990,7 +1991,7 @@ class ValidationScores(keras.callbacks.Callback):
 
     def scores(self) -> dict:
         start = time.monotonic()
-        logits = np.concatenate([self._infer(batch).numpy() for batch in self.batches()])
+        logits = run_inference(self._infer, self.batches())
         probabilities = 1 / (1 + np.exp(-logits.astype(np.float64)))
         scores = {"val_loss": mean_weighted_crossentropy(self.targets, logits),
                   "val_ap": validation_macro_ap(self.labels, self.weights, probabilities)}
