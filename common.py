@@ -235,9 +235,15 @@ class TrainingConfig:
         type=float)
     patience: int = _setting(
         5, "--patience",
-        "Early stopping: epochs without a higher validation average precision (the mean over "
-        "symbols) before a phase stops; the best epoch's weights are kept. Default: "
-        "%(default)s.", type=int)
+        "Early stopping of the head phase: epochs without a higher validation average "
+        "precision (the mean over symbols) before it stops; the best epoch's weights are kept. "
+        "Default: %(default)s.", type=int)
+    fine_tune_patience: int = _setting(
+        2, "--fine-tune-patience",
+        "Early stopping of the fine-tuning phase: epochs without a validation average precision "
+        "higher than the best so far, the head phase's included, before it stops; the best "
+        "weights are kept. Shorter than --patience because one fine-tuning epoch costs as much "
+        "as hundreds of head epochs. Default: %(default)s.", type=int)
     positive_weighting: str = _setting(
         "balanced", "--positive-weighting",
         "How a symbol's positive frames are weighted in the loss: 'balanced' weights them by "
@@ -327,6 +333,9 @@ class TrainingConfig:
              "must be greater than 0 and at most 1"),
             ("dropout", 0 <= self.dropout < 1, "must be at least 0 and below 1"),
             ("patience", isinstance(self.patience, int) and self.patience >= 1,
+             "must be a positive integer"),
+            ("fine_tune_patience",
+             isinstance(self.fine_tune_patience, int) and self.fine_tune_patience >= 1,
              "must be a positive integer"),
             ("positive_weighting", self.positive_weighting in ("balanced", "none"),
              "choose 'balanced' or 'none'"),
@@ -2231,7 +2240,8 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
     starting_score = None
     if keep_start_unless_beaten and earlier:
         starting_score = max(earlier) if monitor == "val_ap" else min(earlier)
-    early_stopping = ResumableEarlyStopping(config.patience, resumed, monitor, starting_score)
+    patience = config.patience if phase == "head" else config.fine_tune_patience
+    early_stopping = ResumableEarlyStopping(patience, resumed, monitor, starting_score)
     first_epoch = 0
     if resumed is not None:
         rows[:] = resumed.rows

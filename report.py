@@ -367,7 +367,8 @@ and outcomes are in <code>evaluation.csv</code>.</p>
 {phases.get('head', 0):.0f} s, fine-tuning {phases.get('fine_tune', 0):.0f} s. Each phase keeps
 the weights of its epoch with the highest validation AP (mean over the symbols with both
 visible and not-visible validation frames; the lowest validation loss when there are none),
-and stops after {config['patience']} epochs without improvement; fine-tuning keeps the head
+and stops after {config['patience']} epochs without improvement (fine-tuning after
+{config.get('fine_tune_patience', config['patience'])}); fine-tuning keeps the head
 phase's weights when none of its epochs scores higher than they did.</p>
 {curves}
 

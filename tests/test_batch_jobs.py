@@ -24,6 +24,7 @@ from conftest import (ROOT, listdir, process_environment, run_script, training_c
 # before the phase is over.
 RESUMABLE = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",
              "--weights", "none", "--epochs", "6", "--fine-tune-epochs", "3", "--patience", "9",
+             "--fine-tune-patience", "9",
              "--batch-size", "8", "--group-by", "none"]
 
 

@@ -28,6 +28,7 @@ def _error_lines(capsys) -> list[str]:
      "--image-size 64 is too small for inception_v3; it needs at least 75"),
     (["--weights", "/no/such/file.h5"], "--weights '/no/such/file.h5': no such file"),
     (["--max-unreadable", "2"], "--max-unreadable must be between 0 and 1"),
+    (["--fine-tune-patience", "0"], "--fine-tune-patience must be a positive integer; got 0"),
     (["--threshold-for", "precision=95"], "--threshold-for 'precision=95': the precision must be "
                                           "above 0 and at most 1"),
 ])

@@ -321,12 +321,14 @@ def test_without_rankable_validation_symbols_early_stopping_watches_the_loss(cap
 def test_fine_tuning_keeps_the_head_phase_weights_unless_an_epoch_beats_them(
         tmp_path, caplog, head_val_ap, kept_head):
     # A fake head row scored 1.0 cannot be beaten (AP is at most 1 and must rise strictly):
-    # the model must end exactly as it started. Scored 0.0, the epoch beats it.
+    # the model must end exactly as it started, and the phase stops after
+    # --fine-tune-patience (2) of its 3 epochs. Scored 0.0, the first epoch beats it, and the
+    # two after it cannot exhaust the patience before the phase's last epoch.
     from PIL import Image
     symbols = ["a", "b"]
     keras.utils.set_random_seed(3)
-    parts, config = _random_parts(symbols, augment="none", fine_tune_epochs=1,
-                                  fine_tune_learning_rate=1e-2)
+    parts, config = _random_parts(symbols, augment="none", fine_tune_epochs=3,
+                                  fine_tune_patience=2, fine_tune_learning_rate=1e-2)
     rng = np.random.default_rng(1)
     paths = []
     for i in range(24):
@@ -342,7 +344,7 @@ def test_fine_tuning_keeps_the_head_phase_weights_unless_an_epoch_beats_them(
                          (paths[:16], labels[:16], weights[:16]),
                          (paths[16:], labels[16:], weights[16:]), rows)
     after = parts.model.get_weights()
-    assert [r["phase"] for r in rows] == ["head", "fine_tune"]
+    assert [r["phase"] for r in rows] == ["head"] + ["fine_tune"] * (2 if kept_head else 3)
     unchanged = all(np.array_equal(b, a) for b, a in zip(before, after))
     assert unchanged == kept_head
     assert ("keeping the head phase's weights" in caplog.text) == kept_head
