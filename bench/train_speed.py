@@ -213,20 +213,24 @@ class EpochTestScores:
         class ScoringEpochLog(common.EpochLog):
             def on_train_begin(self, logs=None):
                 if self.phase == "fine_tune":
+                    # One trace of the fine-tuning model for all of the phase's scoring.
+                    self.infer = common.compiled_inference(self.model)
                     head = [r["val_ap"] for r in self.rows if r["phase"] == "head"]
-                    watcher.score(self.model, 0, max(head) if head else float("nan"))
+                    watcher.score(self.infer, 0, max(head) if head else float("nan"))
 
             def on_epoch_end(self, epoch, logs=None):
                 super().on_epoch_end(epoch, logs)
                 if self.phase == "fine_tune":
-                    watcher.score(self.model, epoch + 1, float((logs or {}).get("val_ap", np.nan)))
+                    watcher.score(self.infer, epoch + 1,
+                                  float((logs or {}).get("val_ap", np.nan)))
 
         return ScoringEpochLog
 
-    def score(self, model, epoch: int, val_ap: float) -> None:
+    def score(self, infer, epoch: int, val_ap: float) -> None:
+        """Scores the test images with `infer` (from common.compiled_inference)."""
         import common
         now = time.monotonic()
-        logits = common.run_inference(model, (self.images[i:i + BATCH]
+        logits = common.run_inference(infer, (self.images[i:i + BATCH]
                                               for i in range(0, len(self.images), BATCH)))
         test_ap = macro_ap(self.labels, 1 / (1 + np.exp(-logits.astype(np.float64))))
         self.points.append((epoch, now - self.start - self.overhead, val_ap, test_ap))
@@ -263,7 +267,6 @@ def stage_ours(table, symbols, args, score_every_epoch: bool = False, **settings
         watcher = EpochTestScores(np.stack([common.load_image_array(p, geometry)
                                             for p in test["path"]]), test[symbols].to_numpy())
         common.EpochLog = watcher.epoch_log_class()
-        watcher.start = time.monotonic()
     result = common.train_and_save(images, config, output, overwrite=True,
                                    is_validation=(trainval.split == "validation").to_numpy())
     overhead = watcher.overhead if watcher else 0.0
