@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import keras
 from keras import ops
 
-POLICIES = ("none", "light", "default", "heavy")
+from settings import AUGMENT_POLICIES as POLICIES
 
 
 @dataclass(frozen=True)

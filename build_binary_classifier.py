@@ -19,7 +19,7 @@ POSITIONALS = {"with_dir": "WITH_DIR", "without_dir": "WITHOUT_DIR", "output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import common
+    import settings  # the standard library only: --help never waits for TensorFlow
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -41,18 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Validate on the frames of these two folders (with and without the symbol) instead "
              "of splitting WITH_DIR and WITHOUT_DIR, which are then all training. Default: a "
              "split (see --validation-split and --group-by).")
-    common.add_training_arguments(parser)
+    settings.add_training_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     import cli
-    import common
 
     parser = build_parser()
     args = parser.parse_args(argv)
 
     def labelled_images():
+        import common
+
         images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol)
         if not args.validation_dirs:
             return images, None
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return common.with_validation_set(
             images, validation, "--validation-dirs " + " ".join(args.validation_dirs))
 
-    return cli.training_main(parser, args, labelled_images, POSITIONALS)
+    validation = args.validation_dirs or (None, None)
+    inputs = {"WITH_DIR": args.with_dir, "WITHOUT_DIR": args.without_dir,
+              "--validation-dirs WITH": validation[0], "--validation-dirs WITHOUT": validation[1]}
+    return cli.training_main(parser, args, labelled_images, POSITIONALS, inputs)
 
 
 if __name__ == "__main__":

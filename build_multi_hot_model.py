@@ -23,7 +23,7 @@ POSITIONALS = {"image_dir": "IMAGE_DIR", "labels_csv": "LABELS_CSV", "output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import common
+    import settings  # the standard library only: --help never waits for TensorFlow
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,18 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Validate on the frames this CSV lists (same format, file names relative to "
              "IMAGE_DIR) instead of splitting LABELS_CSV; LABELS_CSV is then all training. "
              "Default: a split of LABELS_CSV (see --validation-split and --group-by).")
-    common.add_training_arguments(parser)
+    settings.add_training_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     import cli
-    import common
 
     parser = build_parser()
     args = parser.parse_args(argv)
 
     def labelled_images():
+        import common
+
         images = common.images_from_csv(args.image_dir, args.labels_csv, args.symbols)
         if not args.validation_csv:
             return images, None
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return common.with_validation_set(images, validation,
                                           f"--validation-csv {args.validation_csv}")
 
-    return cli.training_main(parser, args, labelled_images, POSITIONALS)
+    return cli.training_main(
+        parser, args, labelled_images, POSITIONALS, inputs={"IMAGE_DIR": args.image_dir},
+        input_files={"LABELS_CSV": args.labels_csv, "--validation-csv": args.validation_csv})
 
 
 if __name__ == "__main__":

@@ -9,38 +9,60 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from typing import Callable, Mapping
 
-import numpy as np
-
-import common
+import command
+import dependencies
+import output_dir
+import settings
 
 
 def print_json_line(record: dict) -> None:
     """One line of strict JSON on standard output (NaN written as null)."""
-    sys.stdout.write(json.dumps(common.finite_json(record), default=common.json_default) + "\n")
+    if "common" in sys.modules:  # records of a run hold NumPy numbers, which common converts
+        common = sys.modules["common"]
+        text = json.dumps(common.finite_json(record), default=common.json_default)
+    else:  # an error found before the library was imported: plain strings and numbers
+        text = json.dumps(record, default=str)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
 def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                  labelled_images: Callable[[], tuple[common.LabelledImages, np.ndarray | None]],
-                  positionals: dict[str, str]) -> int:
+                  labelled_images: Callable[[], tuple],
+                  positionals: dict[str, str],
+                  inputs: Mapping[str, str | None] = {},
+                  input_files: Mapping[str, str | None] = {}) -> int:
     """The body of both training scripts once their flags are parsed: logging, the
     --download-weights-only mode, then the checks or the training of `labelled_images()`
     (images and the given validation mask, or None), with the summary or the --json line.
     `positionals` maps the destinations of the positional arguments, which only
-    --download-weights-only may leave out, to their names in the usage line."""
-    common.configure_logging(quiet=args.quiet, debug=args.debug)
-    if args.json:
-        # Keras's progress bar writes to standard output, which --json keeps for its one line.
-        common.keras.config.disable_interactive_logging()
+    --download-weights-only may leave out, to their names in the usage line; `inputs` maps
+    how the user named each input folder (IMAGE_DIR, WITH_DIR, ...) to the path, which
+    OUTPUT_MODEL_DIR must stay out of, and `input_files` each input file (LABELS_CSV, ...),
+    whose folder OUTPUT_MODEL_DIR must not be or contain.
+
+    The flags, the output folder and the installed packages are checked before TensorFlow is
+    imported, so a mistake there is answered at once (exit code 2)."""
+    command.configure_logging(quiet=args.quiet, debug=args.debug)
     if not args.download_weights_only:
         missing = [shown for name, shown in positionals.items() if getattr(args, name) is None]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
 
     def run() -> int:
-        config = common.config_from_args(args)
+        config = settings.config_from_args(args)
+        if not args.download_weights_only:
+            output_dir.check_outside_inputs(args.output_dir, {
+                **inputs, "--cache-dir": config.cache_dir, "--tensorboard": config.tensorboard},
+                input_files)
+            if not args.dry_run:  # a dry run only notes an existing model directory
+                output_dir.check_output_dir(args.output_dir, args.overwrite, create_parent=False)
+        dependencies.require()
+        import common
+        if args.json:
+            # Keras's progress bar writes to standard output, which --json keeps for its line.
+            common.keras.config.disable_interactive_logging()
         if args.download_weights_only:
             cache, gained = common.download_weights(config)
             summary = (f"Downloaded {', '.join(gained)} into {cache}." if gained else
@@ -66,4 +88,4 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if args.json:
             print_json_line({"status": "error", "exit_code": code, "error": message})
 
-    return common.run_command(run, debug=args.debug, on_failure=report_failure)
+    return command.run_command(run, debug=args.debug, on_failure=report_failure)

@@ -23,7 +23,6 @@ The training loop:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import contextlib
@@ -31,7 +30,6 @@ import csv
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -41,7 +39,6 @@ import platform
 import posixpath
 import re
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -106,8 +103,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 MODEL_FORMAT_VERSION = 1
-MODEL_FILE = "model.keras"
-METADATA_FILE = "metadata.json"
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.csv"
@@ -118,9 +113,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 # Transparent pixels are composited onto this colour; recorded in metadata.json.
 ALPHA_BACKGROUND = "white"
-RESIZE_METHODS = ("letterbox", "squash", "crop")
-EXPORT_FORMATS = ("saved_model", "tflite")
-SWITCH_SETTINGS = ("auto", "on", "off")  # --mixed-precision and --xla
 # Layer names the model uses itself; a symbol may not take one of them.
 RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout"})
 # Columns of LabelledImages.table that the tool fills in itself; no symbol may take these names.
@@ -128,420 +120,14 @@ TABLE_COLUMNS = frozenset({"path", "filename", "folder", "image_sha1", "image_wi
 SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-class SymbolTrainerError(Exception):
-    """Base class of the errors this library raises on purpose."""
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (a scheduler ending the job, `kill`): raised in the main thread, like
-    KeyboardInterrupt for Ctrl-C, so that work unwinds and the command exits with 143."""
-
-
-class InputError(SymbolTrainerError):
-    """Something the user gave (a flag, a path, a file, a CSV) must be fixed. Exit code 2."""
-
-
-class WeightsUnavailableError(InputError):
-    """Pretrained weights could not be downloaded or loaded."""
-
-
-class ImageReadError(InputError):
-    """One image could not be read; `path` names it, `reason` says why."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
-
-
-# --------------------------------------------------------------------------------------------
-# Settings: one frozen dataclass holds every training default, and the flags are made from it.
-
-
-def _setting(default, flag: str, help: str, **argparse_kwargs):
-    return field(default=default, metadata={"flag": flag, "help": help, **argparse_kwargs})
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Every training setting, with its default. The command-line flags are generated from it."""
-
-    backbone: str = _setting(
-        "mobilenet_v2", "--backbone",
-        "Pretrained Keras Applications backbone, in snake case (see the README for the list). "
-        "Default: %(default)s.", metavar="NAME")
-    alpha: float = _setting(
-        1.0, "--alpha",
-        "Width multiplier of MobileNet backbones (for example 0.35, 0.5, 0.75, 1.0); other "
-        "backbones only accept 1.0. Default: %(default)s.", type=float)
-    weights: str = _setting(
-        "imagenet", "--weights",
-        "Backbone weights: 'imagenet' (downloaded once by Keras into $KERAS_HOME/models), "
-        "'none' (random initialisation with BatchNorm statistics taken from one batch of "
-        "training images; for tests and demos only), or the path of a weights "
-        "file (.h5 or .weights.h5) for machines without internet. Default: %(default)s.",
-        metavar="imagenet|none|PATH")
-    image_size: int = _setting(
-        224, "--image-size",
-        "Short side of the model input in pixels. With --resize letterbox or crop, the long "
-        "side follows the most common aspect ratio of the training frames, rounded to a "
-        "multiple of 32 (16:9 frames at 224 give 224x384); with squash the input is square. "
-        "Default: %(default)s.", type=int, metavar="PIXELS")
-    resize: str = _setting(
-        "letterbox", "--resize",
-        "How a frame becomes the model input: 'letterbox' keeps its aspect ratio and adds black "
-        "bars where its shape differs from the input's; 'crop' keeps the aspect ratio and cuts "
-        "the overflow equally from both sides; 'squash' stretches it. Prediction applies the "
-        "same. Default: %(default)s.", choices=RESIZE_METHODS)
-    batch_size: int = _setting(
-        32, "--batch-size", "Images per training step. Default: %(default)s.", type=int)
-    epochs: int = _setting(
-        100, "--epochs",
-        "Most epochs of the head phase (backbone frozen, trained on features computed once); "
-        "early stopping usually ends it sooner. Default: %(default)s.", type=int)
-    fine_tune_epochs: int = _setting(
-        5, "--fine-tune-epochs",
-        "Most epochs of the fine-tuning phase (top of the backbone unfrozen, images streamed "
-        "from disk); 0 skips it. Default: %(default)s.", type=int)
-    learning_rate: float = _setting(
-        3e-3, "--learning-rate",
-        "Adam learning rate of the head phase. Default: %(default)s.", type=float)
-    fine_tune_learning_rate: float = _setting(
-        1e-4, "--fine-tune-learning-rate",
-        "Adam learning rate of the fine-tuning phase, lower so the pretrained features are "
-        "adjusted rather than overwritten. Default: %(default)s.", type=float)
-    fine_tune_fraction: float = _setting(
-        0.3, "--fine-tune-fraction",
-        "Share of the backbone's layers, counted from the top, that the fine-tuning phase "
-        "unfreezes (BatchNorm layers always stay frozen). Default: %(default)s.", type=float)
-    augment: str = _setting(
-        "default", "--augment",
-        "Augmentation of the fine-tuning images (training only; the saved model has none): "
-        "'none'; 'light'; 'default' (rotations up to 5 degrees, zoom up to 10 %% in or out, "
-        "shifts up to 5 %% that cut symbols at the frame edge, brightness, contrast and "
-        "saturation up to 20 %%, blur, and 30 %% of images at half resolution); 'heavy'. "
-        "Never mirrors: a mirrored logo is a different logo (see --flip). "
-        "Default: %(default)s.", choices=augmentation.POLICIES)
-    flip: bool = _setting(
-        False, "--flip",
-        "Also mirror images left to right at random while fine-tuning; only for symbols that "
-        "look the same mirrored. Default: off.", action="store_true")
-    dropout: float = _setting(
-        0.2, "--dropout", "Dropout rate before the output layer. Default: %(default)s.",
-        type=float)
-    patience: int = _setting(
-        5, "--patience",
-        "Early stopping of the head phase: epochs without a higher validation average "
-        "precision (the mean over symbols) before it stops; the best epoch's weights are kept. "
-        "Default: %(default)s.", type=int)
-    fine_tune_patience: int = _setting(
-        2, "--fine-tune-patience",
-        "Early stopping of the fine-tuning phase: epochs without a validation average precision "
-        "higher than the best so far, the head phase's included, before it stops; the best "
-        "weights are kept. Shorter than --patience because one fine-tuning epoch costs as much "
-        "as hundreds of head epochs. Default: %(default)s.", type=int)
-    positive_weighting: str = _setting(
-        "balanced", "--positive-weighting",
-        "How a symbol's positive frames are weighted in the loss: 'balanced' weights them by "
-        "negatives/positives of that symbol (capped at 100) so rare symbols are still learned; "
-        "'none' weights every frame 1. Default: %(default)s.", choices=("balanced", "none"))
-    validation_split: float = _setting(
-        0.2, "--validation-split",
-        "Share of the images held out for validation, between 0 and 0.5. Default: %(default)s.",
-        type=float)
-    group_by: str | None = _setting(
-        None, "--group-by",
-        "Which frames must stay together on one side of the train/validation split, so that "
-        "near-identical frames of one shot or episode never validate each other: the name of a "
-        "column of the labels CSV (e.g. episode), 'folder' (the image's folder below IMAGE_DIR, "
-        "WITH_DIR or WITHOUT_DIR), a regular expression whose first group is taken from the "
-        "file name (e.g. 'ep(\\d+)_'), or 'none' to split frames one by one. Default: a CSV "
-        "column named episode, group, video or shot when there is one, else none.",
-        metavar="COLUMN|folder|REGEX|none")
-    seed: int = _setting(
-        0, "--seed",
-        "Random seed of the split, the shuffling and the initialisation. Default: %(default)s.",
-        type=int)
-    max_unreadable: float = _setting(
-        0.05, "--max-unreadable",
-        "Stop before training when more than this share of the images cannot be read "
-        "(corrupt, truncated, oversized); fewer are skipped and listed. Default: %(default)s.",
-        type=float)
-    threshold_for: str = _setting(
-        "f1", "--threshold-for",
-        "How each symbol's decision threshold (probability at or above it: visible) is chosen "
-        "on the validation frames after training: 'f1' maximises F1; 'precision=0.95' takes "
-        "the lowest threshold whose precision reaches 0.95 (fewest missed frames at that "
-        "precision); 'recall=0.9' the highest threshold that still finds 90 %% of the frames "
-        "showing the symbol (fewest false alarms at that recall). A symbol whose target cannot "
-        "be met gets its best-F1 threshold, and the log and report say so. The thresholds are "
-        "stored in metadata.json and used at prediction. Default: %(default)s.",
-        metavar="f1|precision=P|recall=R")
-    cache_dir: str | None = _setting(
-        None, "--cache-dir",
-        "Folder in which to keep the backbone features of every image, keyed by the image's "
-        "content, the backbone, its weights and the input geometry, so that later runs on the "
-        "same images skip computing them. Shared safely by runs at the same time. Not used "
-        "with --weights none. Default: no cache.", type=str, metavar="DIR")
-    decoded_cache_gb: float = _setting(
-        20.0, "--decoded-cache-gb",
-        "Most disk space, in GB, for a temporary file of decoded and resized images in $TMPDIR, "
-        "written on the first pass over the images and read back by every fine-tuning epoch "
-        "instead of decoding each image again (224x224 inputs take 0.15 MB per image). When the "
-        "images need more, or the disk has less free space, they are decoded every epoch "
-        "instead; 0 always decodes. The file is deleted at the end. Default: %(default)s.",
-        type=float, metavar="GB")
-    mixed_precision: str = _setting(
-        "auto", "--mixed-precision",
-        "Compute in float16 with float32 weights: 'auto' turns it on when every visible GPU "
-        "has compute capability 7.0 or more (tensor cores) and off on CPU, where it is slower; "
-        "'on' or 'off' force it. The saved model always computes in float32. "
-        "Default: %(default)s.", choices=SWITCH_SETTINGS)
-    xla: str = _setting(
-        "auto", "--xla",
-        "Compile the training steps with XLA: 'auto' does it on GPUs (Keras's own default) and "
-        "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=SWITCH_SETTINGS)
-    devices: str = _setting(
-        "auto", "--devices", distribution.DEVICES_HELP, metavar="auto|cpu|cpu:N|0,1,...")
-
-    tensorboard: str | None = _setting(
-        None, "--tensorboard",
-        "Also write Keras TensorBoard logs of both phases into this folder (subfolders head "
-        "and fine_tune), to watch with 'tensorboard --logdir DIR'. Default: none.",
-        type=str, metavar="DIR")
-
-    def __post_init__(self):
-        checks = [
-            ("backbone", self.backbone in BACKBONES,
-             f"choose one of {', '.join(sorted(BACKBONES))}"),
-            ("image_size", isinstance(self.image_size, int) and self.image_size >= 32,
-             "must be an integer of at least 32"),
-            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1,
-             "must be a positive integer"),
-            ("epochs", isinstance(self.epochs, int) and self.epochs >= 1,
-             "must be a positive integer"),
-            ("fine_tune_epochs", isinstance(self.fine_tune_epochs, int)
-             and self.fine_tune_epochs >= 0, "must be 0 or a positive integer"),
-            ("learning_rate", self.learning_rate > 0, "must be greater than 0"),
-            ("fine_tune_learning_rate", self.fine_tune_learning_rate > 0,
-             "must be greater than 0"),
-            ("fine_tune_fraction", 0 < self.fine_tune_fraction <= 1,
-             "must be greater than 0 and at most 1"),
-            ("dropout", 0 <= self.dropout < 1, "must be at least 0 and below 1"),
-            ("patience", isinstance(self.patience, int) and self.patience >= 1,
-             "must be a positive integer"),
-            ("fine_tune_patience",
-             isinstance(self.fine_tune_patience, int) and self.fine_tune_patience >= 1,
-             "must be a positive integer"),
-            ("positive_weighting", self.positive_weighting in ("balanced", "none"),
-             "choose 'balanced' or 'none'"),
-            ("validation_split", 0 < self.validation_split <= 0.5,
-             "must be greater than 0 and at most 0.5"),
-            ("max_unreadable", 0 <= self.max_unreadable <= 1, "must be between 0 and 1"),
-            ("decoded_cache_gb", self.decoded_cache_gb >= 0, "must be 0 or more"),
-            ("mixed_precision", self.mixed_precision in SWITCH_SETTINGS,
-             "choose 'auto', 'on' or 'off'"),
-            ("xla", self.xla in SWITCH_SETTINGS, "choose 'auto', 'on' or 'off'"),
-            ("resize", self.resize in RESIZE_METHODS, f"choose one of {', '.join(RESIZE_METHODS)}"),
-            ("augment", self.augment in augmentation.POLICIES,
-             f"choose one of {', '.join(augmentation.POLICIES)}"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise InputError(f"{flag_of(name)} {what}; got {getattr(self, name)!r}.")
-        spec = BACKBONES[self.backbone]
-        if spec.alphas and self.alpha not in spec.alphas:
-            raise InputError(
-                f"--alpha {self.alpha} is not available for {self.backbone}; choose one of "
-                f"{', '.join(str(a) for a in spec.alphas)}.")
-        if not spec.alphas and self.alpha != 1.0:
-            raise InputError(
-                f"--alpha only applies to MobileNet backbones; {self.backbone} takes 1.0, "
-                f"got {self.alpha}.")
-        if self.image_size < spec.min_size:
-            raise InputError(
-                f"--image-size {self.image_size} is too small for {self.backbone}; it needs at "
-                f"least {spec.min_size}.")
-        if self.weights.lower() not in ("imagenet", "none"):
-            path = Path(self.weights)
-            if not path.is_file():
-                raise InputError(
-                    f"--weights {self.weights!r}: no such file. Give 'imagenet', 'none', or the "
-                    "path of a weights file (.h5 or .weights.h5).")
-            if not path.name.endswith(".h5"):
-                raise InputError(
-                    f"--weights {self.weights!r}: expected a Keras weights file ending in .h5 "
-                    "or .weights.h5.")
-        try:
-            distribution.DeviceChoice.parse(self.devices)
-        except ValueError as error:
-            raise InputError(f"--devices {self.devices!r}: {error}.") from None
-        try:
-            evaluation.parse_threshold_rule(self.threshold_for)
-        except ValueError as error:
-            raise InputError(f"--threshold-for {self.threshold_for!r}: {error}.") from None
-        if self.tensorboard is not None:
-            if Path(self.tensorboard).exists() and not Path(self.tensorboard).is_dir():
-                raise InputError(f"--tensorboard {self.tensorboard!r} is a file; give a folder.")
-            if importlib.util.find_spec("tensorboard") is None:
-                raise InputError("--tensorboard needs the tensorboard package, which "
-                                 "requirements.txt installs: pip install -r requirements.txt.")
-        if self.cache_dir is not None and Path(self.cache_dir).exists() \
-                and not Path(self.cache_dir).is_dir():
-            raise InputError(f"--cache-dir {self.cache_dir!r} is a file; give a folder.")
-
-    @property
-    def weights_source(self) -> str:
-        """'imagenet', 'none', or the weights file's absolute path."""
-        lowered = self.weights.lower()
-        return lowered if lowered in ("imagenet", "none") else str(Path(self.weights).resolve())
-
-
-def flag_of(setting_name: str) -> str:
-    """The command-line flag of a TrainingConfig field."""
-    return TrainingConfig.__dataclass_fields__[setting_name].metadata["flag"]
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options every training command shares; defaults come from TrainingConfig."""
-    group = parser.add_argument_group("training options")
-    for f in dataclasses.fields(TrainingConfig):
-        meta = dict(f.metadata)
-        flag = meta.pop("flag")
-        if "action" not in meta:
-            # A setting whose default is None (no grouping, no folder) takes text.
-            meta.setdefault("type", str if f.default is None or isinstance(f.default, str)
-                            else type(f.default))
-        if "choices" in meta:
-            meta.pop("type")
-        group.add_argument(flag, dest=f.name, default=f.default, **meta)
-    output = parser.add_argument_group("output and logging")
-    output.add_argument(
-        "--dry-run", action="store_true",
-        help="Do every check that comes before training (find and read the images, validate the "
-             "labels, split), print a summary table of images and positives per symbol and split, "
-             "and stop: exit code 0 if training could start, 2 with the errors otherwise. Nothing "
-             "is written.")
-    output.add_argument(
-        "--overwrite", action="store_true",
-        help="Replace OUTPUT_MODEL_DIR if it exists and is not empty (it is only replaced once "
-             "the new model is complete).")
-    output.add_argument(
-        "--no-resume", action="store_true",
-        help="Start over even if OUTPUT_MODEL_DIR.partial holds the checkpoint of an unfinished "
-             "run, and delete that checkpoint. By default a run continues from the checkpoint "
-             "that an interrupted run of the same settings and data left (every completed "
-             "epoch of either phase is kept), and refuses one of other settings.")
-    output.add_argument(
-        "--export", action="append", default=[], choices=EXPORT_FORMATS,
-        help="Also write the model as a TensorFlow SavedModel for TensorFlow Serving "
-             "(saved_model/, whose default signature takes encoded image files) or as "
-             "TensorFlow Lite (model.tflite); each is loaded back and checked against the Keras "
-             "model's predictions before the run succeeds. Repeat the flag for both. "
-             "Default: neither.")
-    output.add_argument(
-        "--download-weights-only", action="store_true",
-        help="Only download the ImageNet weights of --backbone (and --alpha) into the Keras "
-             "cache ($KERAS_HOME/models, by default ~/.keras/models) and stop; no images or "
-             "output folder are needed. Run it on a machine with internet, then copy that "
-             "folder to the offline machine (see the README).")
-    output.add_argument(
-        "--json", action="store_true",
-        help="Print one JSON line at the end on standard output, and nothing else there: the "
-             "status, exit code, model directory, metrics and timings, or the error. Logs and "
-             "the summary go to standard error.")
-    output.add_argument("--quiet", action="store_true",
-                        help="Only print warnings and errors.")
-    output.add_argument("--debug", action="store_true",
-                        help="Print full tracebacks and debug messages.")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    """The TrainingConfig that parsed flags describe (validated; raises InputError)."""
-    return TrainingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig)})
-
-
-# --------------------------------------------------------------------------------------------
-# Command-line plumbing shared by the scripts
-
-
-def configure_logging(quiet: bool = False, debug: bool = False) -> None:
-    """Log to stderr, one line per message; quieten TensorFlow's own chatter."""
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    handler.symbol_trainer = True  # replaced on the next call; other handlers are left alone
-    root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "symbol_trainer", False)]
-    root.addHandler(handler)
-    root.setLevel(level)
-    for noisy in ("tensorflow", "absl", "h5py", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
-    tf.get_logger().setLevel(logging.ERROR)
-
-
-_sigterm_received = False
-
-
-def _raise_terminated(signum, frame):
-    global _sigterm_received
-    _sigterm_received = True
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """Within the block, SIGTERM raises Terminated in the main thread (outside it, or where
-    signals cannot be handled, the process keeps its handler)."""
-    global _sigterm_received
-    _sigterm_received = False
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def run_command(command: Callable[[], int], debug: bool = False,
-                interrupted: str = "Interrupted; no model directory was written.",
-                on_failure: Callable[[int, str], None] | None = None) -> int:
-    """Run a script's work and turn exceptions into one clear line and an exit code: 2 for
-    input the user must fix, 130 for Ctrl-C (SIGINT), 143 for SIGTERM, 1 for anything else.
-    `on_failure(exit code, message)` is called after the message is logged."""
-    try:
-        with sigterm_raises():
-            return command()
-    except Terminated:
-        code, message = 143, f"Stopped by SIGTERM. {interrupted}"
-    except InputError as error:
-        if debug:
-            log.exception("input error")
-        code, message = 2, str(error)
-    except KeyboardInterrupt:
-        code, message = 130, f"Stopped by Ctrl-C (SIGINT). {interrupted}"
-    except Exception as error:  # the last line of defence of a command-line program
-        if debug:
-            log.exception("unexpected error")
-        code, message = 1, f"{type(error).__name__}: {error}"
-        if not debug:
-            message += " (run again with --debug for the traceback)"
-        if _sigterm_received:
-            # SIGTERM can land inside TensorFlow's C++ code, or end a worker whose peers it
-            # stopped first with a collective-operation error: either way the job was stopped.
-            code, message = 143, f"Stopped by SIGTERM. {interrupted}"
-    log.error("%s", message)
-    if on_failure is not None:
-        on_failure(code, message)
-    return code
-
+from errors import (  # noqa: E402,F401  (re-exported: common.InputError ...)
+    ImageReadError, InputError, SymbolTrainerError, Terminated, WeightsUnavailableError)
+from settings import (  # noqa: E402,F401  (re-exported: common.TrainingConfig ...)
+    BACKBONES, EXPORT_FORMATS, RESIZE_METHODS, SWITCH_SETTINGS, BackboneSpec, TrainingConfig,
+    add_training_arguments, config_from_args, flag_of)
+import output_dir as output_dir_checks  # noqa: E402
+from output_dir import METADATA_FILE, MODEL_FILE, check_output_dir  # noqa: E402,F401
+from command import configure_logging, run_command, sigterm_raises  # noqa: E402,F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # Finding and reading images
@@ -1499,30 +1085,6 @@ def split_train_validation(labels: np.ndarray, validation_fraction: float, seed:
 # Backbones and the model
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    constructor: str           # name in keras.applications
-    preprocessing: str         # 'tf' (x/127.5 - 1), 'caffe' (BGR, mean subtracted), 'included'
-    alphas: tuple[float, ...] = ()  # widths with ImageNet weights; () if no width parameter
-    min_size: int = 32
-    extra: tuple[tuple[str, object], ...] = ()  # further constructor keyword arguments
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "mobilenet": BackboneSpec("MobileNet", "tf", (0.25, 0.5, 0.75, 1.0)),
-    "mobilenet_v2": BackboneSpec("MobileNetV2", "tf", (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)),
-    "mobilenet_v3_small": BackboneSpec("MobileNetV3Small", "included", (0.75, 1.0),
-                                       extra=(("include_preprocessing", True),)),
-    "mobilenet_v3_large": BackboneSpec("MobileNetV3Large", "included", (0.75, 1.0),
-                                       extra=(("include_preprocessing", True),)),
-    "efficientnet_b0": BackboneSpec("EfficientNetB0", "included"),
-    "efficientnet_v2_b0": BackboneSpec("EfficientNetV2B0", "included",
-                                       extra=(("include_preprocessing", True),)),
-    "resnet50": BackboneSpec("ResNet50", "caffe"),
-    "inception_v3": BackboneSpec("InceptionV3", "tf", min_size=75),
-    "convnext_tiny": BackboneSpec("ConvNeXtTiny", "included",
-                                  extra=(("include_preprocessing", True),)),
-}
 
 # ImageNet channel means in BGR order, as keras.applications.imagenet_utils uses them.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -2355,25 +1917,6 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
 # The model directory
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, create_parent: bool = True) -> Path:
-    """Refuse, before any work, an output that exists and is not empty (unless overwrite)."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"OUTPUT_MODEL_DIR {output_dir} is a file; give a directory path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise InputError(
-            f"OUTPUT_MODEL_DIR {output_dir} exists and is not empty; pass --overwrite to replace "
-            "it, or choose another directory.")
-    parent = path.resolve().parent
-    if not create_parent:
-        return path
-    if not parent.exists():
-        parent.mkdir(parents=True)
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write into {parent}; choose an OUTPUT_MODEL_DIR you can write.")
-    return path
-
-
 CHECKPOINT_FOLDER = "checkpoint"
 
 
@@ -2883,6 +2426,17 @@ def _resume_hint(directory: ModelDirectory, run: TrainingRun) -> str:
             "add --no-resume to start over.")
 
 
+def check_output_outside_images(output_dir: str | os.PathLike, images: LabelledImages,
+                                config: TrainingConfig) -> None:
+    """Refuse an output folder that is, contains or lies inside a folder of the images, the
+    feature cache or the TensorBoard logs (the scripts check the paths the user typed first;
+    this also covers callers of the library)."""
+    output_dir_checks.check_outside_inputs(
+        output_dir, {"--cache-dir": config.cache_dir, "--tensorboard": config.tensorboard})
+    for folder in sorted({os.path.dirname(path) for path in images.table["path"]}):
+        output_dir_checks.check_outside_inputs(output_dir, {"the image folder": folder})
+
+
 def train_and_save(images: LabelledImages, config: TrainingConfig,
                    output_dir: str | os.PathLike, *, overwrite: bool = False,
                    is_validation: np.ndarray | None = None, resume: bool = True,
@@ -2894,6 +2448,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     the model directory and checked against the Keras model."""
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    check_output_outside_images(output_dir, images, config)
     check_output_dir(output_dir, overwrite)
     for name in exports:
         if name not in EXPORT_FORMATS:
@@ -3049,7 +2604,9 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
     if dry_run:
         # An existing model directory is only a note here: dry runs are repeated after every
         # labelling session next to the model trained last time.
-        check_output_dir(output_dir, overwrite=True, create_parent=False)  # a file there is an error
+        if Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise InputError(f"OUTPUT_MODEL_DIR {output_dir} is a file; give a directory path.")
+        check_output_outside_images(output_dir, images, config)
         output_note = ""
         try:
             check_output_dir(output_dir, overwrite, create_parent=False)

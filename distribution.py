@@ -21,50 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 from dataclasses import dataclass
 
 import tensorflow as tf
 
+from settings import DEVICES_HELP, DeviceChoice  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
-
-DEVICES_HELP = (
-    "Devices to train on: 'auto' (every visible GPU, under MirroredStrategy when there are "
-    "several; the CPU when there is none), GPU indices such as '0,1', 'cpu' (the CPU even when "
-    "GPUs are visible), or 'cpu:N' (N logical CPU devices under MirroredStrategy, to try the "
-    "multi-device path without GPUs; slower than one). --batch-size is per device: the global "
-    "batch is --batch-size times the number of devices. Across machines, TF_CONFIG or an srun "
-    "with several tasks starts MultiWorkerMirroredStrategy (see the README). "
-    "Default: %(default)s.")
-
-
-@dataclass(frozen=True)
-class DeviceChoice:
-    """What --devices asked for."""
-
-    kind: str                        # 'auto', 'gpus' or 'cpu'
-    gpu_indices: tuple[int, ...] = ()
-    cpu_devices: int = 1
-
-    @classmethod
-    def parse(cls, text: str) -> "DeviceChoice":
-        """Parse a --devices value; raises ValueError saying what is accepted."""
-        value = text.strip().lower()
-        if value == "auto":
-            return cls("auto")
-        if value == "cpu":
-            return cls("cpu")
-        match = re.fullmatch(r"cpu:(\d+)", value)
-        if match and int(match.group(1)) >= 1:
-            return cls("cpu", cpu_devices=int(match.group(1)))
-        if re.fullmatch(r"\d+(,\d+)*", value):
-            indices = tuple(int(i) for i in value.split(","))
-            if len(set(indices)) == len(indices):
-                return cls("gpus", gpu_indices=indices)
-        raise ValueError("expected 'auto', 'cpu', 'cpu:N' with N at least 1, or distinct GPU "
-                         "indices separated by commas such as '0,1'")
-
 
 @dataclass
 class Placement:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from settings import ThresholdRule, parse_threshold_rule  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -84,36 +85,6 @@ def _weighted_average_precision(labels: np.ndarray, scores: np.ndarray,
 
 # --------------------------------------------------------------------------------------------
 # Decision thresholds
-
-
-@dataclass(frozen=True)
-class ThresholdRule:
-    """How each symbol's decision threshold is chosen on the validation set: 'f1' maximises
-    F1; 'precision' takes the lowest threshold whose precision reaches `value`; 'recall'
-    the highest threshold whose recall is still at least `value`."""
-
-    target: str = "f1"
-    value: float | None = None
-
-    def __str__(self) -> str:
-        return self.target if self.value is None else f"{self.target}={self.value:g}"
-
-
-def parse_threshold_rule(text: str) -> ThresholdRule:
-    """'f1', 'precision=0.95' or 'recall=0.9' as a ThresholdRule; ValueError says what is wrong."""
-    cleaned = str(text).strip().lower()
-    if cleaned == "f1":
-        return ThresholdRule()
-    match = re.fullmatch(r"(precision|recall)\s*=\s*([0-9.]+)", cleaned)
-    if match is None:
-        raise ValueError("write f1, precision=VALUE or recall=VALUE (for example precision=0.95)")
-    try:
-        value = float(match.group(2))
-    except ValueError:
-        raise ValueError(f"{match.group(2)!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise ValueError(f"the {match.group(1)} must be above 0 and at most 1")
-    return ThresholdRule(match.group(1), value)
 
 
 @dataclass(frozen=True)

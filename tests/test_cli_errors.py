@@ -19,16 +19,16 @@ def _error_lines(capsys) -> list[str]:
 
 @pytest.mark.parametrize("flags, message", [
     (["--backbone", "vgg99"], "--backbone choose one of .*mobilenet_v2.*; got 'vgg99'"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer; got 0"),
+    (["--batch-size", "0"], "--batch-size must be a whole number from 1 to 4096; got 0"),
     (["--validation-split", "0.9"], "--validation-split must be greater than 0 and at most 0.5"),
-    (["--image-size", "16"], "--image-size must be an integer of at least 32; got 16"),
+    (["--image-size", "16"], "--image-size must be a whole number of pixels from 32 to 2048; got 16"),
     (["--alpha", "0.6"], "--alpha 0.6 is not available for mobilenet_v2; choose one of"),
     (["--backbone", "resnet50", "--alpha", "0.5"], "--alpha only applies to MobileNet backbones"),
     (["--backbone", "inception_v3", "--alpha", "1.0", "--image-size", "64"],
      "--image-size 64 is too small for inception_v3; it needs at least 75"),
     (["--weights", "/no/such/file.h5"], "--weights '/no/such/file.h5': no such file"),
     (["--max-unreadable", "2"], "--max-unreadable must be between 0 and 1"),
-    (["--fine-tune-patience", "0"], "--fine-tune-patience must be a positive integer; got 0"),
+    (["--fine-tune-patience", "0"], "--fine-tune-patience must be a whole number from 1 to 10000; got 0"),
     (["--threshold-for", "precision=95"], "--threshold-for 'precision=95': the precision must be "
                                           "above 0 and at most 1"),
 ])
