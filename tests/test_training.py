@@ -128,12 +128,11 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(binary_dirs, t
 
 def test_overwrite_replaces_a_previous_model(binary_dirs, tmp_path):
     out = tmp_path / "model"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    assert run_script(build_binary_classifier,
-                      [*binary_dirs, out, *FAST, "--weights", "none", "--overwrite",
-                       "--fine-tune-epochs", "0"]) == 0
-    assert "old.txt" not in listdir(out) and "model.keras" in listdir(out)
+    args = [*binary_dirs, out, *FAST, "--weights", "none", "--fine-tune-epochs", "0"]
+    assert run_script(build_binary_classifier, args) == 0
+    (out / "report.html").write_text("the old report")
+    assert run_script(build_binary_classifier, [*args, "--overwrite"]) == 0
+    assert "model.keras" in listdir(out) and (out / "report.html").read_text() != "the old report"
     assert listdir(tmp_path) == ["frames", "model"]
 
 
