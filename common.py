@@ -30,6 +30,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import difflib
 import hashlib
 import importlib.util
 import io
@@ -978,21 +979,52 @@ def _csv_filename(raw: str) -> tuple[str | None, str | None]:
     return normal, None
 
 
+# A name like a symbol column's written another way: the symbol, then a word like 'visible'
+# that is not the suffix '_visible' (puma_visable, puma visible, pumaVisible, puma_vis).
+_LAST_WORD = re.compile(r"^(?P<symbol>.*?[^\W_])[\W_]*(?P<word>[A-Z]?[a-z]+|[A-Z]+)$")
+
+
+def _looks_like_visible(word: str) -> bool:
+    """'visible' misspelt (visable, visble), shortened (vis) or extended (visibility)."""
+    word = word.lower()
+    return ((len(word) >= 3 and "visible".startswith(word)) or word.startswith("visib")
+            or (word.startswith("v") and difflib.SequenceMatcher(None, word, "visible").ratio() >= 0.8))
+
+
+def near_symbol_columns(header: Sequence[str]) -> dict[str, str]:
+    """The columns that look like a `<symbol>_visible` column with a typo or written another
+    way, each with the name it probably means. They would otherwise be kept as ordinary
+    columns, and their symbol silently not trained."""
+    found = {}
+    for column in header:
+        if not column or column == "filename" or _VISIBLE_COLUMN.match(column):
+            continue
+        match = _LAST_WORD.match(column)
+        if match and _looks_like_visible(match.group("word")):
+            found[column] = re.sub(r"[\W_]+", "_", match.group("symbol")).strip("_") + VISIBLE_SUFFIX
+    return found
+
+
+def _near_columns_text(near: dict[str, str]) -> str:
+    return ", ".join(f"{column!r} (did you mean {meant!r}?)" for column, meant in near.items())
+
+
 def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | None,
                     wanted_from: str = "--symbols") -> dict[str, str]:
     """Map each `<symbol>_visible` column to its output name, in the CSV's column order;
-    `wanted` (symbol or column names, which came from `wanted_from`) keeps a subset."""
+    `wanted` (symbol or column names, which came from `wanted_from`) keeps a subset. Without
+    `wanted`, a column that looks like a misspelt symbol column is an error; with it, only the
+    wanted columns must be usable."""
     columns: dict[str, str] = {}
+    unusable: dict[str, str] = {}  # column: what its symbol part cleans to
     for column in header:
         match = _VISIBLE_COLUMN.match(column)
         if match is None:
             continue
         symbol = clean_symbol_name(match.group("symbol"))
         if not symbol or not SYMBOL_NAME_PATTERN.match(symbol):
-            raise InputError(
-                f"{csv_path}: column {column!r} gives no usable symbol name (after replacing "
-                f"characters other than letters, digits and '_' by '_' it is {symbol!r}). Name "
-                "the column <symbol>_visible, for example pentagram_visible.")
+            unusable[column] = symbol
+            continue
         if symbol != match.group("symbol"):
             log.info("Column %r gives the output name %r (characters other than letters, digits "
                      "and '_' become '_').", column, symbol)
@@ -1001,18 +1033,46 @@ def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | N
             raise InputError(f"{csv_path}: columns {clash[0]!r} and {column!r} both give the symbol "
                              f"name {symbol!r}; rename one of them.")
         columns[column] = symbol
-    if not columns:
+
+    def unusable_error(column: str) -> InputError:
+        return InputError(
+            f"{csv_path}: column {column!r} gives no usable symbol name (after replacing "
+            f"characters other than A-Z, a-z, 0-9 and '_' by '_' it is {unusable[column]!r}). "
+            "Name the column <symbol>_visible, for example pentagram_visible"
+            + ("." if wanted is not None else ", or leave it out with --symbols."))
+
+    near = near_symbol_columns(header)
+    if wanted is None and unusable:
+        raise unusable_error(next(iter(unusable)))
+    if wanted is None and near:
+        one = len(near) == 1
+        raise InputError(
+            f"{csv_path}: {'column' if one else 'columns'} {_near_columns_text(near)} "
+            f"{'looks like a symbol column' if one else 'look like symbol columns'} written "
+            f"another way, so {'its symbol' if one else 'their symbols'} would not be trained: a "
+            f"symbol column's name is the symbol followed by '{VISIBLE_SUFFIX}'. Rename "
+            f"{'it' if one else 'them'}"
+            + (f"; or, if {'it holds' if one else 'they hold'} no labels, pass --symbols "
+               f"{','.join(columns.values())} to train only on the other columns' symbols."
+               if columns else "."))
+    if not columns and not (wanted is not None and any(w in unusable for w in wanted)):
         raise InputError(
             f"{csv_path}: no column whose name ends in '{VISIBLE_SUFFIX}' (the header has: "
             f"{', '.join(header)}). Each symbol needs a column <symbol>_visible holding 0 or 1, "
-            "for example pentagram_visible.")
+            "for example pentagram_visible."
+            + (f" Look at {_near_columns_text(near)}." if near else ""))
     if wanted is not None:
+        named_unusable = [w for w in wanted if w in unusable]
+        if named_unusable:
+            raise unusable_error(named_unusable[0])
         by_name = {**{s: c for c, s in columns.items()}, **{c: c for c in columns}}
         unknown = [w for w in wanted if w not in by_name]
         if unknown:
             raise InputError(
                 f"{wanted_from}: {', '.join(map(repr, unknown))} not found in {csv_path}; its "
-                f"symbols are {', '.join(columns.values())}.")
+                f"symbols are {', '.join(columns.values()) or 'none'}."
+                + (f" Columns that look like misspelt symbol columns: {_near_columns_text(near)}."
+                   if near else ""))
         chosen = {by_name[w] for w in wanted}
         columns = {c: s for c, s in columns.items() if c in chosen}
     check_symbol_names(list(columns.values()), f"{csv_path}")
