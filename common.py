@@ -800,8 +800,13 @@ def symbol_from_directory(with_dir: str | os.PathLike) -> str:
 
 
 def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.PathLike,
-                            symbol: str | None = None) -> LabelledImages:
-    """The labelled table of a binary task: images in `with_dir` are positives."""
+                            symbol: str | None = None, *, group_by: str | None = None,
+                            groups_csv: str | os.PathLike | None = None) -> LabelledImages:
+    """The labelled table of a binary task: images in `with_dir` are positives.
+
+    `groups_csv` (--groups-csv) adds the column of a CSV that groups the split, its file
+    names relative to the CSV's own folder (or absolute), matched by real path; `group_by`
+    (--group-by) names that column when it has several (see split_groups.add_groups)."""
     with_path, without_path = Path(with_dir).resolve(), Path(without_dir).resolve()
     for path, role in ((with_dir, "WITH_DIR"), (without_dir, "WITHOUT_DIR")):
         if not Path(path).is_dir():
@@ -836,7 +841,17 @@ def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.P
         symbol: np.r_[np.ones(len(positives)), np.zeros(len(negatives))].astype(np.float32),
         "folder": ["" if f == "." else f for f in folders],
     })
-    return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)")
+    details = {}
+    if groups_csv is not None:
+        import split_groups  # here: it uses this module
+        base = os.path.dirname(os.path.abspath(groups_csv))
+        details["groups_csv"] = {"path": str(groups_csv), "column": split_groups.add_groups(
+            table, groups_csv, group_by, keys=[os.path.realpath(p) for p in paths],
+            key_of=lambda raw: os.path.realpath(os.path.join(base, raw.strip().replace("\\", "/"))),
+            labels_from=f"WITH_DIR {with_dir} and WITHOUT_DIR {without_dir}",
+            names_are=f"relative to the folder of the groups CSV ({base}), or absolute")}
+    return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)",
+                          details)
 
 
 # --------------------------------------------------------------------------------------------
@@ -881,17 +896,18 @@ def spreadsheet_rows(rows: Sequence[int], shown: int = 5, values: Sequence[str] 
     return text
 
 
-def _csv_text(csv_path: Path) -> tuple[str, str, bool]:
+def _csv_text(csv_path: Path, role: str = "LABELS_CSV") -> tuple[str, str, bool]:
     """The CSV's text, its encoding and whether it had a byte-order mark; InputError if it is
-    not readable text in UTF-8 (with or without BOM) or UTF-16 with a BOM."""
+    not readable text in UTF-8 (with or without BOM) or UTF-16 with a BOM. `role` names the
+    file in messages (LABELS_CSV, --groups-csv)."""
     try:
         data = csv_path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"LABELS_CSV {csv_path}: no such file.") from None
+        raise InputError(f"{role} {csv_path}: no such file.") from None
     except IsADirectoryError:
-        raise InputError(f"LABELS_CSV {csv_path} is a directory; give the path of the CSV file.") from None
+        raise InputError(f"{role} {csv_path} is a directory; give the path of the CSV file.") from None
     except OSError as error:
-        raise InputError(f"LABELS_CSV {csv_path}: cannot be read ({error.strerror}).") from None
+        raise InputError(f"{role} {csv_path}: cannot be read ({error.strerror}).") from None
     if data.startswith(b"PK\x03\x04") or data.startswith(b"\xd0\xcf\x11\xe0"):
         raise InputError(
             f"{csv_path} is a spreadsheet workbook (Excel .xlsx/.xls), not CSV text. Save it as "
@@ -916,7 +932,7 @@ def _csv_text(csv_path: Path) -> tuple[str, str, bool]:
             f"it: iconv -f WINDOWS-1252 -t UTF-8 {csv_path.name} > labels-utf8.csv") from None
     if "\x00" in text:
         raise InputError(f"{csv_path}: contains NUL characters, so it is not a CSV text file. "
-                         "Check that LABELS_CSV names the right file.")
+                         f"Check that {role} names the right file.")
     return text, "utf-8-sig" if bom else "utf-8", bom
 
 
@@ -937,12 +953,14 @@ def _csv_delimiter(text: str) -> str:
     return best
 
 
-def read_csv_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[int, list[str]]], CsvFormat]:
+def read_csv_rows(csv_path: str | os.PathLike, role: str = "LABELS_CSV",
+                  example_header: str = "filename,pentagram_visible,star_visible",
+                  ) -> tuple[list[str], list[tuple[int, list[str]]], CsvFormat]:
     """The header cells (the first non-blank row) and the non-blank rows after it, each with
     its spreadsheet row number (the first line is row 1), detecting a BOM, UTF-16 and the
-    separator (',', ';' or tab)."""
+    separator (',', ';' or tab). `role` and `example_header` are for the messages."""
     csv_path = Path(csv_path)
-    text, encoding, bom = _csv_text(csv_path)
+    text, encoding, bom = _csv_text(csv_path, role)
     delimiter = _csv_delimiter(text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[tuple[int, list[str]]] = []
@@ -957,7 +975,7 @@ def read_csv_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[in
     fmt = CsvFormat(encoding, delimiter, bom)
     if not rows:
         raise InputError(f"{csv_path}: empty; expected a header row such as "
-                         f"'filename,pentagram_visible,star_visible' and one row per image.")
+                         f"'{example_header}' and one row per image.")
     (_, header), body = rows[0], rows[1:]
     return [c.strip() for c in header], body, fmt
 
@@ -1171,7 +1189,8 @@ def _first_listings(names: list[str | None], labels: np.ndarray,
 
 def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
                     symbols: Sequence[str] | None = None, *,
-                    symbols_from: str = "--symbols") -> LabelledImages:
+                    symbols_from: str = "--symbols", group_by: str | None = None,
+                    groups_csv: str | os.PathLike | None = None) -> LabelledImages:
     """The labelled table of a multi-label task from a labels CSV.
 
     The CSV has a `filename` column (a path relative to `image_dir`, '/' or '\\\\' between
@@ -1180,6 +1199,11 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     kept in the table. Every problem in the cells is collected and raised as one InputError
     that names the rows as a spreadsheet numbers them. `symbols_from` says where `symbols`
     came from, for the error when one is missing from the CSV.
+
+    `groups_csv` (--groups-csv) adds the column of another CSV that groups the split, with
+    the same file names (see split_groups.add_groups); `frame_groups` then groups by it
+    unless --group-by says otherwise. `group_by` (--group-by) says which column groups the
+    split, so that it is not reported as an ignored column.
     """
     image_dir, csv_path = Path(image_dir), Path(csv_path)
     if not image_dir.is_dir():
@@ -1195,8 +1219,13 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     columns = _symbol_columns(header, csv_path, wanted, symbols_from)
     all_visible = [c for c in header if c and _VISIBLE_COLUMN.match(c)]
     extra = [c for c in header if c and c != "filename" and c not in all_visible]
-    if extra:
-        log.info("Ignoring columns: %s (kept with the data for later use)", ", ".join(extra))
+    if groups_csv is not None:
+        grouping = None
+    else:
+        grouping = automatic_group_column(extra) if group_by is None else group_by
+    ignored = [c for c in extra if c != grouping]
+    if ignored:
+        log.info("Ignoring columns: %s (kept with the data for later use)", ", ".join(ignored))
     unused = [c for c in all_visible if c not in columns]
     if unused:
         log.info("Not training on: %s (left out by --symbols)", ", ".join(unused))
@@ -1273,6 +1302,13 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     for column in extra:
         values = [value for (_, value), kept in zip(column_values(column), keep) if kept]
         table[column if column not in table.columns else f"csv_{column}"] = values
+    details = {}
+    if groups_csv is not None:
+        import split_groups  # here: it uses this module
+        details["groups_csv"] = {"path": str(groups_csv), "column": split_groups.add_groups(
+            table, groups_csv, group_by, keys=kept_names, key_of=lambda raw: _csv_filename(raw)[0],
+            labels_from=str(csv_path), names_are=f"relative to IMAGE_DIR {image_dir}, as in {csv_path}",
+            rows=[row_numbers[i] for i in np.flatnonzero(keep)])}
 
     listed = {os.path.normpath(p) for p in table["path"]}
     unlisted = [p for p in find_images(image_dir) if os.path.normpath(p) not in listed]
@@ -1283,7 +1319,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     details = {"labels_csv": str(csv_path), "image_dir": str(image_dir), "csv_format": fmt.describe(),
                "rows": len(rows), "duplicate_rows_dropped": len(repeats),
                "not_annotated": not_annotated,
-               "ignored_columns": extra, "unlisted_images": len(unlisted)}
+               "ignored_columns": ignored, "unlisted_images": len(unlisted), **details}
     return LabelledImages(table, list(columns.values()),
                           f"labels CSV {csv_path} with images in {image_dir}", details)
 
@@ -1380,6 +1416,11 @@ def check_learnable(images: LabelledImages) -> None:
 AUTOMATIC_GROUP_COLUMNS = ("episode", "group", "video", "shot")
 
 
+def automatic_group_column(columns: Sequence[str]) -> str | None:
+    """The column that groups the split when --group-by is not given, if any."""
+    return next((c for name in AUTOMATIC_GROUP_COLUMNS for c in columns if c.lower() == name), None)
+
+
 @dataclass(frozen=True)
 class FrameGroups:
     """The group of every frame (None: each frame alone) and how it was chosen."""
@@ -1389,14 +1430,18 @@ class FrameGroups:
 
 
 def frame_groups(images: LabelledImages, group_by: str | None) -> FrameGroups:
-    """The groups that the split keeps together, from --group-by (see TrainingConfig)."""
+    """The groups that the split keeps together, from --group-by (see TrainingConfig), or
+    without it from the column that --groups-csv added."""
     table = images.table
     columns = [c for c in table.columns if c not in TABLE_COLUMNS and c not in images.symbols]
+    from_file = images.details.get("groups_csv")
+    if group_by is None and from_file:
+        group_by = from_file["column"]
     if group_by is None:
-        automatic = [c for name in AUTOMATIC_GROUP_COLUMNS for c in columns if c.lower() == name]
-        if not automatic:
+        automatic = automatic_group_column(columns)
+        if automatic is None:
             return FrameGroups(None, "none (each frame alone)")
-        group_by = automatic[0]
+        group_by = automatic
         how = f"the column {group_by!r} (found automatically; --group-by none splits frames one by one)"
     elif group_by == "none":
         return FrameGroups(None, "none (--group-by none)")
@@ -1414,7 +1459,8 @@ def frame_groups(images: LabelledImages, group_by: str | None) -> FrameGroups:
                         table.loc[empty, "filename"].iloc[0])
             values = values.where(~empty, "(no group) " + table["filename"])
         groups = values.to_numpy()
-        description = how or f"the column {group_by!r}"
+        description = how or f"the column {group_by!r}" + (
+            f" of --groups-csv {from_file['path']}" if from_file and from_file["column"] == group_by else "")
     else:
         try:
             pattern = re.compile(group_by)
