@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Validate on the frames of these two folders (with and without the symbol) instead "
              "of splitting WITH_DIR and WITHOUT_DIR, which are then all training. Default: a "
              "split (see --validation-split and --group-by).")
+    parser.add_argument(
+        "--groups-csv", metavar="CSV",
+        help="Group the split by a column of this CSV: frames with the same value stay on one "
+             "side of the train/validation split. Its filename column names the images "
+             "relative to the CSV's own folder (or by absolute path); every image of WITH_DIR "
+             "and WITHOUT_DIR needs a row, and rows of other files are ignored. With several "
+             "columns besides filename, --group-by names the one to use. Default: no groups "
+             "file (see --group-by).")
     settings.add_training_arguments(parser)
     return parser
 
@@ -54,17 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     def labelled_images():
         import common
 
-        images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol)
+        grouping = {"group_by": args.group_by, "groups_csv": args.groups_csv}
+        images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol,
+                                                **grouping)
         if not args.validation_dirs:
             return images, None
-        validation = common.images_from_directories(*args.validation_dirs, images.symbols[0])
+        validation = common.images_from_directories(*args.validation_dirs, images.symbols[0],
+                                                    **grouping)
         return common.with_validation_set(
             images, validation, "--validation-dirs " + " ".join(args.validation_dirs))
 
     validation = args.validation_dirs or (None, None)
     inputs = {"WITH_DIR": args.with_dir, "WITHOUT_DIR": args.without_dir,
               "--validation-dirs WITH": validation[0], "--validation-dirs WITHOUT": validation[1]}
-    return cli.training_main(parser, args, labelled_images, POSITIONALS, inputs)
+    return cli.training_main(parser, args, labelled_images, POSITIONALS, inputs,
+                             input_files={"--groups-csv": args.groups_csv})
 
 
 if __name__ == "__main__":

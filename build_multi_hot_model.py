@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Validate on the frames this CSV lists (same format, file names relative to "
              "IMAGE_DIR) instead of splitting LABELS_CSV; LABELS_CSV is then all training. "
              "Default: a split of LABELS_CSV (see --validation-split and --group-by).")
+    parser.add_argument(
+        "--groups-csv", metavar="CSV",
+        help="Group the split by a column of this CSV, for groups kept apart from the labels "
+             "(e.g. a splits.csv with filename,source_image): frames with the same value stay "
+             "on one side of the train/validation split. Its filename column names the frames "
+             "as LABELS_CSV does (relative to IMAGE_DIR); every labelled frame needs a row, and "
+             "rows of other files are ignored. With several columns besides filename, "
+             "--group-by names the one to use. Default: groups from LABELS_CSV (see --group-by).")
     settings.add_training_arguments(parser)
     return parser
 
@@ -59,18 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     def labelled_images():
         import common
 
-        images = common.images_from_csv(args.image_dir, args.labels_csv, args.symbols)
+        grouping = {"group_by": args.group_by, "groups_csv": args.groups_csv}
+        images = common.images_from_csv(args.image_dir, args.labels_csv, args.symbols, **grouping)
         if not args.validation_csv:
             return images, None
         validation = common.images_from_csv(
             args.image_dir, args.validation_csv, images.symbols,
-            symbols_from=f"--validation-csv needs every trained symbol ({args.labels_csv})")
+            symbols_from=f"--validation-csv needs every trained symbol ({args.labels_csv})",
+            **grouping)
         return common.with_validation_set(images, validation,
                                           f"--validation-csv {args.validation_csv}")
 
     return cli.training_main(
         parser, args, labelled_images, POSITIONALS, inputs={"IMAGE_DIR": args.image_dir},
-        input_files={"LABELS_CSV": args.labels_csv, "--validation-csv": args.validation_csv})
+        input_files={"LABELS_CSV": args.labels_csv, "--validation-csv": args.validation_csv,
+                     "--groups-csv": args.groups_csv})
 
 
 if __name__ == "__main__":

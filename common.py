@@ -29,6 +29,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import difflib
 import hashlib
 import io
 import json
@@ -385,8 +386,13 @@ def symbol_from_directory(with_dir: str | os.PathLike) -> str:
 
 
 def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.PathLike,
-                            symbol: str | None = None) -> LabelledImages:
-    """The labelled table of a binary task: images in `with_dir` are positives."""
+                            symbol: str | None = None, *, group_by: str | None = None,
+                            groups_csv: str | os.PathLike | None = None) -> LabelledImages:
+    """The labelled table of a binary task: images in `with_dir` are positives.
+
+    `groups_csv` (--groups-csv) adds the column of a CSV that groups the split, its file
+    names relative to the CSV's own folder (or absolute), matched by real path; `group_by`
+    (--group-by) names that column when it has several (see split_groups.add_groups)."""
     with_path, without_path = Path(with_dir).resolve(), Path(without_dir).resolve()
     for path, role in ((with_dir, "WITH_DIR"), (without_dir, "WITHOUT_DIR")):
         if not Path(path).is_dir():
@@ -421,7 +427,17 @@ def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.P
         symbol: np.r_[np.ones(len(positives)), np.zeros(len(negatives))].astype(np.float32),
         "folder": ["" if f == "." else f for f in folders],
     })
-    return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)")
+    details = {}
+    if groups_csv is not None:
+        import split_groups  # here: it uses this module
+        base = os.path.dirname(os.path.abspath(groups_csv))
+        details["groups_csv"] = {"path": str(groups_csv), "column": split_groups.add_groups(
+            table, groups_csv, group_by, keys=[os.path.realpath(p) for p in paths],
+            key_of=lambda raw: os.path.realpath(os.path.join(base, raw.strip().replace("\\", "/"))),
+            labels_from=f"WITH_DIR {with_dir} and WITHOUT_DIR {without_dir}",
+            names_are=f"relative to the folder of the groups CSV ({base}), or absolute")}
+    return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)",
+                          details)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,17 +482,18 @@ def spreadsheet_rows(rows: Sequence[int], shown: int = 5, values: Sequence[str] 
     return text
 
 
-def _csv_text(csv_path: Path) -> tuple[str, str, bool]:
+def _csv_text(csv_path: Path, role: str = "LABELS_CSV") -> tuple[str, str, bool]:
     """The CSV's text, its encoding and whether it had a byte-order mark; InputError if it is
-    not readable text in UTF-8 (with or without BOM) or UTF-16 with a BOM."""
+    not readable text in UTF-8 (with or without BOM) or UTF-16 with a BOM. `role` names the
+    file in messages (LABELS_CSV, --groups-csv)."""
     try:
         data = csv_path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"LABELS_CSV {csv_path}: no such file.") from None
+        raise InputError(f"{role} {csv_path}: no such file.") from None
     except IsADirectoryError:
-        raise InputError(f"LABELS_CSV {csv_path} is a directory; give the path of the CSV file.") from None
+        raise InputError(f"{role} {csv_path} is a directory; give the path of the CSV file.") from None
     except OSError as error:
-        raise InputError(f"LABELS_CSV {csv_path}: cannot be read ({error.strerror}).") from None
+        raise InputError(f"{role} {csv_path}: cannot be read ({error.strerror}).") from None
     if data.startswith(b"PK\x03\x04") or data.startswith(b"\xd0\xcf\x11\xe0"):
         raise InputError(
             f"{csv_path} is a spreadsheet workbook (Excel .xlsx/.xls), not CSV text. Save it as "
@@ -501,7 +518,7 @@ def _csv_text(csv_path: Path) -> tuple[str, str, bool]:
             f"it: iconv -f WINDOWS-1252 -t UTF-8 {csv_path.name} > labels-utf8.csv") from None
     if "\x00" in text:
         raise InputError(f"{csv_path}: contains NUL characters, so it is not a CSV text file. "
-                         "Check that LABELS_CSV names the right file.")
+                         f"Check that {role} names the right file.")
     return text, "utf-8-sig" if bom else "utf-8", bom
 
 
@@ -522,12 +539,14 @@ def _csv_delimiter(text: str) -> str:
     return best
 
 
-def read_csv_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[int, list[str]]], CsvFormat]:
+def read_csv_rows(csv_path: str | os.PathLike, role: str = "LABELS_CSV",
+                  example_header: str = "filename,pentagram_visible,star_visible",
+                  ) -> tuple[list[str], list[tuple[int, list[str]]], CsvFormat]:
     """The header cells (the first non-blank row) and the non-blank rows after it, each with
     its spreadsheet row number (the first line is row 1), detecting a BOM, UTF-16 and the
-    separator (',', ';' or tab)."""
+    separator (',', ';' or tab). `role` and `example_header` are for the messages."""
     csv_path = Path(csv_path)
-    text, encoding, bom = _csv_text(csv_path)
+    text, encoding, bom = _csv_text(csv_path, role)
     delimiter = _csv_delimiter(text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[tuple[int, list[str]]] = []
@@ -542,7 +561,7 @@ def read_csv_rows(csv_path: str | os.PathLike) -> tuple[list[str], list[tuple[in
     fmt = CsvFormat(encoding, delimiter, bom)
     if not rows:
         raise InputError(f"{csv_path}: empty; expected a header row such as "
-                         f"'filename,pentagram_visible,star_visible' and one row per image.")
+                         f"'{example_header}' and one row per image.")
     (_, header), body = rows[0], rows[1:]
     return [c.strip() for c in header], body, fmt
 
@@ -564,21 +583,52 @@ def _csv_filename(raw: str) -> tuple[str | None, str | None]:
     return normal, None
 
 
+# A name like a symbol column's written another way: the symbol, then a word like 'visible'
+# that is not the suffix '_visible' (puma_visable, puma visible, pumaVisible, puma_vis).
+_LAST_WORD = re.compile(r"^(?P<symbol>.*?[^\W_])[\W_]*(?P<word>[A-Z]?[a-z]+|[A-Z]+)$")
+
+
+def _looks_like_visible(word: str) -> bool:
+    """'visible' misspelt (visable, visble), shortened (vis) or extended (visibility)."""
+    word = word.lower()
+    return ((len(word) >= 3 and "visible".startswith(word)) or word.startswith("visib")
+            or (word.startswith("v") and difflib.SequenceMatcher(None, word, "visible").ratio() >= 0.8))
+
+
+def near_symbol_columns(header: Sequence[str]) -> dict[str, str]:
+    """The columns that look like a `<symbol>_visible` column with a typo or written another
+    way, each with the name it probably means. They would otherwise be kept as ordinary
+    columns, and their symbol silently not trained."""
+    found = {}
+    for column in header:
+        if not column or column == "filename" or _VISIBLE_COLUMN.match(column):
+            continue
+        match = _LAST_WORD.match(column)
+        if match and _looks_like_visible(match.group("word")):
+            found[column] = re.sub(r"[\W_]+", "_", match.group("symbol")).strip("_") + VISIBLE_SUFFIX
+    return found
+
+
+def _near_columns_text(near: dict[str, str]) -> str:
+    return ", ".join(f"{column!r} (did you mean {meant!r}?)" for column, meant in near.items())
+
+
 def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | None,
                     wanted_from: str = "--symbols") -> dict[str, str]:
     """Map each `<symbol>_visible` column to its output name, in the CSV's column order;
-    `wanted` (symbol or column names, which came from `wanted_from`) keeps a subset."""
+    `wanted` (symbol or column names, which came from `wanted_from`) keeps a subset. Without
+    `wanted`, a column that looks like a misspelt symbol column is an error; with it, only the
+    wanted columns must be usable."""
     columns: dict[str, str] = {}
+    unusable: dict[str, str] = {}  # column: what its symbol part cleans to
     for column in header:
         match = _VISIBLE_COLUMN.match(column)
         if match is None:
             continue
         symbol = clean_symbol_name(match.group("symbol"))
         if not symbol or not SYMBOL_NAME_PATTERN.match(symbol):
-            raise InputError(
-                f"{csv_path}: column {column!r} gives no usable symbol name (after replacing "
-                f"characters other than letters, digits and '_' by '_' it is {symbol!r}). Name "
-                "the column <symbol>_visible, for example pentagram_visible.")
+            unusable[column] = symbol
+            continue
         if symbol != match.group("symbol"):
             log.info("Column %r gives the output name %r (characters other than letters, digits "
                      "and '_' become '_').", column, symbol)
@@ -587,18 +637,46 @@ def _symbol_columns(header: list[str], csv_path: Path, wanted: Sequence[str] | N
             raise InputError(f"{csv_path}: columns {clash[0]!r} and {column!r} both give the symbol "
                              f"name {symbol!r}; rename one of them.")
         columns[column] = symbol
-    if not columns:
+
+    def unusable_error(column: str) -> InputError:
+        return InputError(
+            f"{csv_path}: column {column!r} gives no usable symbol name (after replacing "
+            f"characters other than A-Z, a-z, 0-9 and '_' by '_' it is {unusable[column]!r}). "
+            "Name the column <symbol>_visible, for example pentagram_visible"
+            + ("." if wanted is not None else ", or leave it out with --symbols."))
+
+    near = near_symbol_columns(header)
+    if wanted is None and unusable:
+        raise unusable_error(next(iter(unusable)))
+    if wanted is None and near:
+        one = len(near) == 1
+        raise InputError(
+            f"{csv_path}: {'column' if one else 'columns'} {_near_columns_text(near)} "
+            f"{'looks like a symbol column' if one else 'look like symbol columns'} written "
+            f"another way, so {'its symbol' if one else 'their symbols'} would not be trained: a "
+            f"symbol column's name is the symbol followed by '{VISIBLE_SUFFIX}'. Rename "
+            f"{'it' if one else 'them'}"
+            + (f"; or, if {'it holds' if one else 'they hold'} no labels, pass --symbols "
+               f"{','.join(columns.values())} to train only on the other columns' symbols."
+               if columns else "."))
+    if not columns and not (wanted is not None and any(w in unusable for w in wanted)):
         raise InputError(
             f"{csv_path}: no column whose name ends in '{VISIBLE_SUFFIX}' (the header has: "
             f"{', '.join(header)}). Each symbol needs a column <symbol>_visible holding 0 or 1, "
-            "for example pentagram_visible.")
+            "for example pentagram_visible."
+            + (f" Look at {_near_columns_text(near)}." if near else ""))
     if wanted is not None:
+        named_unusable = [w for w in wanted if w in unusable]
+        if named_unusable:
+            raise unusable_error(named_unusable[0])
         by_name = {**{s: c for c, s in columns.items()}, **{c: c for c in columns}}
         unknown = [w for w in wanted if w not in by_name]
         if unknown:
             raise InputError(
                 f"{wanted_from}: {', '.join(map(repr, unknown))} not found in {csv_path}; its "
-                f"symbols are {', '.join(columns.values())}.")
+                f"symbols are {', '.join(columns.values()) or 'none'}."
+                + (f" Columns that look like misspelt symbol columns: {_near_columns_text(near)}."
+                   if near else ""))
         chosen = {by_name[w] for w in wanted}
         columns = {c: s for c, s in columns.items() if c in chosen}
     check_symbol_names(list(columns.values()), f"{csv_path}")
@@ -697,7 +775,8 @@ def _first_listings(names: list[str | None], labels: np.ndarray,
 
 def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
                     symbols: Sequence[str] | None = None, *,
-                    symbols_from: str = "--symbols") -> LabelledImages:
+                    symbols_from: str = "--symbols", group_by: str | None = None,
+                    groups_csv: str | os.PathLike | None = None) -> LabelledImages:
     """The labelled table of a multi-label task from a labels CSV.
 
     The CSV has a `filename` column (a path relative to `image_dir`, '/' or '\\\\' between
@@ -706,6 +785,11 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     kept in the table. Every problem in the cells is collected and raised as one InputError
     that names the rows as a spreadsheet numbers them. `symbols_from` says where `symbols`
     came from, for the error when one is missing from the CSV.
+
+    `groups_csv` (--groups-csv) adds the column of another CSV that groups the split, with
+    the same file names (see split_groups.add_groups); `frame_groups` then groups by it
+    unless --group-by says otherwise. `group_by` (--group-by) says which column groups the
+    split, so that it is not reported as an ignored column.
     """
     image_dir, csv_path = Path(image_dir), Path(csv_path)
     if not image_dir.is_dir():
@@ -721,8 +805,13 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     columns = _symbol_columns(header, csv_path, wanted, symbols_from)
     all_visible = [c for c in header if c and _VISIBLE_COLUMN.match(c)]
     extra = [c for c in header if c and c != "filename" and c not in all_visible]
-    if extra:
-        log.info("Ignoring columns: %s (kept with the data for later use)", ", ".join(extra))
+    if groups_csv is not None:
+        grouping = None
+    else:
+        grouping = automatic_group_column(extra) if group_by is None else group_by
+    ignored = [c for c in extra if c != grouping]
+    if ignored:
+        log.info("Ignoring columns: %s (kept with the data for later use)", ", ".join(ignored))
     unused = [c for c in all_visible if c not in columns]
     if unused:
         log.info("Not training on: %s (left out by --symbols)", ", ".join(unused))
@@ -799,6 +888,13 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     for column in extra:
         values = [value for (_, value), kept in zip(column_values(column), keep) if kept]
         table[column if column not in table.columns else f"csv_{column}"] = values
+    details = {}
+    if groups_csv is not None:
+        import split_groups  # here: it uses this module
+        details["groups_csv"] = {"path": str(groups_csv), "column": split_groups.add_groups(
+            table, groups_csv, group_by, keys=kept_names, key_of=lambda raw: _csv_filename(raw)[0],
+            labels_from=str(csv_path), names_are=f"relative to IMAGE_DIR {image_dir}, as in {csv_path}",
+            rows=[row_numbers[i] for i in np.flatnonzero(keep)])}
 
     listed = {os.path.normpath(p) for p in table["path"]}
     unlisted = [p for p in find_images(image_dir) if os.path.normpath(p) not in listed]
@@ -809,7 +905,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     details = {"labels_csv": str(csv_path), "image_dir": str(image_dir), "csv_format": fmt.describe(),
                "rows": len(rows), "duplicate_rows_dropped": len(repeats),
                "not_annotated": not_annotated,
-               "ignored_columns": extra, "unlisted_images": len(unlisted)}
+               "ignored_columns": ignored, "unlisted_images": len(unlisted), **details}
     return LabelledImages(table, list(columns.values()),
                           f"labels CSV {csv_path} with images in {image_dir}", details)
 
@@ -906,6 +1002,11 @@ def check_learnable(images: LabelledImages) -> None:
 AUTOMATIC_GROUP_COLUMNS = ("episode", "group", "video", "shot")
 
 
+def automatic_group_column(columns: Sequence[str]) -> str | None:
+    """The column that groups the split when --group-by is not given, if any."""
+    return next((c for name in AUTOMATIC_GROUP_COLUMNS for c in columns if c.lower() == name), None)
+
+
 @dataclass(frozen=True)
 class FrameGroups:
     """The group of every frame (None: each frame alone) and how it was chosen."""
@@ -915,14 +1016,18 @@ class FrameGroups:
 
 
 def frame_groups(images: LabelledImages, group_by: str | None) -> FrameGroups:
-    """The groups that the split keeps together, from --group-by (see TrainingConfig)."""
+    """The groups that the split keeps together, from --group-by (see TrainingConfig), or
+    without it from the column that --groups-csv added."""
     table = images.table
     columns = [c for c in table.columns if c not in TABLE_COLUMNS and c not in images.symbols]
+    from_file = images.details.get("groups_csv")
+    if group_by is None and from_file:
+        group_by = from_file["column"]
     if group_by is None:
-        automatic = [c for name in AUTOMATIC_GROUP_COLUMNS for c in columns if c.lower() == name]
-        if not automatic:
+        automatic = automatic_group_column(columns)
+        if automatic is None:
             return FrameGroups(None, "none (each frame alone)")
-        group_by = automatic[0]
+        group_by = automatic
         how = f"the column {group_by!r} (found automatically; --group-by none splits frames one by one)"
     elif group_by == "none":
         return FrameGroups(None, "none (--group-by none)")
@@ -940,7 +1045,8 @@ def frame_groups(images: LabelledImages, group_by: str | None) -> FrameGroups:
                         table.loc[empty, "filename"].iloc[0])
             values = values.where(~empty, "(no group) " + table["filename"])
         groups = values.to_numpy()
-        description = how or f"the column {group_by!r}"
+        description = how or f"the column {group_by!r}" + (
+            f" of --groups-csv {from_file['path']}" if from_file and from_file["column"] == group_by else "")
     else:
         try:
             pattern = re.compile(group_by)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -183,3 +184,156 @@ def test_validation_dirs_replace_the_split(binary_dirs, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "Split: 32 train, 16 validation (the given validation set)." in printed
+
+
+# --- --groups-csv: the groups in a CSV of their own ----------------------------------------
+
+
+def write_groups(path, rows, header="filename,scene", delimiter=","):
+    path.write_text("\n".join([header, *(delimiter.join(map(str, r)) for r in rows)]) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def scene_of(name: str) -> str:
+    """Scenes of 2 consecutive frames: finer than the episodes, and across their folders."""
+    return f"S{int(name[-7:-4]) // 2}"
+
+
+def groups_error(root, csv_path, groups_csv, group_by=None) -> str:
+    with pytest.raises(common.InputError) as error:
+        common.images_from_csv(root, csv_path, group_by=group_by, groups_csv=groups_csv)
+    return str(error.value)
+
+
+def test_a_groups_csv_groups_the_split_by_its_column(episodes, tmp_path, caplog):
+    root, csv_path = episodes
+    names = pd.read_csv(csv_path)["filename"].tolist()
+    # Any order, names written as LABELS_CSV may write them, ';' separated, a file that is not
+    # labelled, and a file listed twice with the same group.
+    rows = [(("./" + n).replace("/", "\\") if i % 3 == 0 else n, scene_of(n))
+            for i, n in enumerate(reversed(names))]
+    rows += [("season0/not_labelled.png", "S99"), (names[0], scene_of(names[0]))]
+    groups_csv = write_groups(tmp_path / "splits.csv", rows, "filename;scene", ";")
+    caplog.set_level(logging.INFO)
+    images = common.images_from_csv(root, csv_path, groups_csv=groups_csv)
+    assert images.table["scene"].tolist() == [scene_of(n) for n in names]
+    assert images.details["groups_csv"] == {"path": str(groups_csv), "column": "scene"}
+    assert (f"--groups-csv {groups_csv}: 1 of its files are not labelled in {csv_path}; their rows "
+            "are ignored (for example row 62, 'season0/not_labelled.png')") in caplog.text
+    # The labels' Episode column no longer groups the split, so it is reported as ignored.
+    assert "Ignoring columns: Episode, note" in caplog.text
+
+    config = common.TrainingConfig(weights="none", image_size=32)
+    prepared = common.prepare_training_data(images, config)
+    assert_groups_stay_together(prepared, [scene_of(n) for n in names])
+    assert prepared.counts["grouping"] == f"the column 'scene' of --groups-csv {groups_csv}"
+    assert prepared.counts["train"]["groups"] + prepared.counts["validation"]["groups"] == 30
+
+
+def test_the_column_that_groups_the_split_is_not_reported_as_ignored(episodes, caplog):
+    root, csv_path = episodes
+    caplog.set_level(logging.INFO)
+    images = common.images_from_csv(root, csv_path)  # Episode groups automatically
+    assert "Ignoring columns: note (kept" in caplog.text
+    assert images.details["ignored_columns"] == ["note"]
+    caplog.clear()
+    common.images_from_csv(root, csv_path, group_by="note")
+    assert "Ignoring columns: Episode (kept" in caplog.text
+    caplog.clear()
+    common.images_from_csv(root, csv_path, group_by="none")
+    assert "Ignoring columns: Episode, note (kept" in caplog.text
+
+
+def test_groups_csv_training_writes_a_split_that_keeps_each_group_on_one_side(small_two_symbol_csv, tmp_path):
+    """The shared adidas_puma_logos layout: splits.csv with filename,original_split,source_image."""
+    import build_multi_hot_model
+    from conftest import FAST, run_script
+
+    root, csv_path = small_two_symbol_csv
+    names = pd.read_csv(csv_path)["filename"].tolist()
+    splits = write_groups(tmp_path / "splits.csv", [(n, "train", scene_of(n)) for n in names],
+                          "filename,original_split,source_image")
+    out = tmp_path / "model"
+    command = [root, csv_path, out, "--groups-csv", splits, "--weights", "none", *FAST,
+               "--epochs", "1", "--fine-tune-epochs", "0"]
+    assert run_script(build_multi_hot_model, command) == 2  # two columns: which one?
+    assert not out.exists()
+    assert run_script(build_multi_hot_model, [*command, "--group-by", "source_image"]) == 0
+    split = pd.read_csv(out / common.SPLIT_FILE, dtype=str)
+    assert split["group"].tolist() == [scene_of(n) for n in split["filename"]]
+    per_group = split.groupby("group")["split"].nunique()
+    assert (per_group == 1).all(), per_group[per_group > 1]
+    assert set(split["split"]) == {"train", "validation"}
+    assert split["group"].nunique() == 16  # by source_image, not by the labels' 4 episodes
+    data = common.load_model_dir(out).metadata["data"]
+    assert data["details"]["groups_csv"]["column"] == "source_image"
+
+
+@pytest.mark.parametrize("make, group_by, fragments", [
+    (lambda names: [(n, scene_of(n)) for n in names[12:]], None,
+     ["12 of 60 labelled frames have no row: rows 2 ('season0/ep0_f000.png'), 3 (",
+      "and 7 more (12 rows) of", "Every labelled frame needs a group"]),
+    (lambda names: [(n, scene_of(n)) for n in names] + [(names[5], "S77")], None,
+     ["1 file(s) listed twice with different groups: 'season2/ep5_f005.png' in rows 7 ('S2') and 62 ('S77')"]),
+    (lambda names: [(n, "") if i == 3 else (n, scene_of(n)) for i, n in enumerate(names)], None,
+     ["column scene: empty for 1 labelled frame(s), in row 5"]),
+    (lambda names: [(f"/data/frames/{n}", scene_of(n)) for n in names], None,
+     ["60 of 60 labelled frames have no row", "this file names e.g. '/data/frames/season0/ep0_f000.png'"]),
+    (lambda names: [(n, scene_of(n)) for n in names], "Episode",
+     ["--group-by 'Episode': not a column of --groups-csv", "besides filename: scene", "or is left out"]),
+])
+def test_groups_csv_mistakes_are_input_errors(episodes, tmp_path, make, group_by, fragments):
+    root, csv_path = episodes
+    names = pd.read_csv(csv_path)["filename"].tolist()
+    groups_csv = write_groups(tmp_path / "splits.csv", make(names))
+    message = groups_error(root, csv_path, groups_csv, group_by)
+    assert str(groups_csv) in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize("header, fragments", [
+    ("name,scene", ["no 'filename' column (the header has: name, scene)"]),
+    ("filename", ["no column besides filename"]),
+    ("filename,scene,take", ["2 columns besides filename (scene, take)", "--group-by COLUMN"]),
+    ("filename,Episode", ["column 'Episode' has the name of a column that the labels"]),
+    ("filename,folder", ["column 'folder' has the name of a column"]),
+])
+def test_groups_csv_header_mistakes(episodes, tmp_path, header, fragments):
+    root, csv_path = episodes
+    names = pd.read_csv(csv_path)["filename"].tolist()
+    width = header.count(",")
+    groups_csv = write_groups(tmp_path / "splits.csv", [(n, *["g"] * width) for n in names], header)
+    message = groups_error(root, csv_path, groups_csv)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_groups_csv_that_does_not_exist(episodes, tmp_path):
+    assert (f"--groups-csv {tmp_path / 'nope.csv'}: no such file"
+            in groups_error(*episodes, tmp_path / "nope.csv"))
+
+
+def test_binary_groups_csv_names_images_relative_to_its_folder(binary_dirs, tmp_path, capsys):
+    import build_binary_classifier
+    with_dir, without_dir = binary_dirs
+    frames = with_dir.parent
+    images = sorted(p.relative_to(frames).as_posix() for p in frames.rglob("*.png"))
+    pair = {name: f"P{int(name[-7:-4]) // 2}" for name in images}  # one with, one without
+    groups_csv = write_groups(frames / "groups.csv", [(n, pair[n]) for n in images], "filename,pair")
+    loaded = common.images_from_directories(with_dir, without_dir, groups_csv=groups_csv)
+    config = common.TrainingConfig(weights="none", image_size=32)
+    prepared = common.prepare_training_data(loaded, config)
+    expected = [pair[Path(p).relative_to(frames).as_posix()] for p in prepared.images.table["path"]]
+    assert_groups_stay_together(prepared, expected)
+
+    out = tmp_path / "m"
+    assert build_binary_classifier.main([str(with_dir), str(without_dir), str(out), "--dry-run",
+                                         "--groups-csv", str(groups_csv)]) == 0
+    assert f"Grouped by the column 'pair' of --groups-csv {groups_csv}: " in capsys.readouterr().out
+    write_groups(frames / "groups.csv", [(n, pair[n]) for n in images[1:]], "filename,pair")
+    assert build_binary_classifier.main([str(with_dir), str(without_dir), str(out), "--dry-run",
+                                         "--groups-csv", str(groups_csv)]) == 2
+    error = capsys.readouterr().err
+    assert "1 of 48 labelled frames have no row" in error and "relative to the folder of" in error

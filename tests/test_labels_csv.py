@@ -7,6 +7,7 @@ import csv
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -63,7 +64,9 @@ def test_columns_become_outputs_in_csv_order_and_other_columns_are_kept(image_di
     assert table["notes"].tolist() == ["first", "", "both", ""]
     assert (table["path"] == [str(image_dir / n) for n in table["filename"]]).all()
     assert table["folder"].tolist() == ["", "", "ep1", "ep1"]
-    assert "Ignoring columns: episode, notes" in caplog.text
+    # episode groups the split (found automatically), so it is not reported as ignored.
+    assert "Ignoring columns: notes (kept" in caplog.text
+    assert images.details["ignored_columns"] == ["notes"]
     assert "3 images in IMAGE_DIR" in caplog.text  # ep2/e.png, ep2/f.png, unlisted.jpg
 
 
@@ -224,13 +227,125 @@ def test_an_extra_column_named_like_an_internal_one_is_kept_under_another_name(i
     assert images.table["path"].tolist() == [str(image_dir / "a.jpg"), str(image_dir / "b.jpg")]
 
 
+# --- columns that are nearly a symbol column ------------------------------------------------
+
+TWO_LOGOS = "a.jpg,1,0\nb.jpg,0,1\nep1/c.jpg,1,1\nep1/d.jpg,0,0\n"
+
+
+@pytest.mark.parametrize("column", ["puma_visable", "puma visible", "puma_vis", "puma-visible",
+                                    "pumaVisible", "puma_visble", "puma.visible", "PUMA VISIBLE",
+                                    "puma_visibility", "puma_Visibel"])
+def test_a_column_nearly_named_like_a_symbol_column_is_an_error(image_dir, tmp_path, column):
+    """Such a column used to be kept as an ordinary one: the model trained on adidas alone."""
+    path = write(tmp_path, f"filename,adidas_visible,{column}\n" + TWO_LOGOS)
+    message = error_of(image_dir, path)
+    meant = "PUMA_visible" if column.startswith("PUMA") else "puma_visible"
+    assert f"{path}: column {column!r} (did you mean {meant!r}?) looks like a symbol column" in message
+    assert "--symbols adidas" in message  # the way out when it holds no labels
+
+
+def test_several_near_columns_are_named_in_one_message(image_dir, tmp_path):
+    path = write(tmp_path, "filename,puma_visable,adidas visible\n" + TWO_LOGOS)
+    message = error_of(image_dir, path)
+    assert ("columns 'puma_visable' (did you mean 'puma_visible'?), 'adidas visible' (did you mean "
+            "'adidas_visible'?) look like symbol columns") in message
+    assert "--symbols" not in message  # no symbol column is left to train on
+
+
+def test_symbols_leave_a_near_column_as_an_ordinary_one_unless_it_names_its_symbol(image_dir, tmp_path):
+    path = write(tmp_path, "filename,adidas_visible,puma_visable\n" + TWO_LOGOS)
+    images = load(image_dir, path, ["adidas"])
+    assert images.symbols == ["adidas"] and images.table["puma_visable"].tolist() == ["0", "1", "1", "0"]
+    message = error_of(image_dir, path, ["adidas", "puma"])
+    assert "--symbols: 'puma' not found" in message
+    assert "'puma_visable' (did you mean 'puma_visible'?)" in message
+
+
+def test_the_suffix_in_another_letter_case_or_with_spaces_around_is_a_symbol_column(image_dir, tmp_path):
+    """Not a near miss: the symbol is trained, named as written (the README promises any case)."""
+    images = load(image_dir, write(tmp_path, "filename, adidas_visible ,Puma_Visible \n" + TWO_LOGOS))
+    assert images.symbols == ["adidas", "Puma"]
+
+
+ORDINARY_COLUMNS = ["episode", "shot", "group", "video", "notes", "source_image", "frame", "timestamp",
+                    "width", "height", "split", "original_split", "annotator", "comment", "visible",
+                    "visibility", "Visible", "vis", "television", "revision", "preview", "division",
+                    "n_visits", "visual_check", "tv_vision", "frame_index", "timecode", "error",
+                    "logo_probability", "device", "is_disabled", "invisible"]
+
+
+def test_ordinary_extra_columns_are_no_near_symbol_columns(image_dir, tmp_path):
+    assert common.near_symbol_columns(ORDINARY_COLUMNS) == {}
+    header = ",".join(["filename", "star_visible", *ORDINARY_COLUMNS])
+    cells = ",".join(["x"] * len(ORDINARY_COLUMNS))
+    images = load(image_dir, write(tmp_path, f"{header}\na.jpg,1,{cells}\nb.jpg,0,{cells}\n"))
+    assert images.symbols == ["star"]
+    assert images.details["ignored_columns"] == [c for c in ORDINARY_COLUMNS if c != "episode"]
+
+
+def test_a_csv_with_ordinary_extra_columns_still_trains(small_two_symbol_csv, tmp_path):
+    import build_multi_hot_model
+    from conftest import FAST, run_script
+
+    root, csv_path = small_two_symbol_csv
+    frames = pd.read_csv(csv_path)
+    for column in ORDINARY_COLUMNS:
+        if column not in frames.columns:
+            frames[column] = "x"
+    frames.to_csv(csv_path, index=False)
+    out = tmp_path / "model"
+    assert run_script(build_multi_hot_model, [root, csv_path, out, "--weights", "none", *FAST,
+                                              "--epochs", "1", "--fine-tune-epochs", "0"]) == 0
+    assert common.load_model_dir(out).metadata["symbols"] == ["red_square", "blue_circle"]
+
+
+def test_dry_run_refuses_a_near_column_and_a_validation_csv_names_its_own(small_two_symbol_csv,
+                                                                           tmp_path, capsys):
+    """The reported case: `--dry-run` exited 0 for adidas_visible,puma_visable."""
+    import build_multi_hot_model
+
+    root, csv_path = small_two_symbol_csv
+    frames = pd.read_csv(csv_path)
+    frames.rename(columns={"blue_circle_visible": "blue_circle_visable"}).to_csv(
+        tmp_path / "typo.csv", index=False)
+    out = tmp_path / "m"
+    assert build_multi_hot_model.main([str(root), str(tmp_path / "typo.csv"), str(out), "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert (f"{tmp_path / 'typo.csv'}: column 'blue_circle_visable' (did you mean "
+            "'blue_circle_visible'?)") in error
+    assert not out.exists()
+
+    # The misspelt column in --validation-csv: validation needs the trained symbol.
+    held_out = frames["episode"] == 3
+    frames[~held_out].to_csv(tmp_path / "train.csv", index=False)
+    frames[held_out].rename(columns={"blue_circle_visible": "blue circle visible"}).to_csv(
+        tmp_path / "valid.csv", index=False)
+    assert build_multi_hot_model.main([str(root), str(tmp_path / "train.csv"), str(out), "--dry-run",
+                                       "--validation-csv", str(tmp_path / "valid.csv")]) == 2
+    error = capsys.readouterr().err
+    assert f"'blue_circle' not found in {tmp_path / 'valid.csv'}" in error
+    assert "'blue circle visible' (did you mean 'blue_circle_visible'?)" in error
+
+
+@pytest.mark.parametrize("column", ["é_visible", "_visible", "!!_visible", "__visible"])
+def test_a_visible_column_without_a_usable_symbol_name(image_dir, tmp_path, column):
+    """An error that names the column, unless --symbols leaves it out; naming it is an error."""
+    path = write(tmp_path, f"filename,star_visible,{column}\na.jpg,1,1\nb.jpg,0,0\n")
+    message = error_of(image_dir, path)
+    assert f"{path}: column {column!r} gives no usable symbol name" in message
+    assert "leave it out with --symbols" in message
+    assert load(image_dir, path, ["star"]).symbols == ["star"]
+    assert f"column {column!r} gives no usable symbol name" in error_of(image_dir, path, ["star", column])
+
+
 # --- property test ------------------------------------------------------------------------
 
 NAMES = ["a.jpg", "b.jpg", "ep1/c.jpg", "ep1\\d.jpg", "ep2/e.png", "../a.jpg", "/abs.jpg", "",
          "C:\\x.jpg", "missing.jpg", "a,b.jpg", 'quo"te.jpg', "é.jpg", "x\x00y", " a.jpg ", "."]
 CELLS = ["0", "1", "", "yes", "2", "0.5", "TRUE", "false", "-1", " 1", "nan", '"', "1;0", "\n"]
 HEADERS = ["filename", "star_visible", "pentagram_visible", "episode", "", "Filename", "x_visible",
-           "_visible", "image_visible", "a b_visible", "é_visible", "filename"]
+           "_visible", "image_visible", "a b_visible", "é_visible", "filename", "star visible",
+           "pentagram_visable"]
 
 
 @st.composite

@@ -48,7 +48,7 @@ def test_learns_two_independent_symbols_and_saves_outputs_in_csv_order(two_symbo
 
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["symbols"] == ["red_square", "blue_circle"]
-    assert metadata["data"]["details"]["ignored_columns"] == ["episode", "notes"]
+    assert metadata["data"]["details"]["ignored_columns"] == ["notes"]  # episode groups the split
     metrics = json.loads((out / "metrics.json").read_text())
     for symbol in ("red_square", "blue_circle"):
         m = metrics["symbols"][symbol]
