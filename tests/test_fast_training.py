@@ -140,7 +140,7 @@ def test_decoded_image_store_only_when_it_is_used_and_fits(tmp_path, caplog):
     store = common.decoded_image_store(paths, geometry, common.TrainingConfig())
     assert store is not None and len(store) == 1000
     store.close()
-    with pytest.raises(common.InputError, match=r"--decoded-cache-gb must be 0 or more; got -1"):
+    with pytest.raises(common.InputError, match=r"--decoded-cache-gb must be a number of GB, 0 or more; got -1"):
         common.TrainingConfig(decoded_cache_gb=-1)
 
 

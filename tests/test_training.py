@@ -214,9 +214,10 @@ def test_a_given_validation_mask_replaces_the_split(binary_dirs, tmp_path):
     images = common.images_from_directories(*binary_dirs)
     names = images.table["filename"].tolist()
     is_validation = np.array(["ep0" in name for name in names])  # one episode folder of three
-    (tmp_path / "broken.png").write_bytes(b"not a png")
-    broken = images.table.iloc[:1].assign(path=str(tmp_path / "broken.png"),
-                                          filename=str(tmp_path / "broken.png"))
+    (tmp_path / "elsewhere").mkdir()  # not the model's folder: that may hold no frame of the run
+    broken_path = tmp_path / "elsewhere" / "broken.png"
+    broken_path.write_bytes(b"not a png")
+    broken = images.table.iloc[:1].assign(path=str(broken_path), filename=str(broken_path))
     images.table = pd.concat([images.table, broken], ignore_index=True)
     is_validation = np.r_[is_validation, True]
     config = common.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights="none",
