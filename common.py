@@ -2530,10 +2530,14 @@ def decision_thresholds(metadata: dict,
         raise InputError(f"threshold for {', '.join(unknown)}: the model has no such symbol "
                          f"(its symbols: {', '.join(symbols)}).")
     for symbol, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise InputError(f"threshold {symbol}={value}: a threshold is a probability between "
+        try:
+            number = float(value) if not isinstance(value, (bool, str)) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not 0 <= number <= 1:
+            raise InputError(f"threshold {symbol}={value!r}: a threshold is a probability between "
                              "0 and 1.")
-        thresholds[symbol] = float(value)
+        thresholds[symbol] = number
     return thresholds
 
 
