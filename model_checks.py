@@ -99,15 +99,21 @@ def _check_fields(metadata: dict, path: Path) -> None:
     if not isinstance(thresholds, dict):
         raise _problem(path, "thresholds", f"must be an object with one probability per symbol; "
                                            f"found {thresholds!r}")
-    for symbol in symbols:
-        if symbol not in thresholds:
-            raise _problem(path, "thresholds", f"has no threshold for the symbol {symbol!r}")
-        value = thresholds[symbol]
+    for symbol, value in thresholds.items():
         if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1:
             raise _problem(path, f"thresholds.{symbol}",
                            f"must be a probability between 0 and 1; found {value!r}"
                            + (" (the training that wrote it chose no threshold, which happens "
                               "when its loss was not finite)" if value is None else ""))
+
+
+def _check_threshold_names(metadata: dict, path: Path) -> None:
+    symbols, thresholds = metadata["symbols"], metadata.get("thresholds")
+    if thresholds is None:
+        return
+    for symbol in symbols:
+        if symbol not in thresholds:
+            raise _problem(path, "thresholds", f"has no threshold for the symbol {symbol!r}")
     unknown = sorted(set(thresholds) - set(symbols))
     if unknown:
         raise _problem(path, "thresholds", f"names {', '.join(map(repr, unknown))}, which "
@@ -144,13 +150,14 @@ def check_model_file(path: Path) -> None:
 def check_against_model(metadata: dict, path: Path, outputs: Sequence[str],
                         input_shapes: Sequence[Sequence[int | None]]) -> None:
     """Refuse metadata whose symbols or input size disagree with the loaded model's output
-    names and input shapes."""
+    names and input shapes, or whose thresholds are not one per symbol."""
     symbols = metadata["symbols"]
     if sorted(outputs) != sorted(symbols):
         raise _problem(path, "symbols", f"is {symbols}, but the model in {common.MODEL_FILE} "
                                         f"has the outputs {list(outputs)}; they do not match the "
                                         f"symbols in {common.METADATA_FILE}, so the two files do "
                                         "not belong to the same model")
+    _check_threshold_names(metadata, path)
     if len(input_shapes) != 1 or len(input_shapes[0]) != 4:
         raise common.InputError(
             f"{path.parent / common.MODEL_FILE}: the model takes inputs of shapes "
