@@ -2130,27 +2130,33 @@ class LoadedModel(NamedTuple):
 
 def load_model_dir(path: str | os.PathLike) -> LoadedModel:
     """Load a model directory (safe mode: no code from the file is run) and its metadata,
-    checking that they agree."""
+    checking that they agree. Raises InputError naming the file and the field for a missing,
+    empty, truncated or damaged file and for metadata that is invalid or disagrees with the
+    model (model_checks)."""
+    import model_checks
+
     directory = Path(path)
     metadata_path, model_path = directory / METADATA_FILE, directory / MODEL_FILE
+    if not directory.is_dir():
+        raise InputError(f"MODEL_DIR {directory}: no such folder; give a model directory "
+                         "written by build_binary_classifier.py or build_multi_hot_model.py.")
     for required in (metadata_path, model_path):
         if not required.is_file():
             raise InputError(f"{directory} is not a model directory: {required.name} is missing.")
+    metadata = model_checks.read_metadata(metadata_path)
+    model_checks.check_model_file(model_path)
     try:
-        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"{metadata_path}: not valid JSON ({error}).") from None
-    version = metadata.get("format_version")
-    if version != MODEL_FORMAT_VERSION:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except MemoryError:
+        raise
+    except Exception as error:  # Keras raises many types for a file it cannot rebuild
         raise InputError(
-            f"{metadata_path}: model directory format version {version!r} is not supported by "
-            f"this version of the tool (it reads version {MODEL_FORMAT_VERSION}).")
-    model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+            f"{model_path}: cannot be loaded as a Keras model ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). It is damaged, or was not "
+            f"written by this tool. {model_checks.RESTORE}.") from None
     outputs = list(model.output.keys()) if isinstance(model.output, dict) else model.output_names
-    if sorted(outputs) != sorted(metadata.get("symbols", [])):
-        raise InputError(
-            f"{directory}: the model's outputs {outputs} do not match the symbols in "
-            f"{METADATA_FILE} {metadata.get('symbols')}.")
+    model_checks.check_against_model(metadata, metadata_path, outputs,
+                                     [tuple(tensor.shape) for tensor in model.inputs])
     return LoadedModel(model, metadata)
 
 
@@ -2173,10 +2179,14 @@ def decision_thresholds(metadata: dict,
         raise InputError(f"threshold for {', '.join(unknown)}: the model has no such symbol "
                          f"(its symbols: {', '.join(symbols)}).")
     for symbol, value in given.items():
-        if not 0 <= float(value) <= 1:
-            raise InputError(f"threshold {symbol}={value}: a threshold is a probability between "
+        try:
+            number = float(value) if not isinstance(value, (bool, str)) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not 0 <= number <= 1:
+            raise InputError(f"threshold {symbol}={value!r}: a threshold is a probability between "
                              "0 and 1.")
-        thresholds[symbol] = float(value)
+        thresholds[symbol] = number
     return thresholds
 
 

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Images, folders, lists of paths, glob patterns or videos.")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="Write the predictions here (written to FILE.partial and renamed "
-                             "when complete). Default: standard output.")
+                             "when complete; refused if that would overwrite an INPUT or write "
+                             "into MODEL_DIR). Default: standard output.")
     parser.add_argument("--format", choices=("csv", "jsonl"), default="csv",
                         help="Output format: CSV with a header, or one JSON object per line. "
                              "Default: %(default)s.")
@@ -161,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("predict")
 
     def run() -> int:
+        inputs = prediction.collect_inputs(args.inputs, args.image_dir)
+        prediction.check_outputs([("-o", args.output), ("--segments", args.segments)],
+                                 args.inputs, inputs, args.model_dir, args.save_frames)
         loaded = common.load_model_dir(args.model_dir)
         cut = _thresholds(loaded.metadata, args.threshold)
-        inputs = prediction.collect_inputs(args.inputs, args.image_dir)
         columns = prediction.output_columns(loaded.metadata["symbols"], bool(inputs.videos))
         settings = video.SegmentSettings(args.hysteresis, args.merge_gap, args.min_duration)
         save = Path(args.save_frames) if args.save_frames else None

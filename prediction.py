@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -93,7 +94,7 @@ def _listed_paths(list_path: Path) -> list[str]:
         header, rows, _ = common.read_csv_rows(list_path)
         columns = [h.strip().lower() for h in header]
         if "filename" not in columns:
-            raise common.InputError(
+            raise _input_error(
                 f"{list_path}: a CSV of inputs needs a 'filename' column (its columns: "
                 f"{', '.join(header)}).")
         column = columns.index("filename")
@@ -102,9 +103,62 @@ def _listed_paths(list_path: Path) -> list[str]:
     try:
         text = list_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise common.InputError(f"{list_path}: not a UTF-8 text file of paths.") from None
+        raise _input_error(f"{list_path}: not a UTF-8 text file of paths.") from None
     return [line.strip() for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-fA-F][0-9a-fA-F])")
+
+
+def printable(text: str) -> str:
+    """`text` as written to the output: each byte of a file name that is not UTF-8 (which
+    Python holds as a lone surrogate) becomes the four characters \\xNN, as Python's
+    'backslashreplace' writes it, so the CSV and JSON stay UTF-8 text. Other text is
+    unchanged. `unescaped` reverses it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unescaped(name: str) -> str:
+    """The file name that `printable` wrote as `name`: each \\xNN (NN from 80 to ff, the
+    bytes that are never valid UTF-8 alone) back to that byte."""
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), name)
+
+
+def _input_error(message: str) -> common.InputError:
+    """An InputError whose message names files as the output does (see `printable`)."""
+    return common.InputError(printable(message))
+
+
+def _listed_file(root: Path, name: str) -> str:
+    """Where a list's `name` is: as written, or, for a name with \\xNN escapes that is not
+    there, the file whose name has those bytes (a predictions CSV read back as a list)."""
+    path = root / name
+    if _ESCAPED_BYTE.search(name) and not os.path.lexists(path):
+        original = root / unescaped(name)
+        if os.path.lexists(original):
+            return str(original)
+    return str(path)
+
+
+def _warn_about_undecodable_names(inputs: Inputs) -> None:
+    names = [item.filename for source in inputs.sources if isinstance(source, list)
+             for item in source] + [item.name for item in inputs.videos]
+    odd = [name for name in names if printable(name) != name]
+    if odd:
+        log.warning("%s input name(s) are not valid UTF-8, e.g. %s: they are predicted, and "
+                    "the output writes each byte that is not UTF-8 as \\xNN (a list INPUT "
+                    "with such names is read back the same way). Rename them to UTF-8 (for "
+                    "example with convmv) to use them in other programs.",
+                    f"{len(odd):,}", printable(odd[0]))
 
 
 def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> Inputs:
@@ -114,7 +168,7 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
     Raises InputError naming the first INPUT that is none of these."""
     base = Path(image_dir) if image_dir else None
     if base is not None and not base.is_dir():
-        raise common.InputError(f"--image-dir {image_dir}: no such folder.")
+        raise _input_error(f"--image-dir {image_dir}: no such folder.")
     inputs = Inputs()
 
 
@@ -124,7 +178,7 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
         if path.is_dir():
             found = common.find_images(path)
             if not found:
-                raise common.InputError(f"INPUT {argument}: no images found in this folder "
+                raise _input_error(f"INPUT {argument}: no images found in this folder "
                                         f"(looked for {', '.join(sorted(common.IMAGE_EXTENSIONS))}).")
             inputs.add_images([ImageInput(str(p), _name_for(p, base or path, str(p))) for p in found])
         elif path.is_file() and suffix in common.IMAGE_EXTENSIONS:
@@ -134,12 +188,12 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
         elif path.is_file() and suffix in LIST_EXTENSIONS:
             listed = _listed_paths(path)
             if not listed:
-                raise common.InputError(f"INPUT {argument}: the list names no images.")
+                raise _input_error(f"INPUT {argument}: the list names no images.")
             root = base or path.parent
-            inputs.add_images([ImageInput(str(root / p), _name_for(root / p, base, p) if base
-                                          else _posix(p)) for p in listed])
+            inputs.add_images([ImageInput(_listed_file(root, p), _name_for(root / p, base, p)
+                                          if base else _posix(p)) for p in listed])
         elif path.is_file():
-            raise common.InputError(
+            raise _input_error(
                 f"INPUT {argument}: not an image ({', '.join(sorted(common.IMAGE_EXTENSIONS))}), "
                 f"a video ({', '.join(sorted(video.VIDEO_EXTENSIONS))}) or a list of paths "
                 "(.txt, .csv).")
@@ -147,21 +201,110 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
             matches = [m for m in sorted(Path(m) for m in glob.glob(argument, recursive=True))
                        if m.is_file() and m.suffix.lower() in common.IMAGE_EXTENSIONS | video.VIDEO_EXTENSIONS]
             if not matches:
-                raise common.InputError(f"INPUT {argument}: the pattern matches no image or video.")
+                raise _input_error(f"INPUT {argument}: the pattern matches no image or video.")
             for match in matches:
                 if match.suffix.lower() in video.VIDEO_EXTENSIONS:
                     inputs.add_video(VideoInput(str(match), match.stem))
                 else:
                     inputs.add_images([ImageInput(str(match), _name_for(match, base, str(match)))])
         else:
-            raise common.InputError(f"INPUT {argument}: no such file or folder.")
+            raise _input_error(f"INPUT {argument}: no such file or folder.")
+    _warn_about_undecodable_names(inputs)
     names = [v.name for v in inputs.videos]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise common.InputError(
+        raise _input_error(
             f"two videos share the name {duplicated[0]!r}; their frames would get the same "
             "file names. Rename one, or predict them in separate runs.")
     return inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs that would destroy an input
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The file's device and inode (following symbolic links), or None where there is none.
+    `a/missing/../b` is `a/b`, as it becomes once the output's folders are created."""
+    for candidate in (path, os.path.realpath(path)):
+        try:
+            status = os.stat(candidate)
+        except (OSError, ValueError):
+            continue
+        return status.st_dev, status.st_ino
+    return None
+
+
+def _within(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Whether `path` (existing or not) is `directory` or lies below it, after symbolic links
+    and `..`; each existing ancestor is compared with os.path.samefile, which also holds on
+    case-insensitive file systems and for bind mounts."""
+    if _identity(directory) is None:
+        return False
+    real = Path(os.path.realpath(path))
+    for ancestor in (real, *real.parents):
+        if _identity(ancestor) is not None and os.path.samefile(ancestor, directory):
+            return True
+    return False
+
+
+def check_outputs(outputs: Sequence[tuple[str, str | None]], arguments: Sequence[str],
+                  inputs: Inputs, model_dir: str | os.PathLike,
+                  save_frames: str | os.PathLike | None = None) -> None:
+    """Refuse, before any work, outputs that would overwrite what this run reads.
+
+    `outputs` are (flag, FILE) pairs of the files written as FILE.partial and renamed to
+    FILE. None of FILE and FILE.partial may be an INPUT file, an image found in a folder,
+    list or pattern INPUT, or a video (compared by device and inode, so symbolic and hard
+    links count), nor lie inside `model_dir`; two flags may not name one file. Frames saved
+    below `save_frames` may not land in `model_dir` or on an input image. Raises InputError
+    naming the output, the input and what to do."""
+    read: dict[tuple[int, int], str] = {}
+    for name in [*(a for a in arguments if os.path.isfile(a)),
+                 *(item.path for source in inputs.sources if isinstance(source, list)
+                   for item in source),
+                 *(item.path for item in inputs.videos)]:
+        identity = _identity(name)
+        if identity is not None:
+            read.setdefault(identity, name)
+    given = [(flag, path) for flag, path in outputs if path]
+    for index, (flag, path) in enumerate(given):
+        for other_flag, other in given[:index]:
+            if os.path.realpath(other) == os.path.realpath(path) or (
+                    _identity(path) is not None and _identity(path) == _identity(other)):
+                raise _input_error(f"{other_flag} {other} and {flag} {path} name the same "
+                                        "file; give each output its own file.")
+        if os.path.isdir(path):
+            raise _input_error(f"{flag} {path} is a folder; give the path of a file.")
+        if _within(path, model_dir):
+            raise _input_error(
+                f"{flag} {path} lies inside the model directory {model_dir}, which this run "
+                "reads; write the output somewhere else.")
+        for written in (path, f"{path}.partial"):
+            source = read.get(_identity(written))
+            if source is not None:
+                what = "" if written == path else f" (through its temporary file {written})"
+                raise _input_error(
+                    f"{flag} {path} would overwrite{what} {source}, which this run reads as "
+                    "input; nothing was written. Give the output another file name.")
+    if save_frames is None:
+        return
+    for item in inputs.videos:
+        folder = Path(save_frames) / item.name
+        if _within(folder, model_dir):
+            raise _input_error(
+                f"--save-frames {save_frames} would save frames into the model directory "
+                f"{model_dir}, which this run reads; save them somewhere else.")
+        if not folder.is_dir():
+            continue
+        pattern = re.compile(re.escape(item.name) + r"_frame\d{7,}\.jpg")
+        for existing in sorted(folder.iterdir()):
+            source = read.get(_identity(existing)) if pattern.fullmatch(existing.name) else None
+            if source is not None:
+                raise _input_error(
+                    f"--save-frames {save_frames} would overwrite {existing} with a frame of "
+                    f"{item.path}, but that file is the input image {source} of this run; "
+                    "nothing was written. Save the frames into another folder.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +325,7 @@ def _load_image(item: ImageInput, geometry: common.ImageGeometry) -> Frame:
     try:
         return Frame(item.filename, common.load_image_array(item.path, geometry))
     except common.ImageReadError as error:
-        return Frame(item.filename, None, str(error))
+        return Frame(item.filename, None, printable(str(error)))
 
 
 def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
@@ -210,7 +353,7 @@ def _video_frames(item: VideoInput, geometry: common.ImageGeometry, fps: float |
             yield Frame(prefix + name, common.resize_to_geometry(frame.image, geometry),
                         video=item.name, frame_index=frame.index, timestamp=frame.timestamp)
     except video.VideoReadError as error:
-        yield Frame(_posix(item.path), None, str(error), video=item.name)
+        yield Frame(_posix(item.path), None, printable(str(error)), video=item.name)
 
 
 def frame_filename(video_name: str, index: int) -> str:
@@ -296,6 +439,7 @@ class RowWriter:
             self._csv.writerow(columns)
 
     def write(self, row: dict) -> None:
+        row = {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
         if self.format == "csv":
             self._csv.writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
         else:

@@ -4,6 +4,9 @@ sampling and segments, errors, and the predictions-to-labels round trip."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import threading
 import time
 
@@ -311,3 +314,147 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(trained, monkeypatch, ca
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert _predict([model, frames, "--quiet"]) == 141
     assert "ERROR" not in capsys.readouterr().err
+
+
+def _copied_inputs(trained, root):
+    """A copy of some frames, a labels CSV naming them, a model copy and a short video, in
+    `root`: inputs that a refused run must leave as they were."""
+    model, frames, _ = trained
+    shutil.copytree(frames / "ep0", root / "frames")
+    names = sorted(p.name for p in (root / "frames").glob("*.png"))[:4]
+    pd.DataFrame({"filename": names, "red_square_visible": 1}).to_csv(root / "labels.csv",
+                                                                       index=False)
+    shutil.copytree(model, root / "model")
+    make_video(root / "clip.mp4", frames=6, rate=5)
+    return root / "model", root / "frames", root / "labels.csv", root / "clip.mp4"
+
+
+def _output_cases():
+    """(name, how to set up and what argv to run, the message) of outputs that would
+    overwrite an input."""
+    def labels_over_itself(m, f, labels, clip, root):
+        return [m, labels, "--image-dir", f, "-o", labels]
+
+    def symbolic_link_to_input(m, f, labels, clip, root):
+        (root / "link.csv").symlink_to(labels)
+        return [m, labels, "--image-dir", f, "-o", root / "link.csv"]
+
+    def hard_link_to_input(m, f, labels, clip, root):
+        os.link(labels, root / "hard.csv")
+        return [m, labels, "--image-dir", f, "-o", root / "hard.csv"]
+
+    def dot_dot_path(m, f, labels, clip, root):
+        return [m, labels, "--image-dir", f, "-o", root / "not_yet" / ".." / "labels.csv"]
+
+    def image_in_a_folder_input(m, f, labels, clip, root):
+        return [m, f, "-o", f / "frame001.png"]
+
+    def temporary_file_is_an_input(m, f, labels, clip, root):
+        (root / "p.csv.partial").symlink_to(labels)
+        return [m, labels, "--image-dir", f, "-o", root / "p.csv"]
+
+    def segments_over_the_video(m, f, labels, clip, root):
+        return [m, clip, "--segments", clip, "-o", root / "p.csv"]
+
+    def inside_the_model_directory(m, f, labels, clip, root):
+        return [m, f, "-o", m / "predictions.csv"]
+
+    def inside_the_model_directory_through_a_link(m, f, labels, clip, root):
+        (root / "models").symlink_to(m, target_is_directory=True)
+        return [m, f, "-o", root / "models" / "metadata.json"]
+
+    def saved_frames_over_input_frames(m, f, labels, clip, root):
+        saved = root / "saved"
+        assert _predict([m, clip, "--save-frames", saved, "-o", root / "first.csv",
+                         "--quiet"]) == 0
+        return [m, saved, clip, "--save-frames", saved, "-o", root / "p.csv"]
+
+    def one_file_for_two_outputs(m, f, labels, clip, root):
+        return [m, clip, "--segments", root / "p.csv", "-o", root / "p.csv"]
+
+    reads = "which this run reads as input; nothing was written"
+    return [
+        (labels_over_itself, rf"-o .*labels\.csv would overwrite .*labels\.csv, {reads}"),
+        (symbolic_link_to_input, rf"-o .*link\.csv would overwrite .*labels\.csv, {reads}"),
+        (hard_link_to_input, rf"-o .*hard\.csv would overwrite .*labels\.csv, {reads}"),
+        (dot_dot_path, rf"would overwrite .*labels\.csv, {reads}"),
+        (image_in_a_folder_input, rf"-o .*frame001\.png would overwrite .*frame001\.png, {reads}"),
+        (temporary_file_is_an_input, r"-o .*p\.csv would overwrite \(through its temporary file "
+                                     rf".*p\.csv\.partial\) .*labels\.csv, {reads}"),
+        (segments_over_the_video, rf"--segments .*clip\.mp4 would overwrite .*clip\.mp4, {reads}"),
+        (inside_the_model_directory, "lies inside the model directory .*model, which this run reads"),
+        (inside_the_model_directory_through_a_link, "lies inside the model directory"),
+        (saved_frames_over_input_frames, r"--save-frames .*saved would overwrite .*clip_frame0000000"
+                                         r"\.jpg with a frame of .*clip\.mp4, but that file is "
+                                         "the input image"),
+        (one_file_for_two_outputs, r"-o .*p\.csv and --segments .*p\.csv name the same file"),
+    ]
+
+
+@pytest.mark.parametrize("setup, message", _output_cases(),
+                         ids=[case[0].__name__ for case in _output_cases()])
+def test_an_output_over_an_input_is_refused_before_any_work(trained, tmp_path, capsys, setup,
+                                                           message):
+    """`predict.py MODEL labels.csv -o labels.csv` replaced a hand-made labels CSV; no output
+    (-o, --segments, --save-frames, or their temporary files) may overwrite a file the run
+    reads, by any path to it, nor be written into the model directory."""
+    model, frames, labels, clip = _copied_inputs(trained, tmp_path)
+    argv = setup(model, frames, labels, clip, tmp_path)
+    capsys.readouterr()
+
+    def snapshot():
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*"))
+                if p.is_file() and not p.is_symlink()}
+
+    before = snapshot()
+    assert _predict(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert snapshot() == before  # nothing written, changed or removed
+
+
+def test_an_output_next_to_the_inputs_is_written(trained, tmp_path):
+    """The README's `predict.py MODEL new_frames/ -o new_frames/predictions.csv`, run twice:
+    a new file in a folder INPUT is no input of the run."""
+    model, frames, _, _ = _copied_inputs(trained, tmp_path)
+    out = frames / "predictions.csv"
+    for _ in range(2):
+        assert _predict([model, frames, "-o", out, "--quiet"]) == 0
+        assert len(pd.read_csv(out)) == len(list(frames.glob("*.png")))
+
+
+def test_a_file_name_that_is_not_utf8_is_predicted_and_round_trips(trained, tmp_path, capsys):
+    """On Linux a file name is bytes: b'caf\\xe9-\\xff.png' (Latin-1, say) is no UTF-8. The
+    CSV writer crashed on it; now its row names it with \\xNN escapes, and a list INPUT with
+    such a name is read back as that file."""
+    model, frames, _ = trained
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    source = (frames / "ep0" / "frame001.png").read_bytes()
+    odd_name = b"caf\xe9-\xff.png"
+    try:
+        with open(os.fsencode(folder) + b"/" + odd_name, "wb") as handle:
+            handle.write(source)
+        with open(os.fsencode(folder) + b"/\xfe-broken.jpg", "wb") as handle:
+            handle.write(b"\xff\xd8 not a jpeg")
+    except OSError:
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    (folder / "plain.png").write_bytes(source)
+    out = tmp_path / "p.csv"
+    assert _predict([model, folder, "-o", out]) == 3  # the broken JPEG is reported
+    err = capsys.readouterr().err
+    assert "2 input name(s) are not valid UTF-8, e.g. caf\\xe9-\\xff.png" in err
+    out.read_bytes().decode("utf-8")  # the CSV is UTF-8 text
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table["filename"].tolist() == ["caf\\xe9-\\xff.png", "plain.png", "\\xfe-broken.jpg"]
+    assert "\\xfe-broken.jpg: cannot be decoded" in table.loc[2, "error"]
+    probability = float(table.loc[0, "red_square_probability"])  # a column with an empty cell
+    assert probability == float(table.loc[1, "red_square_probability"])
+    assert os.fsencode(prediction.unescaped(table.loc[0, "filename"])) == odd_name
+    # The predictions read back as a list INPUT: the same file, the same row.
+    again = tmp_path / "again.jsonl"
+    assert _predict([model, out, "--image-dir", folder, "--format", "jsonl", "-o", again,
+                     "--skip-errors", "--quiet"]) == 3
+    rows = [json.loads(line) for line in again.read_text(encoding="utf-8").splitlines()]
+    assert [r["filename"] for r in rows] == ["caf\\xe9-\\xff.png", "plain.png"]
+    assert rows[0]["red_square_probability"] == probability
+    assert "\\xfe-broken.jpg: cannot be decoded" in capsys.readouterr().err
