@@ -148,6 +148,14 @@ def _output(path: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import dependencies
+    from errors import InputError
+
+    try:  # before the first import of NumPy or PyAV, so a Python without them gets one line
+        dependencies.require({**dependencies.REQUIRED, "av": "av"})
+    except InputError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 2
     import video
 
     parser = build_parser()

@@ -108,6 +108,13 @@ def test_a_python_without_the_dependencies_gets_one_line_and_exit_2(tmp_path, sc
     assert flag_result.returncode == 2 and "--seed must be" in flag_result.stderr
 
 
+def test_predict_without_the_dependencies_gets_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-S", str(ROOT / "predict.py"), str(tmp_path),
+                             str(tmp_path / "a.jpg")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "lacks numpy" in result.stderr and " av" in result.stderr
+
+
 def test_flag_errors_do_not_import_tensorflow(tmp_path):
     probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import build_multi_hot_model as m; "
              f"code = m.main([{str(tmp_path)!r}, 'x.csv', 'out', '--seed', '-1']); "
