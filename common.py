@@ -1827,7 +1827,8 @@ def decoded_image_store(paths: Sequence[str], geometry: ImageGeometry,
                  directory, free / gb)
         return None
     store = PixelStore(paths, shape, lambda path: load_image_array(path, geometry), directory)
-    log.info("Keeping decoded images for fine-tuning in %s (%.2f GB).", store.path, needed / gb)
+    log.info("Keeping decoded images for fine-tuning in %s (%.2f GB; a nameless file, freed "
+             "when the run ends however it ends).", store.directory, needed / gb)
     return store
 
 
