@@ -72,3 +72,67 @@ def test_a_sigkilled_process_leaves_no_pixel_store_file(tmp_path):
         process.wait()
     assert process.returncode == -signal.SIGKILL
     assert os.listdir(scratch) == []
+
+
+# --------------------------------------------------------------------------------------------
+# A checkpoint write that fails leaves no temporary
+
+
+def _state(value: float) -> checkpoints.PhaseState:
+    return checkpoints.PhaseState(phase="head", epochs_done=1, finished=False, rows=[],
+                                  early_stopping={"wait": 0}, variables=[np.full(3, value)],
+                                  optimizer=[np.zeros(2)])
+
+
+def _temporaries(directory) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith("."))
+
+
+def _disk_full_after_some_bytes(*args, **kwargs):
+    handle = args[0]
+    handle.write(b"PK\x03\x04 partial bytes")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_a_checkpoint_write_leaves_no_temporary(tmp_path, monkeypatch):
+    checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoint", {"settings": {}})
+    checkpoint.open(resume=False)
+    checkpoint.save(_state(1.0))
+    monkeypatch.setattr(np, "savez", _disk_full_after_some_bytes)
+    monkeypatch.setattr(np, "save", _disk_full_after_some_bytes)
+    with pytest.raises(OSError) as caught:
+        checkpoint.save(_state(2.0))
+    assert caught.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        checkpoint.save_features(np.ones((4, 3), np.float32))
+    assert _temporaries(checkpoint.directory) == []
+    assert sorted(os.listdir(checkpoint.directory)) == ["run.json", "state.npz"]
+    np.testing.assert_array_equal(checkpoint.latest().variables[0], np.full(3, 1.0))
+
+
+def test_a_full_disk_while_closing_a_checkpoint_file_leaves_no_temporary(tmp_path, monkeypatch):
+    """The bytes reach the disk at flush or fsync, where ENOSPC often shows first."""
+    checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoint", {"settings": {}})
+    checkpoint.open(resume=False)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        checkpoint.save(_state(1.0))
+    assert _temporaries(checkpoint.directory) == []
+    assert os.listdir(checkpoint.directory) == ["run.json"]
+
+
+def test_the_next_run_removes_temporaries_a_killed_writer_left(tmp_path):
+    run = {"settings": {"epochs": 3, "fine_tune_epochs": 0}}
+    checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoint", run)
+    checkpoint.open(resume=False)
+    checkpoint.save(_state(1.0))
+    for stale in (".state.npz.k2j3_x.npz", ".features.npy.a8b7.npy", ".run.json.q1w2"):
+        (checkpoint.directory / stale).write_bytes(b"half a file")
+    (checkpoint.directory / ".keep-me").write_text("not ours")
+    resumed = checkpoints.Checkpoint(tmp_path / "checkpoint", run).open(resume=True)
+    assert resumed is not None and resumed.epochs_done == 1  # the checkpoint itself stays
+    assert _temporaries(checkpoint.directory) == [".keep-me"]
