@@ -97,6 +97,7 @@ import distribution  # noqa: E402
 import evaluation  # noqa: E402
 import report  # noqa: E402
 import feature_cache  # noqa: E402
+import run_lock  # noqa: E402
 from pixel_store import PixelStore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -2382,36 +2383,63 @@ class ModelDirectory:
     """The model directory being written. Everything goes into a sibling `<name>.partial`,
     renamed into place only when complete, so a failed or interrupted run never leaves a
     directory that looks complete; the run's checkpoint lives in `<name>.partial/checkpoint/`,
-    where the next run of the same command finds it."""
+    where the next run of the same command finds it. `prepare` takes the run's lock in the
+    partial directory (`run_lock`), so two runs never write into it at once; `commit`,
+    `discard` and `release` let go of it."""
 
     def __init__(self, output_dir: str | os.PathLike):
         self.final = Path(output_dir).resolve()
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.checkpoint = self.partial / CHECKPOINT_FOLDER
+        self.lock = run_lock.RunLock(self.partial)
 
     def prepare(self, keep_checkpoint: bool) -> Path:
-        """Create the partial directory, emptied of all but (with `keep_checkpoint`) the
-        checkpoint of an earlier run."""
+        """Create the partial directory and take its lock (InputError when another live run
+        holds it), then empty it of all but (with `keep_checkpoint`) the checkpoint of an
+        earlier run."""
         self.partial.mkdir(parents=True, exist_ok=True)
-        for entry in self.partial.iterdir():
-            if keep_checkpoint and entry == self.checkpoint:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        try:
+            self.lock.acquire()
+        except run_lock.LockHeld as error:
+            raise InputError(str(error)) from None
+        self._empty(keep_checkpoint)
         return self.partial
 
+    def _empty(self, keep_checkpoint: bool) -> None:
+        for entry in self.partial.iterdir():
+            if (keep_checkpoint and entry == self.checkpoint) or entry == self.lock.path:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
     def commit(self) -> None:
-        """Drop the checkpoint and move the finished directory into place."""
+        """Drop the checkpoint and move the finished directory into place, without the lock."""
         shutil.rmtree(self.checkpoint, ignore_errors=True)
+        if os.name == "nt":  # a folder with an open file in it cannot be renamed there
+            self.release()
         old = None
         if self.final.exists():
             old = self.final.with_name(f"{self.final.name}.old-{os.getpid()}")
             self.final.rename(old)
         self.partial.rename(self.final)
+        # Held through the rename, so no other run can start in the folder meanwhile.
+        self.lock.release(moved_to=self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def discard(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        """Delete the partial directory and let go of its lock."""
+        if not self.lock.held:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return
+        with contextlib.suppress(OSError):  # the lock goes last: no run starts in a half-empty one
+            self._empty(keep_checkpoint=False)
+        self.release()
+        with contextlib.suppress(OSError):  # not when another run has started in it meanwhile
+            self.partial.rmdir()
+
+    def release(self) -> None:
+        """Let go of the lock, if this run holds it; safe to call twice."""
+        self.lock.release()
 
 
 def package_versions() -> dict:
@@ -3016,6 +3044,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             else:
                 directory.discard()
         raise
+    finally:
+        directory.release()
     seconds = time.monotonic() - started
     return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model,
                           phase_seconds=phase_seconds, resumed_from=resumed_from,

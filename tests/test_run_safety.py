@@ -21,6 +21,7 @@ import pytest
 
 import checkpoints
 import common
+import run_lock
 from conftest import ROOT, process_environment, training_command
 from pixel_store import PixelStore
 
@@ -136,3 +137,142 @@ def test_the_next_run_removes_temporaries_a_killed_writer_left(tmp_path):
     resumed = checkpoints.Checkpoint(tmp_path / "checkpoint", run).open(resume=True)
     assert resumed is not None and resumed.epochs_done == 1  # the checkpoint itself stays
     assert _temporaries(checkpoint.directory) == [".keep-me"]
+
+
+# --------------------------------------------------------------------------------------------
+# One run at a time per OUTPUT_MODEL_DIR
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    import run_lock
+    run_lock.RunLock(sys.argv[2]).acquire()
+    print("holding", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.fixture
+def lock_holder():
+    """Start a process that takes the run lock of a folder and keeps it; kills it at the end."""
+    started = []
+
+    def start(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT), str(folder)],
+                                   stdout=subprocess.PIPE, text=True)
+        started.append(process)
+        assert process.stdout.readline().strip() == "holding"
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _fake_lock(folder, host, pid):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / run_lock.LOCK_FILE).write_text(json.dumps(
+        {"host": host, "pid": pid, "started_at": "2024-05-01T10:00:00+00:00"}))
+
+
+def test_a_second_run_into_a_locked_output_stops_naming_the_holder_and_touches_nothing(
+        small_two_symbol_csv, tmp_path, lock_holder, capsys):
+    import build_multi_hot_model
+    out = tmp_path / "model"
+    partial = tmp_path / "model.partial"
+    holder = lock_holder(partial)
+    (partial / "model.keras").write_text("the first run's file")
+    code = build_multi_hot_model.main(
+        [str(a) for a in training_command(small_two_symbol_csv, out)[2:]]
+        + ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",
+           "--weights", "none"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+    assert code == 2 and len(errors) == 1
+    assert f"process {holder.pid} on host {socket.gethostname()}, started 20" in errors[0]
+    assert "in use by another training run" in errors[0] and f"kill {holder.pid}" in errors[0]
+    assert (partial / "model.keras").read_text() == "the first run's file"
+    assert sorted(os.listdir(partial)) == ["model.keras", run_lock.LOCK_FILE]
+    assert not out.exists()
+    # A dry run takes no lock: it checks the data and writes nothing.
+    code = build_multi_hot_model.main(
+        [str(a) for a in training_command(small_two_symbol_csv, out)[2:]] + ["--dry-run"])
+    assert code == 0 and not out.exists()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, lock_holder, caplog):
+    directory = common.ModelDirectory(tmp_path / "model")
+    holder = lock_holder(directory.partial)
+    with pytest.raises(common.InputError, match=f"process {holder.pid} on host"):
+        directory.prepare(keep_checkpoint=True)
+    holder.kill()
+    holder.wait()
+    with caplog.at_level(logging.WARNING):
+        directory.prepare(keep_checkpoint=True)
+    assert f"Taking over the stale lock {directory.lock.path} of process {holder.pid}" in caplog.text
+    record = json.loads(directory.lock.path.read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    directory.discard()
+    assert not directory.partial.exists()
+
+
+def test_a_lock_of_a_dead_pid_on_this_host_is_taken_over_one_of_another_host_never(
+        tmp_path, caplog):
+    directory = common.ModelDirectory(tmp_path / "model")
+    dead = _dead_pid()
+    _fake_lock(directory.partial, socket.gethostname(), dead)
+    with caplog.at_level(logging.WARNING):
+        directory.prepare(keep_checkpoint=True)
+    assert f"of process {dead} on host {socket.gethostname()}" in caplog.text
+    directory.release()
+    assert os.listdir(directory.partial) == []
+
+    other = common.ModelDirectory(tmp_path / "other")
+    _fake_lock(other.partial, "gpu-node-17", dead)
+    (other.partial / "checkpoint").mkdir()
+    with pytest.raises(common.InputError) as caught:
+        other.prepare(keep_checkpoint=False)
+    message = str(caught.value)
+    assert f"process {dead} on host gpu-node-17, started 2024-05-01T10:00:00+00:00" in message
+    assert "never taken over automatically" in message
+    assert f"delete {other.lock.path} and run again" in message
+    assert sorted(os.listdir(other.partial)) == ["checkpoint", run_lock.LOCK_FILE]
+
+
+def test_the_lock_is_released_on_commit_and_never_reaches_the_model_directory(tmp_path):
+    directory = common.ModelDirectory(tmp_path / "model")
+    partial = directory.prepare(keep_checkpoint=False)
+    (partial / "metadata.json").write_text("{}")
+    with pytest.raises(common.InputError, match="in use by another training run"):
+        common.ModelDirectory(tmp_path / "model").prepare(keep_checkpoint=True)
+    directory.commit()
+    assert os.listdir(tmp_path / "model") == ["metadata.json"]
+    assert not directory.partial.exists()
+    again = common.ModelDirectory(tmp_path / "model")  # free at once, without a warning
+    again.prepare(keep_checkpoint=False)
+    again.discard()
+    assert os.listdir(tmp_path) == ["model"]
+
+
+def test_an_interrupted_run_releases_its_lock_and_keeps_only_its_checkpoint(
+        small_two_symbol_csv, tmp_path, monkeypatch):
+    import build_multi_hot_model
+
+    def interrupted(images, config, geometry, is_validation, weights, store, run):
+        run.checkpoint.save_features(np.zeros((len(images.table), 4), np.float32))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "_train_phases", interrupted)
+    out = tmp_path / "model"
+    argv = [str(a) for a in training_command(small_two_symbol_csv, out)[2:]] + [
+        "--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none"]
+    assert build_multi_hot_model.main(argv) == 130
+    assert os.listdir(tmp_path / "model.partial") == ["checkpoint"]  # no lock left behind
+    assert not out.exists()
