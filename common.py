@@ -2141,6 +2141,55 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
                 "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch}
 
 
+class TrainingDiverged(InputError):
+    """A training or validation loss became NaN or infinite: the weights are worthless, so the
+    run stops without writing a model directory. Exit code 2: the user lowers the learning
+    rate or fixes the data."""
+
+
+class FiniteLossGuard(keras.callbacks.Callback):
+    """Raises TrainingDiverged as soon as the training loss of a step, or at an epoch's end
+    the epoch's loss, `val_loss` or a trainable weight, is not finite. Listed after
+    ValidationScores (whose `val_loss` it checks) and before early stopping and the
+    checkpoint, so no diverged epoch is kept or saved."""
+
+    def __init__(self, phase: str, learning_rates: dict[str, float]):
+        """`learning_rates`: the flags to advise lowering, most likely culprit first, and
+        their values."""
+        super().__init__()
+        self.phase, self.learning_rates = phase, learning_rates
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, ("loss",), f"step {batch + 1} of")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs, ("loss", "val_loss"), "the end of")
+        if not all(np.isfinite(keras.ops.convert_to_numpy(v)).all()
+                   for v in self.model.trainable_variables):
+            self._fail("a trainable weight", "not finite", "the end of")
+
+    def _check(self, logs, keys: Sequence[str], where: str) -> None:
+        for key in keys:
+            value = (logs or {}).get(key)
+            if value is not None and not np.isfinite(float(np.asarray(value))):
+                self._fail("the training loss" if key == "loss" else "the validation loss",
+                           str(float(np.asarray(value))), where)
+
+    def _fail(self, what: str, value: str, where: str) -> None:
+        flags = " or ".join(f"{flag} (now {rate:g})" for flag, rate in self.learning_rates.items())
+        raise TrainingDiverged(
+            f"Training diverged: {what} became {value} at {where} "
+            f"{checkpoints.PHASE_NAMES[self.phase]} epoch {self._epoch + 1}, so no model "
+            f"directory was written. The learning rate is probably too high: lower {flags}, "
+            "for example to a tenth, and run again. If the loss still diverges, check the "
+            "images and the labels (a frame that decodes to noise, a label column that means "
+            "something else).")
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Writes the phase's state to the run's checkpoint at the end of every epoch. Listed after
     early stopping and EpochLog, so the state includes their view of the epoch."""
@@ -2258,7 +2307,12 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
     if isinstance(run.placement.strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _build_for_workers(model, run.placement.strategy, batches)
     # Validation first: the callbacks after it read its scores from the epoch's logs.
-    callbacks = [validation, early_stopping, EpochLog(phase, epochs, rows, steps, validation)]
+    # A head phase that trained at too high a rate can leave weights that only overflow in
+    # fine-tuning, so both rates are named there.
+    rates = {"--fine-tune-learning-rate": config.fine_tune_learning_rate} if phase != "head" else {}
+    rates["--learning-rate"] = config.learning_rate
+    callbacks = [validation, FiniteLossGuard(phase, rates), early_stopping,
+                 EpochLog(phase, epochs, rows, steps, validation)]
     if run.checkpoint is not None and run.checkpoint.writer:
         callbacks.append(EpochCheckpoint(run.checkpoint, phase, epochs, rows, early_stopping))
     if config.tensorboard and run.placement.is_chief:
@@ -3035,9 +3089,11 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
                             paths=[paths[i] for i in val_idx])
         directory.commit()
-    except BaseException:  # an error, Ctrl-C or SIGTERM: keep what a rerun can continue from
+    except BaseException as error:  # an error, Ctrl-C, SIGTERM: keep what a rerun continues from
         if placement.is_chief and run is not None:
-            hint = _resume_hint(directory, run)
+            # A rerun of a diverged run would diverge again, and one with a lower learning
+            # rate cannot continue its checkpoint: nothing of it is kept.
+            hint = "" if isinstance(error, TrainingDiverged) else _resume_hint(directory, run)
             if hint:
                 directory.prepare(keep_checkpoint=True)  # only the checkpoint stays
                 log.warning("%s", hint)

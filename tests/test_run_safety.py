@@ -276,3 +276,58 @@ def test_an_interrupted_run_releases_its_lock_and_keeps_only_its_checkpoint(
     assert build_multi_hot_model.main(argv) == 130
     assert os.listdir(tmp_path / "model.partial") == ["checkpoint"]  # no lock left behind
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A loss that is not finite stops the run; no model is written
+
+
+def _diverging(monkeypatch, rate: float):
+    """Train at 1e38 where the flags ask for `rate`: past every flag check, as any cause of a
+    loss that is not finite would be."""
+    compile_fused = common.compile_fused
+
+    def compile_diverging(model, learning_rate, *args, **kwargs):
+        compile_fused(model, 1e38 if learning_rate == rate else learning_rate, *args, **kwargs)
+
+    monkeypatch.setattr(common, "compile_fused", compile_diverging)
+
+
+@pytest.mark.parametrize("phase, flags, advice", [
+    ("head phase", ["--learning-rate", "0.0031"], "lower --learning-rate (now 0.0031)"),
+    ("fine-tuning", ["--fine-tune-learning-rate", "0.00017", "--epochs", "1"],
+     "lower --fine-tune-learning-rate (now 0.00017) or --learning-rate"),
+])
+def test_a_loss_that_is_not_finite_stops_the_run_without_a_model(
+        small_two_symbol_csv, tmp_path, monkeypatch, capsys, phase, flags, advice):
+    import build_multi_hot_model
+    _diverging(monkeypatch, float(flags[1]))
+    out = tmp_path / "model"
+    argv = [str(a) for a in training_command(small_two_symbol_csv, out)[2:]] + [
+        "--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none",
+        "--batch-size", "8", "--fine-tune-epochs", "1", "--quiet", "--json", *flags]
+    code = build_multi_hot_model.main(argv)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("ERROR")]
+    assert code == 2 and len(errors) == 1
+    assert f"Training diverged: the training loss became " in errors[0]
+    assert f"of {phase} epoch 1, so no model directory was written" in errors[0]
+    assert advice in errors[0] and "check the images and the labels" in errors[0]
+    record = json.loads(captured.out)
+    assert record["status"] == "error" and record["exit_code"] == 2
+    assert os.listdir(tmp_path) == ["frames"]  # no model directory, no .partial, no lock
+
+
+def test_the_guard_checks_the_validation_loss_and_the_weights_at_the_end_of_an_epoch():
+    guard = common.FiniteLossGuard("head", {"--learning-rate": 0.5})
+    guard.on_epoch_begin(2)
+    guard.on_train_batch_end(0, {"loss": np.float32(0.7)})
+    with pytest.raises(common.TrainingDiverged, match="validation loss became inf at the end "
+                       r"of head phase epoch 3.*--learning-rate \(now 0.5\)"):
+        guard.on_epoch_end(2, {"loss": 0.7, "val_loss": float("inf")})
+    import keras
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.layers[0].kernel.assign(np.array([[1.0], [np.nan]], np.float32))
+    guard.set_model(model)
+    with pytest.raises(common.TrainingDiverged, match="a trainable weight became not finite"):
+        guard.on_epoch_end(2, {"loss": 0.7, "val_loss": 0.6})
