@@ -11,10 +11,15 @@ augmentations and the same dropout masks as one that never stopped, and ends the
 `run.json` says which run the checkpoint belongs to (settings that change the result, the
 data's fingerprint, the split, the number of replicas); a checkpoint of another run is never
 resumed silently.
+
+Every file is written to a temporary `.<name>.*` beside it and renamed over it: a kill during
+the write leaves the previous file whole, a write that fails (a full disk) removes its
+temporary, and the next run's `open` removes any temporary a killed writer left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +28,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -88,6 +94,8 @@ class Checkpoint:
         stands (None if there is none); raise RunMismatch for one of another run. Without
         `resume`, any earlier checkpoint is removed."""
         run_file = self.directory / RUN_FILE
+        if self.writer:
+            self._remove_temporaries()
         if run_file.is_file() and resume:
             try:
                 old = json.loads(run_file.read_text(encoding="utf-8"))
@@ -105,13 +113,17 @@ class Checkpoint:
         return None
 
     def _write(self, path: Path, data: bytes) -> None:
-        # A kill during the write leaves the previous file whole: readers see one or the other.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.",
-                                         delete=False) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        _replace(path, lambda handle: handle.write(data))
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporaries of writes that a kill or a crash interrupted."""
+        if not self.directory.is_dir():
+            return
+        for name in (RUN_FILE, STATE_FILE, FEATURES_FILE):
+            for stale in self.directory.glob(f".{name}.*"):
+                log.info("Removing %s, left by an interrupted checkpoint write.", stale)
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def features(self) -> np.ndarray | None:
         path = self.directory / FEATURES_FILE
@@ -126,11 +138,9 @@ class Checkpoint:
     def save_features(self, features: np.ndarray) -> None:
         if not self.writer:
             return
-        path = self.directory / FEATURES_FILE
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=f".{FEATURES_FILE}.",
-                                         suffix=".npy", delete=False) as handle:
-            np.save(handle, np.ascontiguousarray(features), allow_pickle=False)
-        os.replace(handle.name, path)
+        _replace(self.directory / FEATURES_FILE,
+                 lambda handle: np.save(handle, np.ascontiguousarray(features), allow_pickle=False),
+                 suffix=".npy")
 
     def latest(self) -> PhaseState | None:
         """The state of the last completed epoch, or None before the first."""
@@ -171,13 +181,8 @@ class Checkpoint:
         arrays.update({f"variable_{i}": v for i, v in enumerate(state.variables)})
         arrays.update({f"optimizer_{i}": v for i, v in enumerate(state.optimizer)})
         arrays.update({f"best_{i}": v for i, v in enumerate(state.best_weights or [])})
-        path = self.directory / STATE_FILE
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=f".{STATE_FILE}.",
-                                         suffix=".npz", delete=False) as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        _replace(self.directory / STATE_FILE, lambda handle: np.savez(handle, **arrays),
+                 suffix=".npz")
 
     def progress(self, state: PhaseState | None) -> str:
         """`describe` of `state`, with this run's epochs per phase."""
@@ -188,6 +193,24 @@ class Checkpoint:
     def remove(self) -> None:
         if self.writer:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _replace(path: Path, write: Callable[[BinaryIO], object], suffix: str = "") -> None:
+    """Write `path` with `write(handle)` into a temporary beside it, then rename that over
+    `path`: a kill during the write leaves the previous file whole (readers see one or the
+    other), and a write that fails, a full disk (ENOSPC) included, leaves no temporary."""
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=suffix,
+                                         delete=False)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
 
 
 def describe(state: PhaseState | None, epochs: dict[str, int]) -> str:

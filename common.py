@@ -95,6 +95,7 @@ import distribution  # noqa: E402
 import evaluation  # noqa: E402
 import report  # noqa: E402
 import feature_cache  # noqa: E402
+import run_lock  # noqa: E402
 from pixel_store import PixelStore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -1495,7 +1496,8 @@ def decoded_image_store(paths: Sequence[str], geometry: ImageGeometry,
                  directory, free / gb)
         return None
     store = PixelStore(paths, shape, lambda path: load_image_array(path, geometry), directory)
-    log.info("Keeping decoded images for fine-tuning in %s (%.2f GB).", store.path, needed / gb)
+    log.info("Keeping decoded images for fine-tuning in %s (%.2f GB; a nameless file, freed "
+             "when the run ends however it ends).", store.directory, needed / gb)
     return store
 
 
@@ -1807,6 +1809,55 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
                 "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch}
 
 
+class TrainingDiverged(InputError):
+    """A training or validation loss became NaN or infinite: the weights are worthless, so the
+    run stops without writing a model directory. Exit code 2: the user lowers the learning
+    rate or fixes the data."""
+
+
+class FiniteLossGuard(keras.callbacks.Callback):
+    """Raises TrainingDiverged as soon as the training loss of a step, or at an epoch's end
+    the epoch's loss, `val_loss` or a trainable weight, is not finite. Listed after
+    ValidationScores (whose `val_loss` it checks) and before early stopping and the
+    checkpoint, so no diverged epoch is kept or saved."""
+
+    def __init__(self, phase: str, learning_rates: dict[str, float]):
+        """`learning_rates`: the flags to advise lowering, most likely culprit first, and
+        their values."""
+        super().__init__()
+        self.phase, self.learning_rates = phase, learning_rates
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, ("loss",), f"step {batch + 1} of")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs, ("loss", "val_loss"), "the end of")
+        if not all(np.isfinite(keras.ops.convert_to_numpy(v)).all()
+                   for v in self.model.trainable_variables):
+            self._fail("a trainable weight", "not finite", "the end of")
+
+    def _check(self, logs, keys: Sequence[str], where: str) -> None:
+        for key in keys:
+            value = (logs or {}).get(key)
+            if value is not None and not np.isfinite(float(np.asarray(value))):
+                self._fail("the training loss" if key == "loss" else "the validation loss",
+                           str(float(np.asarray(value))), where)
+
+    def _fail(self, what: str, value: str, where: str) -> None:
+        flags = " or ".join(f"{flag} (now {rate:g})" for flag, rate in self.learning_rates.items())
+        raise TrainingDiverged(
+            f"Training diverged: {what} became {value} at {where} "
+            f"{checkpoints.PHASE_NAMES[self.phase]} epoch {self._epoch + 1}, so no model "
+            f"directory was written. The learning rate is probably too high: lower {flags}, "
+            "for example to a tenth, and run again. If the loss still diverges, check the "
+            "images and the labels (a frame that decodes to noise, a label column that means "
+            "something else).")
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Writes the phase's state to the run's checkpoint at the end of every epoch. Listed after
     early stopping and EpochLog, so the state includes their view of the epoch."""
@@ -1924,7 +1975,12 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
     if isinstance(run.placement.strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _build_for_workers(model, run.placement.strategy, batches)
     # Validation first: the callbacks after it read its scores from the epoch's logs.
-    callbacks = [validation, early_stopping, EpochLog(phase, epochs, rows, steps, validation)]
+    # A head phase that trained at too high a rate can leave weights that only overflow in
+    # fine-tuning, so both rates are named there.
+    rates = {"--fine-tune-learning-rate": config.fine_tune_learning_rate} if phase != "head" else {}
+    rates["--learning-rate"] = config.learning_rate
+    callbacks = [validation, FiniteLossGuard(phase, rates), early_stopping,
+                 EpochLog(phase, epochs, rows, steps, validation)]
     if run.checkpoint is not None and run.checkpoint.writer:
         callbacks.append(EpochCheckpoint(run.checkpoint, phase, epochs, rows, early_stopping))
     if config.tensorboard and run.placement.is_chief:
@@ -2030,36 +2086,63 @@ class ModelDirectory:
     """The model directory being written. Everything goes into a sibling `<name>.partial`,
     renamed into place only when complete, so a failed or interrupted run never leaves a
     directory that looks complete; the run's checkpoint lives in `<name>.partial/checkpoint/`,
-    where the next run of the same command finds it."""
+    where the next run of the same command finds it. `prepare` takes the run's lock in the
+    partial directory (`run_lock`), so two runs never write into it at once; `commit`,
+    `discard` and `release` let go of it."""
 
     def __init__(self, output_dir: str | os.PathLike):
         self.final = Path(output_dir).resolve()
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.checkpoint = self.partial / CHECKPOINT_FOLDER
+        self.lock = run_lock.RunLock(self.partial)
 
     def prepare(self, keep_checkpoint: bool) -> Path:
-        """Create the partial directory, emptied of all but (with `keep_checkpoint`) the
-        checkpoint of an earlier run."""
+        """Create the partial directory and take its lock (InputError when another live run
+        holds it), then empty it of all but (with `keep_checkpoint`) the checkpoint of an
+        earlier run."""
         self.partial.mkdir(parents=True, exist_ok=True)
-        for entry in self.partial.iterdir():
-            if keep_checkpoint and entry == self.checkpoint:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        try:
+            self.lock.acquire()
+        except run_lock.LockHeld as error:
+            raise InputError(str(error)) from None
+        self._empty(keep_checkpoint)
         return self.partial
 
+    def _empty(self, keep_checkpoint: bool) -> None:
+        for entry in self.partial.iterdir():
+            if (keep_checkpoint and entry == self.checkpoint) or entry == self.lock.path:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
     def commit(self) -> None:
-        """Drop the checkpoint and move the finished directory into place."""
+        """Drop the checkpoint and move the finished directory into place, without the lock."""
         shutil.rmtree(self.checkpoint, ignore_errors=True)
+        if os.name == "nt":  # a folder with an open file in it cannot be renamed there
+            self.release()
         old = None
         if self.final.exists():
             old = self.final.with_name(f"{self.final.name}.old-{os.getpid()}")
             self.final.rename(old)
         self.partial.rename(self.final)
+        # Held through the rename, so no other run can start in the folder meanwhile.
+        self.lock.release(moved_to=self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def discard(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        """Delete the partial directory and let go of its lock."""
+        if not self.lock.held:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return
+        with contextlib.suppress(OSError):  # the lock goes last: no run starts in a half-empty one
+            self._empty(keep_checkpoint=False)
+        self.release()
+        with contextlib.suppress(OSError):  # not when another run has started in it meanwhile
+            self.partial.rmdir()
+
+    def release(self) -> None:
+        """Let go of the lock, if this run holds it; safe to call twice."""
+        self.lock.release()
 
 
 def package_versions() -> dict:
@@ -2677,15 +2760,19 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
                             paths=[paths[i] for i in val_idx])
         directory.commit()
-    except BaseException:  # an error, Ctrl-C or SIGTERM: keep what a rerun can continue from
+    except BaseException as error:  # an error, Ctrl-C, SIGTERM: keep what a rerun continues from
         if placement.is_chief and run is not None:
-            hint = _resume_hint(directory, run)
+            # A rerun of a diverged run would diverge again, and one with a lower learning
+            # rate cannot continue its checkpoint: nothing of it is kept.
+            hint = "" if isinstance(error, TrainingDiverged) else _resume_hint(directory, run)
             if hint:
                 directory.prepare(keep_checkpoint=True)  # only the checkpoint stays
                 log.warning("%s", hint)
             else:
                 directory.discard()
         raise
+    finally:
+        directory.release()
     seconds = time.monotonic() - started
     return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model,
                           phase_seconds=phase_seconds, resumed_from=resumed_from,

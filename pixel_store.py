@@ -13,6 +13,14 @@ frames. Slots are written and read with positional I/O from any thread; a slot i
 filled only after its bytes are written. If the disk fills up the store stops taking images
 and every image not in it is decoded from its file again, so training never fails because of
 it.
+
+The file has no name from the moment it is created: on Linux it is made nameless (O_TMPFILE),
+elsewhere on POSIX it is unlinked at once, and the store keeps only its open descriptor, so
+the kernel frees its blocks when the process ends however it ends (SIGKILL, the out-of-memory
+killer, a power cut's fsck). Nothing reopens it by path: every read and write, from any
+thread or tf.data generator, goes through that descriptor. On Windows, where an open file
+cannot be unlinked, it is opened delete-on-close (O_TEMPORARY), which the system honours even
+when the process is killed.
 """
 
 from __future__ import annotations
@@ -41,9 +49,11 @@ class PixelStore:
         self._decode = decode
         self._lock = threading.Lock()
         self._writable = True
-        handle, name = tempfile.mkstemp(prefix="decoded-images-", suffix=".u8", dir=directory)
-        self.path = Path(name)
-        self._fd = handle
+        self.directory = Path(directory if directory is not None else tempfile.gettempdir())
+        # TemporaryFile: nameless or unlinked at once on POSIX, delete-on-close on Windows.
+        self._file = tempfile.TemporaryFile(prefix="decoded-images-", suffix=".u8",
+                                            dir=self.directory, buffering=0)
+        self._fd = self._file.fileno()
         # The file is sparse until written, so its size costs no disk space up front.
         os.ftruncate(self._fd, self.slot_bytes * len(self._slots))
 
@@ -63,7 +73,7 @@ class PixelStore:
         file (and stored for next time)."""
         slot = self._slots.get(path)
         if slot is not None and self._filled[slot]:
-            data = os.pread(self._fd, self.slot_bytes, slot * self.slot_bytes)
+            data = self._pread(slot * self.slot_bytes)
             if len(data) == self.slot_bytes:
                 return np.frombuffer(data, np.uint8).reshape(self.shape)
         image = self._decode(path)
@@ -73,24 +83,38 @@ class PixelStore:
 
     def _store(self, slot: int, image: np.ndarray) -> None:
         try:
-            written = os.pwrite(self._fd, np.ascontiguousarray(image, np.uint8).tobytes(),
-                                slot * self.slot_bytes)
+            written = self._pwrite(np.ascontiguousarray(image, np.uint8).tobytes(),
+                                   slot * self.slot_bytes)
         except OSError as error:
             with self._lock:
                 if self._writable:
                     self._writable = False
                     log.warning("Cannot keep more decoded images in %s (%s); the rest are decoded "
-                                "from their files every epoch.", self.path, error.strerror or error)
+                                "from their files every epoch.", self.directory,
+                                error.strerror or error)
             return
         if written == self.slot_bytes:
             self._filled[slot] = True
 
+    def _pread(self, offset: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, self.slot_bytes, offset)
+        with self._lock:  # Windows has no positional I/O in `os`: seek and read under the lock
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            return os.read(self._fd, self.slot_bytes)
+
+    def _pwrite(self, data: bytes, offset: int) -> int:
+        if hasattr(os, "pwrite"):
+            return os.pwrite(self._fd, data, offset)
+        with self._lock:
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            return os.write(self._fd, data)
+
     def close(self) -> None:
-        """Delete the file. Safe to call twice."""
+        """Close the file, which frees its space. Safe to call twice."""
         if self._fd >= 0:
-            os.close(self._fd)
+            self._file.close()
             self._fd = -1
-            self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "PixelStore":
         return self
