@@ -2105,6 +2105,15 @@ class ModelDirectory:
             self.lock.acquire()
         except run_lock.LockHeld as error:
             raise InputError(str(error)) from None
+        ours = output_dir_checks.MODEL_DIRECTORY_ENTRIES | {CHECKPOINT_FOLDER, run_lock.LOCK_FILE}
+        foreign = sorted(e.name for e in self.partial.iterdir() if e.name not in ours)
+        if foreign:  # a folder of the user's that happens to have this name
+            self.release()
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5:,} more" if len(foreign) > 5 else "")
+            raise InputError(
+                f"{self.partial} holds files this tool did not write ({shown}). A run writes its "
+                "model there before moving it to OUTPUT_MODEL_DIR, and would delete them. Move "
+                "them away, or choose another OUTPUT_MODEL_DIR.")
         self._empty(keep_checkpoint)
         return self.partial
 

@@ -179,3 +179,14 @@ def test_an_output_next_to_the_inputs_is_fine(binary_dirs, tmp_path):
     assert output_dir.overlap(out, binary_dirs[0]) is None
     output_dir.check_outside_inputs(out, {"WITH_DIR": binary_dirs[0], "WITHOUT_DIR": None})
     assert not os.path.exists(out)
+
+
+def test_a_folder_of_the_users_named_like_the_partial_folder_is_never_emptied(binary_dirs, tmp_path, capsys):
+    out = tmp_path / "model"
+    partial = tmp_path / "model.partial"
+    partial.mkdir()
+    (partial / "holiday.jpg").write_bytes(b"a photo")
+    code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"])
+    errors = _errors(capsys)
+    assert code == 2 and "model.partial holds files this tool did not write (holiday.jpg)" in errors[0]
+    assert listdir(partial) == ["holiday.jpg"] and not out.exists()
