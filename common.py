@@ -94,6 +94,7 @@ import keras  # noqa: E402
 import augmentation  # noqa: E402
 import checkpoints  # noqa: E402
 import distribution  # noqa: E402
+import duplicates  # noqa: E402
 import evaluation  # noqa: E402
 import report  # noqa: E402
 import feature_cache  # noqa: E402
@@ -547,20 +548,27 @@ def run_command(command: Callable[[], int], debug: bool = False,
 # Finding and reading images
 
 
-def find_images(directory: str | os.PathLike) -> list[Path]:
-    """Image files below `directory`, recursively, sorted; hidden files and folders skipped."""
+def find_images(directory: str | os.PathLike, *, quiet: bool = False) -> list[Path]:
+    """Image files below `directory`, recursively, sorted; hidden files and folders skipped.
+
+    Symbolic links are followed (also out of `directory`), but every real folder is searched
+    once and every file listed once, however many links or hard links lead to it; the paths
+    left out, and folders that cannot be listed, are logged as a warning (with `quiet`, where
+    the caller only looks the files up, at debug level)."""
     root = Path(directory)
     if not root.exists():
         raise InputError(f"{directory}: no such directory.")
     if not root.is_dir():
         raise InputError(f"{directory}: is a file, expected a directory of images.")
-    found = []
-    for current, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(current) / name)
-    return found
+    walk = duplicates.walk_image_files(root, IMAGE_EXTENSIONS)
+    level = logging.DEBUG if quiet else logging.WARNING
+    repeats = duplicates.describe_repeats(walk, root)
+    if repeats:
+        log.log(level, "%s", repeats)
+    for folder, reason in walk.unsearchable:
+        log.log(level, "Cannot search the folder %s (%s); its images are left out. Check its "
+                "permissions.", folder, reason)
+    return walk.files
 
 
 @dataclass(frozen=True)
@@ -1215,7 +1223,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
         table[column if column not in table.columns else f"csv_{column}"] = values
 
     listed = {os.path.normpath(p) for p in table["path"]}
-    unlisted = [p for p in find_images(image_dir) if os.path.normpath(p) not in listed]
+    unlisted = [p for p in find_images(image_dir, quiet=True) if os.path.normpath(p) not in listed]
     if unlisted:
         log.info("%s images in IMAGE_DIR %s are not listed in %s; they are not used (for example %s).",
                  f"{len(unlisted):,}", image_dir, csv_path.name,
@@ -1231,7 +1239,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
 def _missing_file_hint(image_dir: Path, missing: Sequence[str]) -> str:
     """A hint when the missing names exist with other letter case, or under another folder."""
     by_lower, by_base = {}, {}
-    for path in find_images(image_dir):
+    for path in find_images(image_dir, quiet=True):
         relative = Path(os.path.relpath(path, image_dir)).as_posix()
         by_lower.setdefault(relative.lower(), relative)
         by_base.setdefault(posixpath.basename(relative), relative)
@@ -1257,9 +1265,18 @@ def with_validation_set(train: LabelledImages, validation: LabelledImages,
     if extra:
         log.info("%s: not validating %s (not in the training labels).", validation_origin,
                  ", ".join(extra))
-    resolved = {os.path.realpath(p) for p in train.table["path"]}
+    def identities(path: str) -> set:
+        """The file's real path and, where the file exists, its (device, inode): a hard link
+        is the same file under another real path."""
+        try:
+            stat = os.stat(path)
+            return {os.path.realpath(path), (stat.st_dev, stat.st_ino) if stat.st_ino else None} - {None}
+        except OSError:
+            return {os.path.realpath(path)}
+
+    resolved = set().union(*map(identities, train.table["path"]))
     shared = [name for name, path in zip(validation.table["filename"], validation.table["path"])
-              if os.path.realpath(path) in resolved]
+              if identities(path) & resolved]
     if shared:
         raise InputError(
             f"{validation_origin}: {len(shared):,} image(s) are also training images (for "
