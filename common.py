@@ -770,6 +770,9 @@ class LabelledImages:
     symbols: list[str]
     source: str  # where the labels came from, for metadata.json
     details: dict = field(default_factory=dict)  # how the source was read, for metadata.json
+    # True where each label is the folder a file is in (the binary task): identical pictures
+    # with different labels are then a copy in the wrong folder, an error rather than a warning.
+    labels_from_folders: bool = False
 
     def labels(self) -> np.ndarray:
         return self.table[self.symbols].to_numpy(dtype=np.float32)
@@ -843,7 +846,8 @@ def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.P
         symbol: np.r_[np.ones(len(positives)), np.zeros(len(negatives))].astype(np.float32),
         "folder": ["" if f == "." else f for f in folders],
     })
-    return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)")
+    return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)",
+                          labels_from_folders=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1285,7 +1289,8 @@ def with_validation_set(train: LabelledImages, validation: LabelledImages,
     table = pd.concat([train.table, validation.table.drop(columns=extra)], ignore_index=True)
     is_validation = np.r_[np.zeros(len(train.table), bool), np.ones(len(validation.table), bool)]
     details = {**train.details, "validation": {"source": validation.source, **validation.details}}
-    combined = LabelledImages(table, list(train.symbols), train.source, details)
+    combined = LabelledImages(table, list(train.symbols), train.source, details,
+                              labels_from_folders=train.labels_from_folders)
     log.info("Validating on the %s images of %s instead of a split.",
              f"{len(validation.table):,}", validation_origin)
     return combined, is_validation
@@ -1311,6 +1316,24 @@ def drop_unreadable(images: LabelledImages, scan: ScanResult, max_unreadable: fl
     table["image_width"] = [s[0] for s in scan.size if s is not None]
     table["image_height"] = [s[1] for s in scan.size if s is not None]
     return dataclasses.replace(images, table=table.reset_index(drop=True))
+
+
+def check_identical_content(images: LabelledImages) -> tuple[duplicates.IdenticalContent, dict]:
+    """Frames whose files have the same content (by the scan's `image_sha1`; see
+    duplicates.py): labels that disagree are an InputError where they come from folders and
+    a warning naming the frames where they come from CSV rows; copies with the same labels
+    are a warning. Returns what was found and its counts for metadata.json."""
+    names = images.table["filename"].astype(str).to_numpy()
+    labels = images.labels()
+    found = duplicates.identical_content(images.table["image_sha1"].tolist(), labels,
+                                         images.symbols)
+    outcome = duplicates.report_identical(found, names, labels, images.symbols,
+                                          images.labels_from_folders)
+    if outcome.error:
+        raise InputError(outcome.error)
+    for warning in outcome.warnings:
+        log.warning("%s", warning)
+    return found, outcome.counts
 
 
 def check_learnable(images: LabelledImages) -> None:
@@ -2652,19 +2675,23 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     log.info("Checked %s images in %.1f s: %s unreadable", f"{len(images.table):,}",
              time.monotonic() - start, f"{len(scan.errors):,}")
     readable = drop_unreadable(images, scan, config.max_unreadable)
+    identical, identical_counts = check_identical_content(readable)
     check_learnable(readable)
     labels = readable.labels()
     grouping = frame_groups(readable, config.group_by)
     groups = grouping.groups
     given_split = is_validation is not None
     if is_validation is None:
+        # Copies of one picture are one group, so that validation never scores a copy of a
+        # training frame; with no copies this is `groups` itself.
+        split_by = duplicates.split_groups(groups, readable.table["image_sha1"])
         is_validation = split_train_validation(labels, config.validation_split, config.seed,
-                                               groups)
+                                               split_by)
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
                 raise InputError(
                     f"the split by {grouping.description} leaves no {name} images: there are "
-                    f"too few groups ({len(set(groups)):,}). Choose a finer --group-by, or "
+                    f"too few groups ({len(set(split_by)) if split_by is not None else len(labels):,}). Choose a finer --group-by, or "
                     "--group-by none.")
         share = is_validation.mean()
         if groups is not None and not (0.5 <= share / config.validation_split <= 2):
@@ -2683,6 +2710,11 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
                 raise InputError(f"the given split has no readable {name} images.")
+        names = readable.table["filename"].astype(str).to_numpy()
+        copies, warning = duplicates.copies_across_split(identical, is_validation, names)
+        identical_counts["validation_copies_of_training"] = copies
+        if warning:
+            log.warning("%s", warning)
         if groups is not None:
             both = set(groups[is_validation]) & set(groups[~is_validation])
             if both:
@@ -2695,6 +2727,7 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     counts["unreadable"] = len(scan.errors)
     counts["grouping"] = grouping.description
     counts["validation_set"] = "given" if given_split else "split"
+    counts["identical_content"] = identical_counts
     if groups is None:
         log.info("Split frame by frame: grouping %s.", grouping.description)
     else:

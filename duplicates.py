@@ -21,7 +21,9 @@ import os
 import stat as stat_mode
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Sequence
+
+import numpy as np
 
 
 @dataclass
@@ -146,3 +148,162 @@ def describe_repeats(walk: Walk, root: Path) -> str | None:
         return None
     return (f"{root}: " + "; ".join(parts) + ". Each folder is searched once and each image "
             "used once.")
+
+
+# --------------------------------------------------------------------------------------------
+# Identical content
+
+
+@dataclass
+class IdenticalContent:
+    """Frames whose files have the same content hash, by row of the table."""
+
+    sets: list[np.ndarray]  # row indices of each set of two or more identical frames
+    # per symbol, the sets in which that symbol is labelled both 1 and 0
+    conflicts: dict[str, list[np.ndarray]]
+
+    @property
+    def conflicting_rows(self) -> set[int]:
+        return {int(i) for found in self.conflicts.values() for rows in found for i in rows}
+
+    def agreeing_sets(self) -> list[np.ndarray]:
+        """The sets whose labels agree for every symbol: plain duplicates."""
+        conflicting = self.conflicting_rows
+        return [rows for rows in self.sets if int(rows[0]) not in conflicting]
+
+
+def identical_content(sha1: Sequence[str], labels: np.ndarray,
+                      symbols: Sequence[str]) -> IdenticalContent:
+    """The sets of frames with identical content, and those whose labels disagree (one 1 and
+    one 0 for a symbol; a frame not annotated for the symbol disagrees with neither)."""
+    rows_of: dict[str, list[int]] = {}
+    for index, digest in enumerate(sha1):
+        rows_of.setdefault(digest, []).append(index)
+    sets = [np.array(rows) for rows in rows_of.values() if len(rows) > 1]
+    conflicts: dict[str, list[np.ndarray]] = {}
+    for column, symbol in enumerate(symbols):
+        found = [rows for rows in sets if (labels[rows, column] == 1).any()
+                 and (labels[rows, column] == 0).any()]
+        if found:
+            conflicts[symbol] = found
+    return IdenticalContent(sets, conflicts)
+
+
+def listing(items: Sequence[str], shown: int = 5) -> str:
+    """The first `shown` items joined by '; ', and how many more there are."""
+    text = "; ".join(items[:shown])
+    if len(items) > shown:
+        text += f"; and {len(items) - shown:,} more"
+    return text
+
+
+def split_groups(groups: np.ndarray | None, sha1: Sequence[str]) -> np.ndarray | None:
+    """The groups the split keeps together, extended so that frames of identical content are
+    on one side: `groups` (None: each frame alone) with every two groups that share a picture
+    joined. Unchanged, so the split is too, when no picture is in two frames."""
+    sha1 = list(sha1)
+    if len(set(sha1)) == len(sha1):
+        return groups
+    if groups is None:
+        # Each frame alone, except copies: a copy takes the first copy's row number,
+        # zero-padded so that the split's sorting of the groups keeps the row order.
+        first: dict[str, int] = {}
+        width = len(str(len(sha1)))
+        return np.array([f"{first.setdefault(digest, index):0{width}d}"
+                         for index, digest in enumerate(sha1)])
+    parent: dict[str, str] = {}
+
+    def root_of(group: str) -> str:
+        while parent.get(group, group) != group:
+            group = parent[group]
+        return group
+
+    group_of_content: dict[str, str] = {}
+    for group, digest in zip(map(str, groups), sha1):
+        other = group_of_content.setdefault(digest, group)
+        a, b = root_of(group), root_of(other)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.array([root_of(str(group)) for group in groups])
+
+
+@dataclass
+class ContentReport:
+    """What `report_identical` found: an error that stops the run (None: none), warnings to
+    log, and counts for metadata.json."""
+
+    error: str | None
+    warnings: list[str]
+    counts: dict
+
+
+def _copies_text(rows: np.ndarray, names: np.ndarray) -> str:
+    return " = ".join(repr(str(names[i])) for i in rows[:3]) + (" = ..." if len(rows) > 3 else "")
+
+
+def report_identical(found: IdenticalContent, names: np.ndarray, labels: np.ndarray,
+                     symbols: Sequence[str], labels_from_folders: bool) -> ContentReport:
+    """The messages for the identical frames `found` (names: how the user knows each row).
+
+    Copies with labels that disagree are an error where the labels come from folders (a copy
+    or a link in the wrong folder), else a warning per symbol naming them; copies whose
+    labels agree are a warning with a count and examples."""
+    error, warnings = None, []
+    if found.conflicts and labels_from_folders:
+        pairs = []
+        for symbol, sets in found.conflicts.items():
+            column = list(symbols).index(symbol)
+            for rows in sets:
+                with_rows = rows[labels[rows, column] == 1]
+                without_rows = rows[labels[rows, column] == 0]
+                pairs.append(f"{str(names[with_rows[0]])!r} (with {symbol}) = "
+                             f"{str(names[without_rows[0]])!r} (without)")
+        error = (f"{len(pairs):,} picture(s) are both among the frames with the symbol and "
+                 "among the frames without it (identical file content: a copy, or a link), so "
+                 f"each would be labelled both ways: {listing(pairs)}. Delete the copy or link "
+                 "that is in the wrong folder, and run again.")
+    elif found.conflicts:
+        for symbol, sets in found.conflicts.items():
+            column = list(symbols).index(symbol)
+            pairs = []
+            for rows in sets:
+                yes = rows[labels[rows, column] == 1][0]
+                no = rows[labels[rows, column] == 0][0]
+                pairs.append(f"{str(names[yes])!r} (1) = {str(names[no])!r} (0)")
+            warnings.append(
+                f"{len(sets):,} set(s) of frames with identical content (copies) have different "
+                f"labels for {symbol}: {listing(pairs)}. They train against each other; correct "
+                "the rows of the copies (the same picture shows the same symbols), or delete a "
+                "copy.")
+    agreeing = found.agreeing_sets()
+    if agreeing:
+        copies = sum(len(rows) - 1 for rows in agreeing)
+        examples = [_copies_text(rows, names) for rows in agreeing]
+        warnings.append(
+            f"{copies:,} frame(s) are copies of another frame with the same labels (identical "
+            f"file content; {len(agreeing):,} picture(s) in all): {listing(examples, 3)}. Each "
+            "copy gives its picture more weight in training. Copies stay on one side of the "
+            "split; delete the ones you did not mean to have.")
+    counts = {"pictures_in_several_frames": len(found.sets),
+              "copies": sum(len(rows) - 1 for rows in found.sets),
+              "conflicting": {s: len(sets) for s, sets in found.conflicts.items()}}
+    return ContentReport(error, warnings, counts)
+
+
+def copies_across_split(found: IdenticalContent, is_validation: np.ndarray,
+                        names: np.ndarray) -> tuple[int, str | None]:
+    """Validation frames with the content of a training frame, for a validation set the
+    user gave: how many, and a warning naming some (None when there are none)."""
+    pairs = []
+    count = 0
+    for rows in found.sets:
+        validation, train = rows[is_validation[rows]], rows[~is_validation[rows]]
+        if len(validation) and len(train):
+            count += len(validation)
+            pairs.append(f"{str(names[validation[0]])!r} = {str(names[train[0]])!r}")
+    if not count:
+        return 0, None
+    return count, (
+        f"{count:,} validation frame(s) have the same content as a training frame (copies): "
+        f"{listing(pairs)}. Validation then scores pictures the model trained on, which "
+        "flatters it; delete one of each pair.")

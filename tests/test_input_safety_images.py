@@ -95,3 +95,122 @@ def test_a_hard_link_between_training_and_validation_folders_is_refused(tmp_path
     assert code == 2
     error = capsys.readouterr().err
     assert "1 image(s) are also training images" in error and "linked.png" in error
+
+
+# --------------------------------------------------------------------------------------------
+# One picture, several files
+
+
+def test_the_same_picture_with_and_without_the_symbol_is_an_error_naming_both(tmp_path, capsys):
+    with_dir = write_frames(tmp_path / "with_square", 8, 1, True)
+    without_dir = write_frames(tmp_path / "without_square", 8, 2, False)
+    shutil.copy(with_dir / "frame03.png", without_dir / "copy.png")
+    (without_dir / "link.png").symlink_to(with_dir / "frame05.png")
+    out = tmp_path / "m"
+
+    code = run_script(build_binary_classifier, [with_dir, without_dir, out, *FAST, "--dry-run"])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1
+    assert "2 picture(s) are both among the frames with the symbol and among the frames " \
+           "without it" in errors[0]
+    assert (f"{str(with_dir / 'frame03.png')!r} (with square) = "
+            f"{str(without_dir / 'copy.png')!r} (without)") in errors[0]
+    assert str(without_dir / "link.png") in errors[0]
+    assert "Delete the copy or link that is in the wrong folder" in errors[0]
+    assert not out.exists()
+
+
+def test_many_conflicting_pictures_are_shown_as_a_few_and_a_count(tmp_path):
+    with_dir = write_frames(tmp_path / "with_square", 8, 1, True)
+    without_dir = write_frames(tmp_path / "without_square", 2, 2, False)
+    for index in range(8):
+        shutil.copy(with_dir / f"frame{index:02d}.png", without_dir / f"copy{index}.png")
+    images = common.images_from_directories(with_dir, without_dir)
+    with pytest.raises(common.InputError, match=r"^8 picture\(s\) .*; and 3 more\. Delete"):
+        common.prepare_training_data(images, common.TrainingConfig(weights="none"))
+
+
+def labels_csv(root, rows):
+    path = root / "labels.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_csv_rows_of_one_picture_with_different_labels_are_a_warning_per_symbol(tmp_path, caplog):
+    root = write_frames(tmp_path / "frames", 12, 1, True)
+    shutil.copy(root / "frame00.png", root / "copy_of_00.png")
+    rows = [{"filename": f"frame{i:02d}.png", "a_visible": i % 2, "b_visible": i // 2 % 2}
+            for i in range(12)]
+    rows.append({"filename": "copy_of_00.png", "a_visible": 1, "b_visible": 0})  # a disagrees
+    images = common.images_from_csv(root, labels_csv(root, rows))
+    with caplog.at_level(logging.WARNING):
+        prepared = common.prepare_training_data(images, common.TrainingConfig(weights="none"))
+    assert ("1 set(s) of frames with identical content (copies) have different labels for a: "
+            "'copy_of_00.png' (1) = 'frame00.png' (0). They train against each other" in caplog.text)
+    assert "labels for b" not in caplog.text
+    assert prepared.counts["identical_content"]["conflicting"] == {"a": 1}
+    split = prepared.split_table().set_index("filename")["split"]
+    assert split["frame00.png"] == split["copy_of_00.png"]
+
+
+def test_copies_with_the_same_labels_are_reported_and_kept_on_one_side_of_the_split(tmp_path, caplog):
+    root = write_frames(tmp_path / "frames", 20, 1, True)
+    rows = [{"filename": f"frame{i:02d}.png", "square_visible": i % 2} for i in range(20)]
+    for i in range(20):  # every frame twice: a frame-by-frame split would part most pairs
+        shutil.copy(root / f"frame{i:02d}.png", root / f"copy{i:02d}.png")
+        rows.append({"filename": f"copy{i:02d}.png", "square_visible": i % 2})
+    images = common.images_from_csv(root, labels_csv(root, rows))
+    for seed in range(3):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            prepared = common.prepare_training_data(
+                images, common.TrainingConfig(weights="none", seed=seed, group_by="none"))
+        split = prepared.split_table().set_index("filename")["split"]
+        parted = [i for i in range(20) if split[f"frame{i:02d}.png"] != split[f"copy{i:02d}.png"]]
+        assert parted == [], f"seed {seed}: copies on both sides: {parted}"
+        assert prepared.is_validation.sum() == 8  # 20 % of the 40 frames, in 4 pairs
+    assert "20 frame(s) are copies of another frame with the same labels (identical file " \
+           "content; 20 picture(s) in all): 'frame00.png' = 'copy00.png'" in caplog.text
+    assert prepared.counts["identical_content"] == {
+        "pictures_in_several_frames": 20, "copies": 20, "conflicting": {}}
+
+
+def test_copies_join_their_groups_so_no_group_is_split_by_a_copy():
+    groups = np.array(["e1", "e1", "e2", "e3", "e4"])
+    sha1 = ["x", "y", "z", "x", "w"]  # e1 and e3 share a picture
+    assert common.duplicates.split_groups(groups, sha1).tolist() == ["e1", "e1", "e2", "e1", "e4"]
+    assert common.duplicates.split_groups(groups, ["a", "b", "c", "d", "e"]) is groups
+    assert common.duplicates.split_groups(None, ["a", "b", "c"]) is None
+    assert common.duplicates.split_groups(None, ["a", "b", "a"]).tolist() == ["0", "1", "0"]
+
+
+def test_a_validation_copy_of_a_training_frame_is_reported(tmp_path, capsys):
+    with_dir = write_frames(tmp_path / "with_square", 6, 1, True)
+    without_dir = write_frames(tmp_path / "without_square", 6, 2, False)
+    held_with = write_frames(tmp_path / "held" / "with_square", 3, 3, True)
+    held_without = write_frames(tmp_path / "held" / "without_square", 3, 4, False)
+    shutil.copy(with_dir / "frame02.png", held_with / "copy.png")
+    code, record, log_text = dry_run_record(capsys, [
+        with_dir, without_dir, tmp_path / "m", "--validation-dirs", held_with, held_without])
+    assert code == 0 and record["images"] == {"train": 12, "validation": 7}
+    assert (f"1 validation frame(s) have the same content as a training frame (copies): "
+            f"{str(held_with / 'copy.png')!r} = {str(with_dir / 'frame02.png')!r}") in log_text
+
+
+def test_a_validation_csv_copy_of_a_training_frame_is_reported(tmp_path, caplog):
+    root = write_frames(tmp_path / "frames", 16, 1, True)
+    shutil.copy(root / "frame01.png", root / "copy.png")
+    rows = [{"filename": f"frame{i:02d}.png", "square_visible": i % 2} for i in range(16)]
+    train_csv = labels_csv(root, rows[:12])
+    valid_csv = root / "valid.csv"
+    pd.DataFrame(rows[12:] + [{"filename": "copy.png", "square_visible": 1}]).to_csv(valid_csv, index=False)
+    train = common.images_from_csv(root, train_csv)
+    images, is_validation = common.with_validation_set(
+        train, common.images_from_csv(root, valid_csv), "--validation-csv valid.csv")
+    with caplog.at_level(logging.WARNING):
+        prepared = common.prepare_training_data(images, common.TrainingConfig(weights="none"),
+                                                is_validation)
+    assert "1 validation frame(s) have the same content as a training frame (copies): " \
+           "'copy.png' = 'frame01.png'" in caplog.text
+    assert prepared.counts["identical_content"]["validation_copies_of_training"] == 1
