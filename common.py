@@ -716,9 +716,17 @@ def perceptual_hash(image: Image.Image) -> int:
 
 
 def _scan_one(path: str) -> tuple[str, tuple[int, int], int]:
-    data = Path(path).read_bytes() if os.path.isfile(path) else None
-    if data is None:
-        raise ImageReadError(path, "file not found")
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageReadError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied: this user may not read the file "
+                                   "(check its permissions, and its folder's)") from None
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read ({error.strerror or error})") from None
     # A reduced-scale decode still reads every compressed byte, so truncation is caught.
     image = read_image(data, (64, 64), path_for_errors=path)
     return hashlib.sha1(data).hexdigest(), image.size, perceptual_hash(image)

@@ -214,3 +214,62 @@ def test_a_validation_csv_copy_of_a_training_frame_is_reported(tmp_path, caplog)
     assert "1 validation frame(s) have the same content as a training frame (copies): " \
            "'copy.png' = 'frame01.png'" in caplog.text
     assert prepared.counts["identical_content"]["validation_copies_of_training"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Files this user may not read
+
+
+def _deny(monkeypatch, path):
+    """Reading `path` fails as it does for a file without read permission (the tests run as
+    root, for whom chmod 000 does not stop reading)."""
+    read_bytes = pathlib.Path.read_bytes
+
+    def guarded(self):
+        if str(self) == str(path):
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", guarded)
+
+
+def test_an_image_that_may_not_be_read_is_skipped_and_listed(tmp_path, capsys, monkeypatch):
+    with_dir = write_frames(tmp_path / "with_square", 8, 1, True)
+    without_dir = write_frames(tmp_path / "without_square", 8, 2, False)
+    _deny(monkeypatch, with_dir / "frame03.png")
+
+    scan = common.scan_images([with_dir / "frame02.png", with_dir / "frame03.png"])
+    assert scan.readable.tolist() == [True, False]
+    assert scan.errors == [(str(with_dir / "frame03.png"),
+                            "permission denied: this user may not read the file (check its "
+                            "permissions, and its folder's)")]
+
+    code = run_script(build_binary_classifier, [with_dir, without_dir, tmp_path / "m", "--dry-run",
+                                                "--max-unreadable", "0.1"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "Images: 16 listed, 15 readable, 1 skipped as unreadable." in captured.out
+    assert f"{with_dir / 'frame03.png'}: permission denied" in captured.out
+
+    # It counts against --max-unreadable like a corrupt file.
+    code = run_script(build_binary_classifier, [with_dir, without_dir, tmp_path / "m", "--dry-run",
+                                                "--max-unreadable", "0"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "1 of 16 images (6.2%) cannot be read, more than --max-unreadable 0" in error
+    assert "frame03.png: permission denied" in error
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads files whatever their permissions; the monkeypatched test "
+                           "above covers this case")
+def test_chmod_000_image_is_skipped(tmp_path):
+    with_dir = write_frames(tmp_path / "with_square", 4, 1, True)
+    locked = with_dir / "frame01.png"
+    locked.chmod(0)
+    try:
+        scan = common.scan_images([with_dir / "frame00.png", locked])
+    finally:
+        locked.chmod(0o644)
+    assert scan.readable.tolist() == [True, False]
+    assert "permission denied" in scan.errors[0][1]
