@@ -7,6 +7,7 @@ everything else (logs, progress, errors) goes to standard error through `logging
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from typing import Callable
@@ -31,6 +32,10 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
     `positionals` maps the destinations of the positional arguments, which only
     --download-weights-only may leave out, to their names in the usage line."""
     common.configure_logging(quiet=args.quiet, debug=args.debug)
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        # A file name that is not valid UTF-8 (in the list of unreadable files) is shown
+        # with its bytes escaped, as the log on standard error shows it, instead of crashing.
+        sys.stdout.reconfigure(errors="backslashreplace")
     if args.json:
         # Keras's progress bar writes to standard output, which --json keeps for its one line.
         common.keras.config.disable_interactive_logging()

@@ -113,6 +113,10 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.csv"
 EVALUATION_FILE = "evaluation.csv"
+# How the CSV files of a model directory are encoded: UTF-8, and a file name that is not
+# valid UTF-8 (Python holds its bytes as lone surrogates) keeps its original bytes, so
+# `pd.read_csv(path, encoding_errors="surrogateescape")` and os.fsencode give them back.
+CSV_FILE_NAMES = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -2894,7 +2898,7 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
     """What makes two runs the same run, for resuming: a checkpoint is only continued by a
     run whose key is equal."""
     config = prepared.config
-    split = prepared.split_table().to_csv(index=False).encode()
+    split = prepared.split_table().to_csv(index=False).encode(**CSV_FILE_NAMES)
     return {
         "settings": {k: v for k, v in dataclasses.asdict(config).items()
                      if k not in SETTINGS_NOT_IN_RUN_KEY},
@@ -3058,8 +3062,9 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         write_history(partial / HISTORY_FILE, rows)
         write_json(partial / METRICS_FILE, metrics)
         write_json(partial / METADATA_FILE, metadata)
-        split_table.to_csv(partial / SPLIT_FILE, index=False)
-        evaluation_table.to_csv(partial / EVALUATION_FILE, index=False)
+        # A file name that is not UTF-8 (Linux allows any bytes) is written byte for byte.
+        split_table.to_csv(partial / SPLIT_FILE, index=False, **CSV_FILE_NAMES)
+        evaluation_table.to_csv(partial / EVALUATION_FILE, index=False, **CSV_FILE_NAMES)
         report.write_report(partial, model_name=Path(output_dir).name, metadata=metadata,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
                             paths=[paths[i] for i in val_idx])

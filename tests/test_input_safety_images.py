@@ -273,3 +273,65 @@ def test_chmod_000_image_is_skipped(tmp_path):
         locked.chmod(0o644)
     assert scan.readable.tolist() == [True, False]
     assert "permission denied" in scan.errors[0][1]
+
+
+# --------------------------------------------------------------------------------------------
+# File names that are not UTF-8
+
+
+def odd_name(text: bytes) -> str:
+    """The str Python uses for a file name of these bytes (lone surrogates where they are not
+    UTF-8), as os.listdir would return it."""
+    return os.fsdecode(text)
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"),
+                    reason="the file system refuses names that are not valid Unicode")
+def test_file_names_that_are_not_utf8_train_and_round_trip(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    names = {}
+    # Latin-1 names, as an old camera or Windows share writes them; a folder too.
+    with_dir, without_dir = tmp_path / "with_square", odd_name(bytes(tmp_path) + b"/sans_carr\xe9")
+    for folder, square in ((with_dir, True), (without_dir, False)):
+        os.mkdir(folder)
+        for index in range(12):
+            raw = (b"caf\xe9 %d.png" if index % 2 else b"frame%d.png") % index
+            path = os.path.join(os.fsencode(folder), raw)
+            scene(rng, square, False, (32, 24)).save(os.fsdecode(path))
+            names[os.fsdecode(path)] = path
+    out = tmp_path / "model"
+
+    code = run_script(build_binary_classifier, [with_dir, without_dir, out, *FAST, "--weights", "none"])
+    assert code == 0, capsys.readouterr().err
+
+    # The CSV files hold each name's bytes, so reading them back gives the files on disk.
+    split = pd.read_csv(out / common.SPLIT_FILE, encoding_errors="surrogateescape")
+    assert sorted(os.fsencode(name) for name in split["filename"]) == sorted(names.values())
+    assert all(os.path.isfile(name) for name in split["filename"])
+    evaluation = pd.read_csv(out / common.EVALUATION_FILE, encoding_errors="surrogateescape")
+    validated = set(split.loc[split["split"] == "validation", "filename"])
+    assert set(evaluation["filename"]) == validated
+    assert any(b"\xe9" in os.fsencode(name) for name in validated)
+    # JSON files are ASCII: such a name is escaped as \udcXX, which json.loads gives back.
+    metadata = json.loads((out / common.METADATA_FILE).read_text(encoding="ascii"))
+    assert os.fsencode(metadata["data"]["source"]).endswith(b"/sans_carr\xe9 (without)")
+    assert (out / "report.html").read_text(encoding="utf-8")  # valid UTF-8
+    assert not (tmp_path / "model.partial").exists()
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"),
+                    reason="the file system refuses names that are not valid Unicode")
+def test_an_unreadable_file_with_a_name_that_is_not_utf8_is_listed(tmp_path, monkeypatch):
+    with_dir = write_frames(tmp_path / "with_square", 12, 1, True)
+    without_dir = write_frames(tmp_path / "without_square", 12, 2, False)
+    bad = os.fsdecode(os.path.join(os.fsencode(with_dir), b"broken\xff.jpg"))
+    with open(bad, "wb") as handle:
+        handle.write(b"not an image")
+    # Standard output as a UTF-8 terminal has it: strict, so the name cannot be printed as is.
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code = run_script(build_binary_classifier, [with_dir, without_dir, tmp_path / "m", "--dry-run"])
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("utf-8")
+    assert code == 0
+    assert "1 skipped as unreadable" in printed and "broken\\udcff.jpg: cannot be decoded" in printed
