@@ -1284,11 +1284,11 @@ def with_validation_set(train: LabelledImages, validation: LabelledImages,
     def identities(path: str) -> set:
         """The file's real path and, where the file exists, its (device, inode): a hard link
         is the same file under another real path."""
-        try:
+        found = {os.path.realpath(path)}
+        with contextlib.suppress(OSError):
             stat = os.stat(path)
-            return {os.path.realpath(path), (stat.st_dev, stat.st_ino) if stat.st_ino else None} - {None}
-        except OSError:
-            return {os.path.realpath(path)}
+            found |= {(stat.st_dev, stat.st_ino)} if stat.st_ino else set()
+        return found
 
     resolved = set().union(*map(identities, train.table["path"]))
     shared = [name for name, path in zip(validation.table["filename"], validation.table["path"])
@@ -2699,11 +2699,12 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
         split_by = duplicates.split_groups(groups, readable.table["image_sha1"])
         is_validation = split_train_validation(labels, config.validation_split, config.seed,
                                                split_by)
+        n_groups = len(set(split_by)) if split_by is not None else len(labels)
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
                 raise InputError(
                     f"the split by {grouping.description} leaves no {name} images: there are "
-                    f"too few groups ({len(set(split_by)) if split_by is not None else len(labels):,}). Choose a finer --group-by, or "
+                    f"too few groups ({n_groups:,}). Choose a finer --group-by, or "
                     "--group-by none.")
         share = is_validation.mean()
         if groups is not None and not (0.5 <= share / config.validation_split <= 2):

@@ -17,7 +17,6 @@ import pytest
 from conftest import FAST, run_script, scene
 
 import build_binary_classifier
-import build_multi_hot_model
 import common
 
 
@@ -30,9 +29,9 @@ def write_frames(folder, count, seed, square, prefix="frame"):
     return folder
 
 
-def dry_run_record(capsys, argv, script=build_binary_classifier):
-    """The --json record and the log of a --dry-run of `script`."""
-    code = run_script(script, [*argv, "--dry-run", "--json"])
+def dry_run_record(capsys, argv):
+    """The --json record and the log of a --dry-run of build_binary_classifier.py."""
+    code = run_script(build_binary_classifier, [*argv, "--dry-run", "--json"])
     captured = capsys.readouterr()
     return code, json.loads(captured.out.strip().splitlines()[-1]), captured.err
 
