@@ -390,7 +390,7 @@ missing label.</p>
 </body></html>
 """
     path = directory / REPORT_FILE
-    path.write_text(document, encoding="utf-8")
+    path.write_text(document, encoding="utf-8", errors="backslashreplace")  # odd file names
     return path
 
 
