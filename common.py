@@ -128,7 +128,8 @@ SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 
 from errors import (  # noqa: E402,F401  (re-exported: common.InputError ...)
-    ImageReadError, InputError, SymbolTrainerError, Terminated, WeightsUnavailableError)
+    ImageReadError, InputError, SymbolTrainerError, Terminated, WeightsUnavailableError,
+    printable)
 from settings import (  # noqa: E402,F401  (re-exported: common.TrainingConfig ...)
     BACKBONES, EXPORT_FORMATS, RESIZE_METHODS, SWITCH_SETTINGS, BackboneSpec, TrainingConfig,
     add_training_arguments, config_from_args, flag_of)
@@ -2553,7 +2554,8 @@ def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> s
                      f"{tn + vn:>9,}  {tn:>6,}  {vn:>6,}{flag}")
     if prepared.unreadable:
         lines += ["", "Skipped (unreadable):"]
-        lines += [f"  {path}: {reason}" for path, reason in prepared.unreadable[:shown_unreadable]]
+        lines += [f"  {printable(path)}: {reason}"
+                  for path, reason in prepared.unreadable[:shown_unreadable]]
         if len(prepared.unreadable) > shown_unreadable:
             lines.append(f"  ... and {len(prepared.unreadable) - shown_unreadable:,} more")
     return "\n".join(lines)

@@ -333,4 +333,4 @@ def test_an_unreadable_file_with_a_name_that_is_not_utf8_is_listed(tmp_path, mon
     stdout.flush()
     printed = stdout.buffer.getvalue().decode("utf-8")
     assert code == 0
-    assert "1 skipped as unreadable" in printed and "broken\\udcff.jpg: cannot be decoded" in printed
+    assert "1 skipped as unreadable" in printed and "broken\\xff.jpg: cannot be decoded" in printed
