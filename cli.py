@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 import common
+import run_warnings
 
 
 def print_json_line(record: dict) -> None:
@@ -39,6 +40,7 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
 
+    @run_warnings.collected  # from the first read of the labels on, for the report
     def run() -> int:
         config = common.config_from_args(args)
         if args.download_weights_only:
