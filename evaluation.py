@@ -178,40 +178,49 @@ def _kernel_scale(values: np.ndarray, independent: int, fallback_spread: float) 
     return bandwidth * math.sqrt(3) / math.pi
 
 
-def smoothed_f1_threshold(labels: np.ndarray, scores: np.ndarray,
-                          groups: np.ndarray | None = None) -> float:
-    """The threshold of the highest F1 on a smoothed version of the validation frames: each
+def smoothed_counts(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None):
+    """Thresholds (log-odds, SMOOTHING_GRID of them evenly from the lowest to the highest
+    score) and the smoothed numbers of positive and of negative frames at or above each: each
     frame's score, in log-odds, is spread by a logistic kernel whose width follows
     Silverman's rule per class (visible, not visible), counting each group (shot, episode)
-    once, since the frames of a shot repeat each other. The expected counts above each
-    threshold are then smooth in the threshold, so the maximum lies where a neighbourhood of
-    thresholds scores well rather than at the one cut where a few frames happened to fall
-    (bench/threshold_stability.py measures the difference on held-out frames)."""
+    once, since the frames of a shot repeat each other. None when all scores are equal."""
     labels = np.asarray(labels, bool)
-    scores = np.asarray(scores, np.float64)
     z = _log_odds(scores)
     low, high = float(z.min()), float(z.max())
-    if high - low < 1e-9:  # one score: only "all visible" can find anything
-        return float(scores.min())
+    if high - low < 1e-9:
+        return None
     units = np.arange(len(z)) if groups is None else np.asarray(groups)
     grid = np.linspace(low, high, SMOOTHING_GRID)
     step = grid[1] - grid[0]
     offsets = np.arange(-(SMOOTHING_GRID - 1), SMOOTHING_GRID) * step
-    above = []  # per class: the smoothed number of its frames at or above each grid threshold
+    above = []
     for members in (labels, ~labels):
         if not members.any():
             above.append(np.zeros(SMOOTHING_GRID))
             continue
         scale = _kernel_scale(z[members], len(np.unique(units[members])), _spread(z))
-        # Frames are counted on the grid (at most half a grid step away, far below the
-        # bandwidth), so the cost does not grow with the number of frames.
+        # Frames are counted at the nearest grid point (under 0.016 away in log-odds), so
+        # the cost does not grow with the number of frames.
         counts = np.bincount(np.rint((z[members] - low) / step).astype(int),
                              minlength=SMOOTHING_GRID).astype(np.float64)
         kernel = 0.5 * (1 + np.tanh(offsets / scale / 2))  # the logistic CDF, overflow-free
         above.append(np.convolve(counts, kernel[::-1], mode="valid"))
-    tp, fp = above
-    f1 = 2 * tp / (tp + fp + labels.sum())
-    best = int(np.argmax(f1))
+    return grid, above[0], above[1]
+
+
+def smoothed_f1_threshold(labels: np.ndarray, scores: np.ndarray,
+                          groups: np.ndarray | None = None) -> float:
+    """The threshold of the highest F1 on the smoothed counts (`smoothed_counts`). They are
+    smooth in the threshold, so the maximum lies where a neighbourhood of thresholds scores
+    well, rather than at the one cut where a few frames happened to fall
+    (bench/threshold_stability.py measures the difference on held-out frames)."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, np.float64)
+    smoothed = smoothed_counts(labels, scores, groups)
+    if smoothed is None:  # one score: only "all visible" can find anything
+        return float(scores.min())
+    grid, tp, fp = smoothed
+    best = int(np.argmax(2 * tp / (tp + fp + labels.sum())))
     if best == 0:  # exactly the lowest score, not a rounding of it that leaves it out
         return float(scores.min())
     if best == SMOOTHING_GRID - 1:
