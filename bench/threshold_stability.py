@@ -32,7 +32,7 @@ give: the F1 at that threshold, the regret (the best F1 any threshold reaches on
 frames minus that F1), the distance in log-odds from that best held-out threshold, and
 whether the threshold lies outside [0.1, 0.9].
 
-    python bench/threshold_stability.py             # about 2-4 minutes on 2 cores
+    python bench/threshold_stability.py             # about 3.5 CPU-minutes (2 cores)
     python bench/threshold_stability.py --quick     # fewer seeds, for a try
 
 Writes docs/measurements/threshold_stability.md (command, commit, machine, tables). Needs
