@@ -515,6 +515,7 @@ def format_metrics_summary(metrics: dict) -> str:
     if any(m.get("threshold_unstable") for m in metrics["symbols"].values()):
         low, high = STABLE_THRESHOLD_RANGE
         lines.append(f"! the threshold may not hold on new frames: fewer than "
-                     f"{MIN_THRESHOLD_POSITIVES} validation positives, or outside {low:g}-{high:g}; "
-                     "the warnings and threshold_advice in metrics.json say what to do.")
+                     f"{MIN_THRESHOLD_POSITIVES} validation positives, or outside "
+                     f"{low:g}-{high:g}; the warnings and threshold_advice in metrics.json "
+                     "say what to do.")
     return "\n".join(lines)

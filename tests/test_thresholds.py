@@ -87,9 +87,10 @@ def test_groups_count_once_in_the_smoothing():
     copies = np.repeat(np.arange(36), 20)
     z = evaluation._log_odds(scores)
     single = evaluation._kernel_scale(z[labels], 6, 1.0)
-    assert evaluation._kernel_scale(z[copies][labels[copies]], 6, 1.0) == pytest.approx(single, rel=0.1)
-    assert evaluation._kernel_scale(z[copies][labels[copies]], 120, 1.0) == pytest.approx(
-        single * 20 ** -0.2, rel=0.1)
+    repeated = z[copies][labels[copies]]
+    assert evaluation._kernel_scale(repeated, 6, 1.0) == pytest.approx(single, rel=0.1)
+    assert evaluation._kernel_scale(repeated, 120, 1.0) == pytest.approx(single * 20 ** -0.2,
+                                                                         rel=0.1)
     grouped = evaluation.smoothed_f1_threshold(labels[copies], scores[copies], groups=copies)
     assert grouped == pytest.approx(evaluation.smoothed_f1_threshold(labels, scores), abs=0.01)
 
@@ -142,7 +143,8 @@ def test_unstable_thresholds_are_logged_stored_and_marked(caplog):
     n = 400
     # 'common': 80 positives and a mid-range threshold; 'rare': 6 positives.
     labels = np.c_[np.arange(n) < 80, np.arange(n) < 6].astype(float)
-    probabilities = _sigmoid(np.where(labels == 1, rng.normal(2, 1, (n, 2)), rng.normal(-2, 1, (n, 2))))
+    probabilities = _sigmoid(np.where(labels == 1, rng.normal(2, 1, (n, 2)),
+                                      rng.normal(-2, 1, (n, 2))))
     symbols = ["common", "rare"]
     with caplog.at_level(logging.WARNING, logger="evaluation"):
         choices = evaluation.choose_thresholds(labels, probabilities, symbols, ThresholdRule())
