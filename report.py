@@ -216,10 +216,15 @@ def _summary_table(metrics: dict, order: Sequence[str]) -> str:
         m = metrics["symbols"][symbol]
         weak = ' class="weak"' if m["average_precision"] is not None and \
             math.isfinite(m["average_precision"]) and m["average_precision"] < 0.5 else ""
-        unmet = ' class="unmet" title="the threshold rule\'s target was not met"' \
-            if not m.get("threshold_reached", True) else ""
+        classes, titles = [], []
+        if not m.get("threshold_reached", True):
+            classes.append("unmet")
+            titles.append("the threshold rule's target was not met")
         if m.get("threshold_unstable"):
-            unmet = f' class="unstable" title="{html.escape(m.get("threshold_advice", ""))}"'
+            classes.append("unstable")
+            titles.append(f"the {m.get('threshold_advice', 'threshold may not hold')}")
+        unmet = (f' class="{" ".join(classes)}" title="{html.escape("; ".join(titles))}"'
+                 if classes else "")
         mark = " !" if m.get("threshold_unstable") else ""
         rows.append(
             f'<tr><td class="name"><a href="#symbol-{symbol}">{html.escape(symbol)}</a></td>'

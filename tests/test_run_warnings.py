@@ -76,3 +76,4 @@ def test_a_runs_warnings_are_in_the_report_and_metrics_json(tmp_path):
     for message in messages:
         assert html.escape(message) in section
     assert report.count('class="note unstable"') == 2  # each symbol's section gives the advice
+    assert report.count(' !</td>') == 2  # and the summary table marks both thresholds
