@@ -241,6 +241,7 @@ def test_report_embeds_curves_and_thumbnails_of_the_worst_errors(tmp_path):
     assert html.count("data:image/jpeg;base64,") == shown
     assert html.count("data:image/png;base64,") == 3
     assert "http://" not in html and "https://" not in html
+    assert "The run gave no warnings." in html  # none were given to it
     wrong = table[table["star_outcome"] == "false positive"].sort_values("star_probability")
     worst = wrong.iloc[-1]
     others = int((wrong["group"] == worst["group"]).sum()) - 1
