@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 import command
 import dependencies
 import output_dir
+import run_warnings
 import settings
 
 
@@ -55,6 +56,7 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
 
+    @run_warnings.collected  # from the first read of the labels on, for the report
     def run() -> int:
         config = settings.config_from_args(args)
         if not args.download_weights_only:

@@ -95,6 +95,7 @@ import distribution  # noqa: E402
 import duplicates  # noqa: E402
 import evaluation  # noqa: E402
 import report  # noqa: E402
+import run_warnings  # noqa: E402
 import feature_cache  # noqa: E402
 import run_lock  # noqa: E402
 from pixel_store import PixelStore  # noqa: E402
@@ -2709,6 +2710,7 @@ def check_output_outside_images(output_dir: str | os.PathLike, images: LabelledI
         output_dir_checks.check_outside_inputs(output_dir, {"the image folder": folder})
 
 
+@run_warnings.collected  # the report and metrics.json show every warning of the run
 def train_and_save(images: LabelledImages, config: TrainingConfig,
                    output_dir: str | os.PathLike, *, overwrite: bool = False,
                    is_validation: np.ndarray | None = None, resume: bool = True,
@@ -2774,10 +2776,11 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
         split_table = prepared.split_table()
         validation_labels = labels[val_idx]
+        grouped = prepared.groups is not None
         thresholds = evaluation.choose_thresholds(
             validation_labels, probabilities, symbols,
-            evaluation.parse_threshold_rule(config.threshold_for))
-        grouped = prepared.groups is not None
+            evaluation.parse_threshold_rule(config.threshold_for),
+            prepared.groups[val_idx] if grouped else None)
         metrics = evaluation.evaluation_metrics(
             validation_labels, probabilities, symbols, thresholds,
             prepared.groups[val_idx] if grouped else None, seed=config.seed,
@@ -2825,14 +2828,15 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             metadata["exports"] = {name: str(path.relative_to(partial))
                                    for name, path in exported.items()}
         write_history(partial / HISTORY_FILE, rows)
-        write_json(partial / METRICS_FILE, metrics)
         write_json(partial / METADATA_FILE, metadata)
         # A file name that is not UTF-8 (Linux allows any bytes) is written byte for byte.
         split_table.to_csv(partial / SPLIT_FILE, index=False, **CSV_FILE_NAMES)
         evaluation_table.to_csv(partial / EVALUATION_FILE, index=False, **CSV_FILE_NAMES)
         report.write_report(partial, model_name=Path(output_dir).name, metadata=metadata,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
-                            paths=[paths[i] for i in val_idx])
+                            paths=[paths[i] for i in val_idx], warnings=run_warnings.current())
+        metrics["warnings"] = list(run_warnings.current())  # the report's own included
+        write_json(partial / METRICS_FILE, metrics)
         directory.commit()
     except BaseException as error:  # an error, Ctrl-C, SIGTERM: keep what a rerun continues from
         if placement.is_chief and run is not None:
