@@ -1868,6 +1868,9 @@ class TrainingDiverged(InputError):
     rate or fixes the data."""
 
 
+STEP_LOSS_CHECK_SECONDS = 2.0
+
+
 class FiniteLossGuard(keras.callbacks.Callback):
     """Raises TrainingDiverged as soon as the training loss of a step, or at an epoch's end
     the epoch's loss, `val_loss` or a trainable weight, is not finite. Listed after
@@ -1879,13 +1882,19 @@ class FiniteLossGuard(keras.callbacks.Callback):
         their values."""
         super().__init__()
         self.phase, self.learning_rates = phase, learning_rates
-        self._epoch = 0
+        self._epoch, self._checked = 0, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._checked = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._check(logs, ("loss",), f"step {batch + 1} of")
+        # Reading a step's loss waits for the device, so it is read at most every few seconds
+        # (and the epoch's end checks everything): a long epoch still stops within seconds.
+        now = time.monotonic()
+        if now - self._checked >= STEP_LOSS_CHECK_SECONDS:
+            self._checked = now
+            self._check(logs, ("loss",), f"step {batch + 1} of")
 
     def on_epoch_end(self, epoch, logs=None):
         self._check(logs, ("loss", "val_loss"), "the end of")
