@@ -2767,7 +2767,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         evaluation_table.to_csv(partial / EVALUATION_FILE, index=False)
         report.write_report(partial, model_name=Path(output_dir).name, metadata=metadata,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
-                            paths=[paths[i] for i in val_idx])
+                            paths=[paths[i] for i in val_idx], model=parts.model)
         directory.commit()
     except BaseException as error:  # an error, Ctrl-C, SIGTERM: keep what a rerun continues from
         if placement.is_chief and run is not None:

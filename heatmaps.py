@@ -39,6 +39,8 @@ SCORE_MAP_LAYER = "score_map"
 COLOURS = np.array([(40, 30, 120), (30, 150, 230), (60, 210, 160), (250, 220, 40),
                     (230, 40, 20)], dtype=np.float64)
 OPACITY = (0.15, 0.65)  # at probability 0 and at 1
+# predict.py --heatmaps: the frame is reduced to fit in this box (width, height) first.
+PNG_SIZE = (960, 960)
 RETRAIN = ("Train it again with this version, whose models have a 'score_map' layer, to get "
            "heatmaps")
 
@@ -178,7 +180,7 @@ def frame_heatmap(heatmap: np.ndarray, geometry, frame_size: tuple[int, int],
 
 @dataclass
 class FrameHeatmaps:
-    """One frame: `image` (the frame, at most `max_side` pixels on its long side), the model's
+    """One frame: `image` (the frame, reduced to fit in `max_size`), the model's
     `probabilities` {symbol: p}, and `maps` {symbol: (height, width) probabilities on
     `image`, NaN where the model did not look}."""
 
@@ -219,10 +221,9 @@ def heatmaps(loaded_model, images: Sequence, *, batch_size: int = 32) -> np.ndar
     return sigmoid(np.concatenate(results))
 
 
-def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *, max_side: int,
-                   batch_size: int = 32) -> list[FrameHeatmaps | None]:
-    """For each image path, its frame reduced to at most `max_side` pixels on the long side,
-    the model's probabilities and each symbol's heatmap on that reduced frame; None for an
+def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *,
+                   max_size: tuple[int, int], batch_size: int = 32) -> list[FrameHeatmaps | None]:
+    """For each image path, its frame reduced to fit in `max_size` (width, height), the model's probabilities and each symbol's heatmap on that reduced frame; None for an
     image that cannot be read (it is logged)."""
     import common  # here: common imports this module
 
@@ -251,20 +252,25 @@ def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *, max_side: 
                 results.append(None)
                 continue
             probabilities, maps = next(values)
-            results.append(on_frame(image, probabilities, maps, symbols, geometry, max_side))
+            results.append(on_frame(reduced(image, max_size), image.size, probabilities, maps,
+                                    symbols, geometry))
     return results
 
 
-def on_frame(image: Image.Image, probabilities: np.ndarray, maps: np.ndarray,
-             symbols: Sequence[str], geometry, max_side: int) -> FrameHeatmaps:
-    """A frame's `maps` (h, w, symbols: probabilities over the model input) on a copy of
-    `image` (the frame as it was resized to the input) reduced to `max_side`."""
-    size = image.size
+def reduced(image: Image.Image, max_size: tuple[int, int]) -> Image.Image:
+    """A copy of `image` reduced to fit in `max_size` (width, height), aspect ratio kept."""
     shown = image.copy()
-    shown.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    shown.thumbnail(max_size, Image.Resampling.BILINEAR)
+    return shown
+
+
+def on_frame(shown: Image.Image, frame_size: tuple[int, int], probabilities: np.ndarray,
+             maps: np.ndarray, symbols: Sequence[str], geometry) -> FrameHeatmaps:
+    """A frame's `maps` ((h, w, symbols): probabilities over the model input) on `shown`, a
+    reduced copy of the frame of `frame_size` (width, height) that was resized to the input."""
     return FrameHeatmaps(
         shown, {s: float(probabilities[j]) for j, s in enumerate(symbols)},
-        {s: frame_heatmap(maps[..., j], geometry, size, shown.size)
+        {s: frame_heatmap(maps[..., j], geometry, frame_size, shown.size)
          for j, s in enumerate(symbols)})
 
 
@@ -343,9 +349,9 @@ class HeatmapWriter:
     above its threshold (every symbol with `every_symbol`)."""
 
     def __init__(self, directory: str | os.PathLike, thresholds: Mapping[str, float],
-                 every_symbol: bool = False, max_side: int = 960):
+                 every_symbol: bool = False, max_size: tuple[int, int] = PNG_SIZE):
         self.directory, self.thresholds = Path(directory), dict(thresholds)
-        self.every_symbol, self.max_side = every_symbol, max_side
+        self.every_symbol, self.max_size = every_symbol, max_size
         self.written = 0
 
     def write(self, filename: str, frame: FrameHeatmaps) -> None:

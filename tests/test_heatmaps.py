@@ -104,7 +104,7 @@ def test_a_square_is_found_where_it_is_on_a_letterboxed_frame(model_dir, tmp_pat
     loaded = common.load_model_dir(model_dir)
     path = tmp_path / "tall.png"
     _frame((64, 128), square_at=(40, 90), side=24).save(path)   # scale 1/4: 16 x 32 input px
-    (frame,) = heatmaps.frame_heatmaps(loaded.model, loaded.metadata, [path], max_side=128)
+    (frame,) = heatmaps.frame_heatmaps(loaded.model, loaded.metadata, [path], max_size=(128, 128))
     assert frame.image.size == (64, 128)
     red = frame.maps["red_square"]
     assert red.shape == (128, 64) and not np.isnan(red).any()
@@ -214,3 +214,80 @@ def test_heatmap_names_mirror_the_filename_inside_the_folder():
     assert heatmaps.heatmap_name("/abs/x.png", "star") == "abs/x.png.star.png"
     assert heatmaps.heatmap_name("../up/./x.png", "s") == "__parent__/up/x.png.s.png"
     assert heatmaps.heatmap_name("C:\\f\\x.png", "s") == "C_/f/x.png.s.png"
+
+
+def _report_inputs(directory, tmp_path):
+    """A validation table of 24 frames in 6 groups, scored by the model in `directory`, and the
+    metadata that report.write_report reads."""
+    loaded = common.load_model_dir(directory)
+    rng = np.random.default_rng(1)
+    names, groups, paths, labels = [], [], [], []
+    for index in range(24):
+        square, circle = index % 2 == 0, index % 3 == 0
+        image = _frame((96, 64), (int(rng.integers(0, 80)), int(rng.integers(0, 48))) if square
+                       else None)
+        if circle:
+            image.paste((20, 40, 230), (60, 40, 72, 52))
+        name = f"g{index % 6}/frame{index:02d}.png"
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / name)
+        names.append(name), groups.append(f"g{index % 6}"), paths.append(str(tmp_path / name))
+        # Some labels wrong, so that every sheet has frames.
+        labels.append([float(square != (index % 7 == 0)), float(circle != (index % 5 == 0))])
+    labels = np.array(labels)
+    predicted = common.predict_images(loaded, paths)
+    probabilities = predicted[[f"{s}_probability" for s in SYMBOLS]].to_numpy()
+    thresholds = evaluation.choose_thresholds(labels, probabilities, SYMBOLS,
+                                              evaluation.ThresholdRule())
+    metrics = evaluation.evaluation_metrics(labels, probabilities, SYMBOLS, thresholds,
+                                            np.array(groups), group_name="groups, by folder")
+    table = evaluation.evaluation_table(np.array(names), np.array(groups), labels,
+                                        probabilities, SYMBOLS, thresholds)
+    counts = {"train": {"images": 90, "groups": 9, "positives": {s: 30 for s in SYMBOLS},
+                        "negatives": {s: 60 for s in SYMBOLS}},
+              "validation": {"images": 24, "groups": 6, "positives": {s: 12 for s in SYMBOLS},
+                             "negatives": {s: 12 for s in SYMBOLS}},
+              "listed": 114, "unreadable": 0, "grouping": "folder"}
+    metadata = {**loaded.metadata, "data": {"counts": counts}, "packages": {"keras": "3"},
+                "training": {"config": {"backbone": "mobilenet_v2", "alpha": 0.35,
+                                        "resize": "letterbox", "patience": 5,
+                                        "threshold_for": "f1"},
+                             "started_at": "2026-12-04T10:00:00+00:00", "phase_seconds": {}}}
+    history = pd.DataFrame({"phase": ["head"] * 2, "epoch": [1, 2], "loss": [0.9, 0.7],
+                            "val_loss": [0.8, 0.7], "val_ap": [0.5, 0.6]})
+    return loaded, dict(model_name="symbols", metadata=metadata, metrics=metrics,
+                        history=history, table=table, paths=paths)
+
+
+def _jpegs(text: str) -> list[np.ndarray]:
+    import base64
+    import io
+    import re
+
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(data))), dtype=np.int16)
+            for data in re.findall(r'src="data:image/jpeg;base64,([^"]+)"', text)]
+
+
+def test_the_report_overlays_each_thumbnail_with_its_symbols_heatmap(model_dir, tmp_path):
+    loaded, arguments = _report_inputs(model_dir, tmp_path / "frames")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "heat").mkdir()
+    plain = report.write_report(tmp_path / "plain", **arguments).read_text()
+    heated = report.write_report(tmp_path / "heat", **arguments, model=loaded.model).read_text()
+    table = arguments["table"]
+    shown = sum(min(limit, table.loc[table[f"{s}_outcome"] == kind, "group"].nunique())
+                for s in SYMBOLS for kind, limit in (("true positive", report.HITS_SHOWN),
+                                                     ("false positive", report.CONTACT_SHEET_SIZE),
+                                                     ("false negative", report.CONTACT_SHEET_SIZE)))
+    assert shown >= 12
+    before, after = _jpegs(plain), _jpegs(heated)
+    assert len(before) == len(after) == shown
+    assert "Most confident hits" in heated
+    assert "where the model sees the symbol" in heated and "where the model sees" not in plain
+    # Same thumbnail sizes; every one tinted by its heatmap and labelled in its corner.
+    for thumbnail, overlaid in zip(before, after):
+        assert thumbnail.shape == overlaid.shape
+        assert np.abs(thumbnail - overlaid).mean() > 10
+        assert overlaid[1, 1].max() < 40   # the label's black box
+    assert "http://" not in heated and "https://" not in heated
+    assert len(heated) < 1.5 * len(plain)   # the overlays cost little more than the thumbnails
