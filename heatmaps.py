@@ -361,3 +361,55 @@ class HeatmapWriter:
             write_png(overlay(frame.image, frame.maps[symbol], label(symbol, probability)),
                       self.directory / heatmap_name(filename, symbol))
             self.written += 1
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def check_directory(directory: str | os.PathLike, *, folders: Mapping[str, str],
+                    images: Sequence[tuple[str, str]], videos: Sequence[str]) -> None:
+    """Refuse, before any work, a `predict.py --heatmaps DIR` that would write into what the
+    run reads or collide. `folders` {path: what it is} may not be DIR or hold it, nor any
+    folder a heatmap goes to (the INPUT folders, MODEL_DIR, --save-frames); `images` are
+    (path, filename) of the input images: no heatmap may land in an input image's folder, and
+    two may not share a filename (their heatmaps would overwrite each other); `videos` are
+    the videos' names. Compared by device and inode, so links count. Raises InputError."""
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--heatmaps {directory} is a file; give a folder (it is created).")
+    enclosing = {_identity(Path(p)): (p, what) for p, what in folders.items()}
+    enclosing.pop(None, None)
+    holding = {}
+    for path, _ in images:
+        holding.setdefault(_identity(Path(path).parent), path)
+    holding.pop(None, None)
+    seen: dict[str, str] = {}
+    targets = {root, *(root / name for name in videos)}
+    for path, filename in images:
+        if seen.setdefault(filename, path) != path:
+            raise InputError(
+                f"--heatmaps {directory}: the input images {seen[filename]} and {path} are both "
+                f"named {filename!r} in the output, so their heatmaps would have the same file "
+                "name. Give --image-dir a folder above both, so that their names differ, or "
+                "predict them in separate runs.")
+        targets.add((root / heatmap_name(filename, "s")).parent)
+    for target in sorted(targets):
+        real = Path(os.path.realpath(target))
+        for ancestor in (real, *real.parents):
+            found = enclosing.get(_identity(ancestor))
+            if found is not None:
+                raise InputError(
+                    f"--heatmaps {directory} would write into {found[1]} {found[0]}"
+                    f"{'' if target == root else f' (as {target})'}, which this run reads or "
+                    "writes; give the heatmaps a folder of their own.")
+        source = holding.get(_identity(real))
+        if source is not None:
+            raise InputError(
+                f"--heatmaps {directory} would write heatmaps into {target}, the folder of the "
+                f"input image {source}, where a later run would take them for frames; give the "
+                "heatmaps a folder of their own.")

@@ -291,3 +291,103 @@ def test_the_report_overlays_each_thumbnail_with_its_symbols_heatmap(model_dir, 
         assert overlaid[1, 1].max() < 40   # the label's black box
     assert "http://" not in heated and "https://" not in heated
     assert len(heated) < 1.5 * len(plain)   # the overlays cost little more than the thumbnails
+
+
+@pytest.fixture
+def frames(tmp_path):
+    """Frames of the same name in two folders: a red square in ep0's, nothing in ep1's."""
+    root = tmp_path / "frames"
+    for folder, at in (("ep0", (70, 40)), ("ep1", None)):
+        (root / folder).mkdir(parents=True)
+        _frame((128, 72), at).save(root / folder / "a.png")
+    return root
+
+
+def test_predict_writes_a_heatmap_per_frame_and_symbol_at_its_threshold(model_dir, frames,
+                                                                         tmp_path):
+    out = tmp_path / "heat"
+    assert run_script(predict, [model_dir, frames, "-o", tmp_path / "p.csv", "--heatmaps", out,
+                                "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert table["red_square_visible"].tolist() == [1, 0]
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["ep0/a.png.red_square.png"]
+    with Image.open(out / written[0]) as image:
+        assert image.size == (128, 72) and image.format == "PNG"
+        shown = np.asarray(image.convert("RGB"), dtype=np.int16)
+    # Reddest over the square (70-82, 40-52), where the model's map is hottest.
+    redness = shown[..., 0] - shown[..., 2]
+    y, x = np.unravel_index(np.argmax(redness[12:]), redness[12:].shape)
+    assert 60 <= x < 92 and 30 <= y + 12 < 62
+    # --heatmaps-all: every symbol of every frame, the folders mirrored, nothing left over.
+    everything = tmp_path / "all"
+    assert run_script(predict, [model_dir, frames, "-o", tmp_path / "q.csv", "--heatmaps",
+                                everything, "--heatmaps-all", "--quiet"]) == 0
+    assert sorted(p.relative_to(everything).as_posix() for p in everything.rglob("*")) == [
+        "ep0", "ep0/a.png.blue_circle.png", "ep0/a.png.red_square.png",
+        "ep1", "ep1/a.png.blue_circle.png", "ep1/a.png.red_square.png"]
+
+
+def test_predict_writes_heatmaps_of_sampled_video_frames(model_dir, tmp_path):
+    from test_predict import make_video
+
+    clip = make_video(tmp_path / "clip.mp4", frames=6, rate=2, size=(96, 64))
+    out = tmp_path / "heat"
+    assert run_script(predict, [model_dir, clip, "-o", tmp_path / "p.csv", "--heatmaps", out,
+                                "--heatmaps-all", "--quiet"]) == 0
+    rows = pd.read_csv(tmp_path / "p.csv")["filename"].tolist()
+    assert len(rows) == 3
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
+        f"{row}.{s}.png" for row in rows for s in SYMBOLS)
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda frames, model: frames / "heat", "would write into the INPUT folder"),
+    (lambda frames, model: frames, "would write into the INPUT folder"),
+    (lambda frames, model: model / "heat", "would write into the model directory"),
+    (lambda frames, model: frames / "ep0", "would write into the INPUT folder"),
+])
+def test_predict_refuses_heatmaps_inside_an_input_or_the_model(model_dir, frames, tmp_path,
+                                                               capsys, where, message):
+    out = where(frames, model_dir)
+    before = sorted(map(str, frames.rglob("*"))), sorted(map(str, model_dir.rglob("*")))
+    assert run_script(predict, [model_dir, frames, "-o", tmp_path / "p.csv",
+                                "--heatmaps", out]) == 2
+    assert message in capsys.readouterr().err
+    assert (sorted(map(str, frames.rglob("*"))), sorted(map(str, model_dir.rglob("*")))) == before
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_refuses_heatmaps_that_would_collide_or_sit_beside_input_images(
+        model_dir, frames, tmp_path, capsys, monkeypatch):
+    # Two folder INPUTs with the same names inside: the rows and heatmaps would share names.
+    assert run_script(predict, [model_dir, frames / "ep0", frames / "ep1", "--heatmaps",
+                                tmp_path / "heat"]) == 2
+    assert "are both named 'a.png'" in capsys.readouterr().err
+    # --image-dir above both tells them apart.
+    assert run_script(predict, [model_dir, frames / "ep0", frames / "ep1", "--image-dir",
+                                frames, "-o", tmp_path / "p.csv", "--heatmaps",
+                                tmp_path / "heat", "--heatmaps-all", "--quiet"]) == 0
+    assert len(list((tmp_path / "heat").rglob("*.png"))) == 4
+    # An image given as a file: its heatmaps may not be written into its folder.
+    monkeypatch.chdir(frames / "ep0")
+    assert run_script(predict, [model_dir, "a.png", "--heatmaps", "."]) == 2
+    assert "the folder of the input image" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        run_script(predict, [model_dir, frames, "--heatmaps-all"])
+    assert stopped.value.code == 2
+    assert "--heatmaps-all needs --heatmaps DIR" in capsys.readouterr().err
+
+
+def test_a_failed_png_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "heat" / "a.png.star.png"
+
+    def broken_save(self, fp, *args, **kwargs):
+        with open(fp, "wb") as handle:
+            handle.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        heatmaps.write_png(Image.new("RGB", (4, 4)), target)
+    assert os.listdir(target.parent) == []
