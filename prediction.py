@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
+import functools
 import glob
 import json
 import logging
@@ -343,8 +344,9 @@ def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
                   keep: tuple[int, int] | None = None) -> Iterator[Frame]:
     """Decode in the pool, at most `ahead` images in flight, yielding in input order."""
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    load = _load_image if keep is None else functools.partial(_load_image, keep=keep)
     for item in items:
-        pending.append(pool.submit(_load_image, item, geometry, keep))
+        pending.append(pool.submit(load, item, geometry))
         if len(pending) >= ahead:
             yield pending.popleft().result()
     while pending:
