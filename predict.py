@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.heatmaps, common.decision_thresholds(loaded.metadata, cut),
                 every_symbol=args.heatmaps_all)
         with _output(args.output) as handle, _output(args.segments) if args.segments \
-                else contextlib.nullcontext() as segments_handle:
+                else contextlib.nullcontext() as segments_handle, \
+                heatmap_writer or contextlib.nullcontext():
             writer = prediction.RowWriter(handle, columns, args.format)
             segments = (prediction.RowWriter(segments_handle, prediction.SEGMENT_COLUMNS, "csv")
                         if segments_handle else None)

@@ -203,7 +203,9 @@ def test_overlay_colours_the_heatmap_and_labels_the_corner():
     heat[:, :10] = np.nan
     shown = np.asarray(heatmaps.overlay(frame, heat, heatmaps.label("star", 0.873)))
     assert shown.shape == (80, 120, 3)
-    assert (shown[60:, 100:] == np.rint(128 * 0.35 + heatmaps.COLOURS[-1] * 0.65)).all()
+    strongest = heatmaps.OPACITY[1]
+    expected = 128 * (1 - strongest) + heatmaps.COLOURS[-1] * strongest
+    assert (np.abs(shown[60:, 100:] - expected) <= 1.5).all()
     assert (shown[60:, 10:50] != 128).any(axis=-1).all()   # low probability: tinted, faintly
     assert (shown[30:, :10] == 128).all()                  # not looked at: unchanged
     assert (shown[0, 0] == 0).all() and (shown[:12, :40] > 200).any()   # the label, white on black
