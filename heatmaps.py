@@ -248,8 +248,9 @@ def heatmaps(loaded_model, images: Sequence, *, batch_size: int = 32) -> np.ndar
 
 def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *,
                    max_size: tuple[int, int], batch_size: int = 32) -> list[FrameHeatmaps | None]:
-    """For each image path, its frame reduced to fit in `max_size` (width, height), the model's probabilities and each symbol's heatmap on that reduced frame; None for an
-    image that cannot be read (it is logged)."""
+    """For each image path, its frame reduced to fit in `max_size` (width, height), the
+    model's probabilities and each symbol's heatmap on that reduced frame; None for an image
+    that cannot be read (it is logged)."""
     import common  # here: common imports this module
 
     symbols = list(metadata["symbols"])

@@ -12,12 +12,14 @@ The output has a `filename` column and, per symbol, `<symbol>_probability` and
 at training and stored in the model directory). `filename` and the `_visible` columns have
 the labels CSV's format: correct the predictions in a spreadsheet and train on them again.
 Video frames also get `video`, `frame_index`, `timestamp` (seconds) and `timecode`
-(HH:MM:SS.mmm) columns.
+(HH:MM:SS.mmm) columns. --heatmaps DIR also writes, per frame and symbol found, a PNG of
+the frame with the symbol's heatmap (where the model sees it) laid over it.
 
 Examples:
   python predict.py models/symbols new_frames/ -o predictions.csv
   python predict.py models/symbols episode7.mp4 --fps 2 --segments segments.csv \\
       --save-frames episode7_frames -o episode7_frames/labels.csv
+  python predict.py models/symbols new_frames/ -o predictions.csv --heatmaps heatmaps/
 """
 
 from __future__ import annotations

@@ -445,10 +445,11 @@ def _heatmap_note(shown: bool) -> str:
         return ""
     return (" Each thumbnail shows where the model sees the symbol: its probability at each "
             "place of the frame, on the scale <span class=\"scale\"></span> from 0 (dark "
-            "blue, faint) to 1 (red, strong), and the frame's probability in the corner. Places "
-            "the model did not see (cut off by --resize crop) are left as they are. A false positive that lights "
-            "up a look-alike shows what the model confuses the symbol with; a miss that stays "
-            "dark over the symbol shows it was not seen.")
+            "blue, faint) to 1 (red, strong), and the frame's probability in the corner. "
+            "Places the model did not see (cut off by <code>--resize crop</code>) are left as "
+            "they are. A false positive that lights up a look-alike shows what the model "
+            "confuses the symbol with; a miss that stays dark over the symbol shows that the "
+            "model did not see it there.")
 
 
 def _split_by(counts: dict, grouping: str) -> str:
