@@ -393,3 +393,22 @@ def test_a_failed_png_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         heatmaps.write_png(Image.new("RGB", (4, 4)), target)
     assert os.listdir(target.parent) == []
+
+
+def test_predict_heatmaps_of_a_model_without_score_map_stop_before_any_output(frames,
+                                                                               tmp_path, capsys):
+    """A model that has no score_map layer and is not an earlier version's (here: no
+    backbone) cannot give heatmaps: exit 2, one message, no predictions file."""
+    import keras
+
+    pixels = keras.Input((HEIGHT, WIDTH, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
+    model = keras.Model(pixels, {s: keras.layers.Dense(1, activation="sigmoid", name=s)(pooled)
+                                 for s in SYMBOLS})
+    directory = _save_model_dir(model, tmp_path / "model")
+    out = tmp_path / "p.csv"
+    assert run_script(predict, [directory, frames, "-o", out, "--heatmaps",
+                                tmp_path / "heat"]) == 2
+    assert "no 'score_map' layer" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "p.csv.partial").exists()
+    assert not (tmp_path / "heat").exists()
