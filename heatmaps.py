@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from errors import InputError
+from errors import InputError, printable
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *,
             try:
                 image, inputs = _read(path, geometry)
             except common.ImageReadError as error:
-                log.warning("No heatmap of %s: %s", path, error)
+                log.warning("No heatmap of %s: %s", printable(str(path)), error.reason)
                 frames.append(None)
                 continue
             frames.append(image)

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Sequence, TextIO
 import numpy as np
 
 import common
+from errors import printable  # noqa: F401  (prediction.printable: what outputs write)
 import heatmaps
 import video
 
@@ -111,22 +112,6 @@ def _listed_paths(list_path: Path) -> list[str]:
 
 
 _ESCAPED_BYTE = re.compile(r"\\x([89a-fA-F][0-9a-fA-F])")
-
-
-def printable(text: str) -> str:
-    """`text` as written to the output: each byte of a file name that is not UTF-8 (which
-    Python holds as a lone surrogate) becomes the four characters \\xNN, as Python's
-    'backslashreplace' writes it, so the CSV and JSON stay UTF-8 text. Other text is
-    unchanged. `unescaped` reverses it."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that no file name decodes to
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def unescaped(name: str) -> str:

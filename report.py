@@ -41,6 +41,9 @@ table { border-collapse: collapse; margin: 8px 0; }
 th, td { padding: 3px 7px; text-align: right; border-bottom: 1px solid #e3e6ee; white-space: nowrap; }
 th { background: #f2f4f8; position: sticky; top: 0; } td.name, th.name { text-align: left; }
 td.weak { background: #fde8e6; } td.unmet { color: #b3261e; font-weight: 600; }
+td.unstable, .unstable { color: #a35200; font-weight: 600; }
+ul.warnings { background: #fff6e5; border-left: 4px solid #e0a030; padding: 8px 12px 8px 32px; }
+ul.warnings li { margin: 4px 0; overflow-wrap: anywhere; }
 .symbol { border-top: 1px solid #d8dce6; padding-top: 4px; }
 .row { display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }
 .sheet { display: flex; flex-wrap: wrap; gap: 8px; margin: 4px 0 12px; }
@@ -245,15 +248,23 @@ def _summary_table(metrics: dict, order: Sequence[str]) -> str:
         m = metrics["symbols"][symbol]
         weak = ' class="weak"' if m["average_precision"] is not None and \
             math.isfinite(m["average_precision"]) and m["average_precision"] < 0.5 else ""
-        unmet = ' class="unmet" title="the threshold rule\'s target was not met"' \
-            if not m.get("threshold_reached", True) else ""
+        classes, titles = [], []
+        if not m.get("threshold_reached", True):
+            classes.append("unmet")
+            titles.append("the threshold rule's target was not met")
+        if m.get("threshold_unstable"):
+            classes.append("unstable")
+            titles.append(f"the {m.get('threshold_advice', 'threshold may not hold')}")
+        unmet = (f' class="{" ".join(classes)}" title="{html.escape("; ".join(titles))}"'
+                 if classes else "")
+        mark = " !" if m.get("threshold_unstable") else ""
         rows.append(
             f'<tr><td class="name"><a href="#symbol-{symbol}">{html.escape(symbol)}</a></td>'
             f"<td>{m['frames']:,}</td><td>{m['positives']:,}</td>"
             f"<td>{_number(m['prevalence'] * 100 if m['prevalence'] is not None else None, 1)} %</td>"
             f"<td{weak}>{_number(m['average_precision'])}</td>"
             f"<td>{_interval(m.get('average_precision_interval'))}</td>"
-            f"<td>{_number(m['roc_auc'])}</td><td{unmet}>{_number(m['threshold'])}</td>"
+            f"<td>{_number(m['roc_auc'])}</td><td{unmet}>{_number(m['threshold'])}{mark}</td>"
             f"<td>{_number(m['precision'])}</td><td>{_number(m['recall'])}</td>"
             f"<td>{_number(m['f1'])}</td><td>{_interval(m.get('f1_interval'))}</td>"
             f"<td>{m['true_positives']:,} / {m['false_positives']:,} / "
@@ -313,11 +324,13 @@ def _config_table(config: dict) -> str:
 
 def write_report(directory: Path, *, model_name: str, metadata: dict, metrics: dict,
                  history: pd.DataFrame, table: pd.DataFrame, paths: Sequence[str],
-                 model=None) -> Path:
+                 warnings: Sequence[dict] = (), model=None) -> Path:
     """Write report.html and plots/*.png into `directory` and return the report's path.
 
     `table` is evaluation.csv's table (one row per validation frame) and `paths` the image
-    path of each of its rows, from which the contact sheets are made. With `model` (the
+    path of each of its rows, from which the contact sheets are made. `warnings` are the
+    run's warnings (dicts with level and message, as run_warnings collects them), shown near
+    the top; a live list also shows those given while the report is made. With `model` (the
     Keras model, as saved), each thumbnail shows its symbol's heatmap (heatmaps.py)."""
     symbols = metadata["symbols"]
     plots = directory / PLOTS_DIR
@@ -360,6 +373,8 @@ def write_report(directory: Path, *, model_name: str, metadata: dict, metrics: d
             curve = '<p class="none">No positive validation frame: no curve.</p>'
         note = f'<p class="note unmet">{html.escape(m["threshold_note"])}.</p>' \
             if m.get("threshold_note") else ""
+        if m.get("threshold_advice"):
+            note += (f'<p class="note unstable">The {html.escape(m["threshold_advice"])}.</p>')
         sections.append(f"""
 <section class="symbol" id="symbol-{symbol}">
 <h3>{html.escape(symbol)} <a class="up" href="#summary">back to the summary</a></h3>
@@ -397,12 +412,18 @@ validated on {counts['validation']['images']:,}{_split_by(counts, grouping)}. Ba
 (alpha {config['alpha']}), input {metadata['input']['width']}x{metadata['input']['height']}
 pixels ({html.escape(config['resize'])}).</p>
 
+{_warnings_section(warnings)}
+
 <h2 id="summary">Summary</h2>
 <p class="note">Validation metrics, weakest symbol first. AP (average precision) summarises
 the precision-recall curve independently of any threshold; red cells are below 0.5. The
 threshold decides "visible" (probability at or above it) and was chosen on these validation
 frames by the rule <code>{html.escape(str(config.get('threshold_for', 'f1')))}</code>, so
-precision, recall and F1 there are optimistic for new frames. Intervals are 95 % bootstrap
+precision, recall and F1 there are optimistic for new frames. A threshold marked
+<span class="unstable">!</span> may not hold on new frames: it rests on fewer than
+{evaluation.MIN_THRESHOLD_POSITIVES} validation positives or lies outside
+{evaluation.STABLE_THRESHOLD_RANGE[0]:g}–{evaluation.STABLE_THRESHOLD_RANGE[1]:g}
+(the symbol's section says what to do). Intervals are 95 % bootstrap
 intervals over {bootstrap.get('replicates', 0):,} resamples of
 {html.escape(str(bootstrap.get('resampled', 'frames')).split(' (')[0])}. Every frame's labels, probabilities
 and outcomes are in <code>evaluation.csv</code>.</p>
@@ -436,7 +457,7 @@ shows the symbol is a missing label.{_heatmap_note(bool(overlays))}</p>
 </body></html>
 """
     path = directory / REPORT_FILE
-    path.write_text(document, encoding="utf-8")
+    path.write_text(document, encoding="utf-8", errors="backslashreplace")  # odd file names
     return path
 
 
@@ -450,6 +471,18 @@ def _heatmap_note(shown: bool) -> str:
             "they are. A false positive that lights up a look-alike shows what the model "
             "confuses the symbol with; a miss that stays dark over the symbol shows that the "
             "model did not see it there.")
+
+
+def _warnings_section(warnings: Sequence[dict]) -> str:
+    if not warnings:
+        return ('<h2 id="warnings">Warnings</h2>\n<p class="none">The run gave no warnings.</p>')
+    items = "".join(f"<li><b>{html.escape(w.get('level', 'WARNING'))}</b>: "
+                    f"{html.escape(w['message'])}</li>" for w in warnings)
+    return (f'<h2 id="warnings">Warnings ({len(warnings)})</h2>\n'
+            '<p class="note">Everything the run warned about, in the order it was logged (also '
+            'in <code>metrics.json</code> under <code>warnings</code>): each may make the '
+            'numbers below less trustworthy, and says what to do.</p>\n'
+            f'<ul class="warnings">{items}</ul>')
 
 
 def _split_by(counts: dict, grouping: str) -> str:
