@@ -263,7 +263,7 @@ def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *,
             try:
                 image, inputs = _read(path, geometry)
             except common.ImageReadError as error:
-                log.warning("No heatmap of %s: %s", printable(str(path)), error.reason)
+                log.info("No heatmap of %s: %s", printable(str(path)), error.reason)
                 frames.append(None)
                 continue
             frames.append(image)
