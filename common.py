@@ -2843,7 +2843,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         evaluation_table.to_csv(partial / EVALUATION_FILE, index=False, **CSV_FILE_NAMES)
         report.write_report(partial, model_name=Path(output_dir).name, metadata=metadata,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
-                            paths=[paths[i] for i in val_idx], warnings=run_warnings.current())
+                            paths=[paths[i] for i in val_idx], warnings=run_warnings.current(),
+                            model=parts.model)
         metrics["warnings"] = list(run_warnings.current())  # the report's own included
         write_json(partial / METRICS_FILE, metrics)
         directory.commit()

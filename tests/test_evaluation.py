@@ -234,9 +234,12 @@ def test_report_embeds_curves_and_thumbnails_of_the_worst_errors(tmp_path):
     path = report.write_report(tmp_path, model_name="symbols", metadata=metadata, metrics=metrics,
                                history=history, table=table, paths=paths)
     html = path.read_text()
-    # One thumbnail per group (episode folder) and kind of mistake: its most confident frame.
+    # One thumbnail per group (episode folder) and kind of mistake: its most confident frame;
+    # and as many of the hits.
     shown = sum(min(report.CONTACT_SHEET_SIZE, table.loc[table[f"{s}_outcome"] == kind, "group"].nunique())
                 for s in symbols for kind in ("false positive", "false negative"))
+    shown += sum(min(report.HITS_SHOWN, table.loc[table[f"{s}_outcome"] == "true positive", "group"].nunique())
+                 for s in symbols)
     assert shown > 0
     assert html.count("data:image/jpeg;base64,") == shown
     assert html.count("data:image/png;base64,") == 3
