@@ -530,7 +530,8 @@ def report_markdown(results: dict) -> str:
                                                     else "") + "):", ""]
     for name, c in results["configs"].items():
         changed = ", ".join(f"{k} {v}" for k, v in c["differs_from_baseline"].items())
-        lines.append(f"- **{name}**: `{c['flags'] or '(today's defaults)'}`"
+        flags = c["flags"] or "(no flags: today's defaults)"
+        lines.append(f"- **{name}**: `{flags}`"
                      + (f"; differs from the baseline in {changed}" if changed else
                         "; the same settings as the baseline" if c["baseline"] is False else ""))
     lines += ["", f"Seeds: {', '.join(map(str, results['seeds']))}. Intervals: 95 %, "
