@@ -245,7 +245,8 @@ def load_adidas(args) -> DataSet:
     unseen = images.table["source_image"].isin(unseen_photos).to_numpy()
     return held_out(images, unseen, "adidas",
                     f"adidas_puma_logos: {len(photos) - len(unseen_photos)} photos to train on, "
-                    f"{len(unseen_photos)} unseen (seeded quarter), 3 augmented copies each",
+                    f"{len(unseen_photos)} unseen (a seeded quarter); photos of its original training "
+                    "split come in 3 augmented copies, the others in one",
                     "source_image", "source_image", "photos")
 
 
