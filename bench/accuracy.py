@@ -245,8 +245,8 @@ def load_adidas(args) -> DataSet:
     unseen = images.table["source_image"].isin(unseen_photos).to_numpy()
     return held_out(images, unseen, "adidas",
                     f"adidas_puma_logos: {len(photos) - len(unseen_photos)} photos to train on, "
-                    f"{len(unseen_photos)} unseen (a seeded quarter); photos of its original training "
-                    "split come in 3 augmented copies, the others in one",
+                    f"{len(unseen_photos)} unseen (a seeded quarter); photos of its original "
+                    "training split come in 3 augmented copies, the others in one",
                     "source_image", "source_image", "photos")
 
 
@@ -411,6 +411,50 @@ def estimate(point: float, replicates: np.ndarray) -> dict:
     return {"value": float(point), "interval": interval(replicates)}
 
 
+def run_scores(run: dict, point: np.ndarray, boot: np.ndarray, symbols: list[str]) -> dict:
+    """One run's row: its unseen scores (`point`: metrics x symbols; `boot`: replicates x
+    metrics x symbols) with intervals, its own validation AP and the gap."""
+    return {"config": run["config"], "seed": run["seed"],
+            "validation_macro_ap": run["validation_macro_ap"], "seconds": run["seconds"],
+            "gap": run["validation_macro_ap"] - float(macro(point[0])),
+            **{f"macro_{m}": estimate(macro(point[i]), macro(boot[:, i]))
+               for i, m in enumerate(METRICS)},
+            "symbols": {s: {m: estimate(point[i, j], boot[:, i, j]) for i, m in enumerate(METRICS)}
+                        for j, s in enumerate(symbols)}}
+
+
+def config_scores(seeds: list[dict], points: list, boots: list, symbols: list[str]) -> dict:
+    """A configuration over its seeds: means of the per-seed values, point and per resample
+    (so the interval is that of the mean), and the spread between seeds."""
+    macro_points = np.array([macro(p) for p in points])  # seeds x metrics
+    macro_boots = np.mean([macro(b) for b in boots], axis=0)  # replicates x metrics
+    point, boot = np.mean(points, axis=0), np.mean(boots, axis=0)
+    validation_ap = float(np.mean([r["validation_macro_ap"] for r in seeds]))
+    result = {"seeds": len(seeds), "validation_macro_ap": validation_ap,
+              "seconds": float(np.mean([r["seconds"] for r in seeds])),
+              "gap": validation_ap - float(np.mean(macro_points[:, 0]))}
+    for i, m in enumerate(METRICS):
+        result[f"macro_{m}"] = {
+            **estimate(np.mean(macro_points[:, i]), macro_boots[:, i]),
+            "seed_sd": float(np.std(macro_points[:, i], ddof=1)) if len(seeds) > 1 else None}
+    result["symbols"] = {s: {m: estimate(point[i, j], boot[:, i, j])
+                             for i, m in enumerate(METRICS)} for j, s in enumerate(symbols)}
+    return result
+
+
+def paired_difference(points: list, boots: list, base_points: list, base_boots: list) -> dict:
+    """Macro metrics of a configuration minus the baseline's, per seed and as the mean over
+    seeds, each on the same resamples: a paired difference with its interval."""
+    result = {}
+    for i, m in enumerate(METRICS):
+        per_seed = [macro(p[i]) - macro(q[i]) for p, q in zip(points, base_points)]
+        per_resample = [macro(b[:, i]) - macro(c[:, i]) for b, c in zip(boots, base_boots)]
+        result[f"macro_{m}"] = {
+            **estimate(np.mean(per_seed), np.mean(per_resample, axis=0)),
+            "per_seed": [estimate(v, r) for v, r in zip(per_seed, per_resample)]}
+    return result
+
+
 def score_set(labels: np.ndarray, symbols: list[str], groups: np.ndarray, runs: dict,
               baseline: str, replicates: int = BOOTSTRAP_REPLICATES) -> dict:
     """Every number the report shows for one data set. `runs` maps configuration name to a list,
@@ -419,52 +463,26 @@ def score_set(labels: np.ndarray, symbols: list[str], groups: np.ndarray, runs: 
     Every run is scored on the same group resamples, so means over seeds and differences from
     `baseline` get paired intervals."""
     resamples = group_resamples(groups, replicates)
-    point, boot = {}, {}  # config -> per seed: (metrics x symbols), (replicates x metrics x symbols)
-    for name, seeds in runs.items():
-        point[name] = [symbol_metrics(labels, r["probabilities"]) for r in seeds]
-        boot[name] = [replicate_metrics(labels, r["probabilities"], resamples) for r in seeds]
+    points = {name: [symbol_metrics(labels, r["probabilities"]) for r in seeds]
+              for name, seeds in runs.items()}
+    boots = {name: [replicate_metrics(labels, r["probabilities"], resamples) for r in seeds]
+             for name, seeds in runs.items()}
     result = {"symbols": symbols, "unseen_frames": int(len(labels)),
               "unseen_groups": int(len(set(groups))),
-              "unseen_positives": {s: int((labels[:, j] == 1).sum()) for j, s in enumerate(symbols)},
-              "runs": [], "configs": {}, "differences": {}}
-    for name, seeds in runs.items():
-        for run, p, b in zip(seeds, point[name], boot[name]):
-            unseen_ap = float(macro(p[0]))
-            result["runs"].append({
-                "config": name, "seed": run["seed"],
-                "validation_macro_ap": run["validation_macro_ap"], "seconds": run["seconds"],
-                "gap": run["validation_macro_ap"] - unseen_ap,
-                **{f"macro_{m}": estimate(macro(p[i]), macro(b[:, i])) for i, m in enumerate(METRICS)},
-                "symbols": {s: {m: estimate(p[i, j], b[:, i, j]) for i, m in enumerate(METRICS)}
-                            for j, s in enumerate(symbols)}})
-        p, b = np.mean(point[name], axis=0), np.mean(boot[name], axis=0)  # mean over seeds
-        macro_seeds = np.array([macro(q) for q in point[name]])  # seeds x metrics
-        result["configs"][name] = {
-            "seeds": len(seeds),
-            "validation_macro_ap": float(np.mean([r["validation_macro_ap"] for r in seeds])),
-            "seconds": float(np.mean([r["seconds"] for r in seeds])),
-            **{f"macro_{m}": {
-                **estimate(np.mean(macro_seeds[:, i]),
-                           np.mean([macro(q[:, i]) for q in boot[name]], axis=0)),
-                "seed_sd": float(np.std(macro_seeds[:, i], ddof=1)) if len(seeds) > 1 else None}
-               for i, m in enumerate(METRICS)},
-            "symbols": {s: {m: estimate(p[i, j], b[:, i, j]) for i, m in enumerate(METRICS)}
-                        for j, s in enumerate(symbols)}}
-        result["configs"][name]["gap"] = (result["configs"][name]["validation_macro_ap"]
-                                          - result["configs"][name]["macro_average_precision"]["value"])
-    base = result["configs"][baseline]
+              "unseen_positives": {s: int((labels[:, j] == 1).sum())
+                                   for j, s in enumerate(symbols)},
+              "runs": [run_scores({**run, "config": name}, p, b, symbols)
+                       for name, seeds in runs.items()
+                       for run, p, b in zip(seeds, points[name], boots[name])],
+              "configs": {name: config_scores(seeds, points[name], boots[name], symbols)
+                          for name, seeds in runs.items()},
+              "differences": {}}
     for name in runs:
-        if name == baseline:
-            continue
-        difference = {"seconds_ratio": result["configs"][name]["seconds"] / base["seconds"]}
-        for i, m in enumerate(METRICS):
-            # Per seed, then the mean over seeds, on the same resamples: a paired difference.
-            per_seed_point = [macro(a[i]) - macro(c[i]) for a, c in zip(point[name], point[baseline])]
-            per_seed_boot = [macro(a[:, i]) - macro(c[:, i]) for a, c in zip(boot[name], boot[baseline])]
-            difference[f"macro_{m}"] = {
-                **estimate(np.mean(per_seed_point), np.mean(per_seed_boot, axis=0)),
-                "per_seed": [estimate(v, r) for v, r in zip(per_seed_point, per_seed_boot)]}
-        result["differences"][f"{name} - {baseline}"] = difference
+        if name != baseline:
+            result["differences"][f"{name} - {baseline}"] = {
+                **paired_difference(points[name], boots[name], points[baseline], boots[baseline]),
+                "seconds_ratio": result["configs"][name]["seconds"]
+                / result["configs"][baseline]["seconds"]}
     return result
 
 
@@ -494,7 +512,10 @@ def set_markdown(name: str, description: str, scored: dict) -> list[str]:
     lines = [f"## {name}", "", description + ".",
              f"Unseen: {scored['unseen_frames']:,} images in {scored['unseen_groups']:,} "
              f"{scored['group_name']}; positives: "
-             + ", ".join(f"{s} {n:,}" for s, n in scored["unseen_positives"].items()) + ".", ""]
+             + ", ".join(f"{s} {n:,}" for s, n in scored["unseen_positives"].items()) + "."]
+    if scored.get("runs_finished"):
+        lines.append("Runs finished from {} to {} (UTC).".format(*scored["runs_finished"]))
+    lines.append("")
     rows = [[r["config"], str(r["seed"]), f"{r['validation_macro_ap']:.3f}",
              cell(r["macro_average_precision"]), cell(r["macro_roc_auc"]), f"{r['gap']:+.3f}",
              f"{r['seconds']:,.0f}"] for r in scored["runs"]]
@@ -643,6 +664,8 @@ def main(argv=None) -> int:
     common.configure_logging(quiet=True)
     results = {"configs": config_summary(args), "seeds": args.seed_list, "quick": args.quick,
                "weights": args.weights, "replicates": args.replicates, "sets": {}}
+    # The commit and date of this command; runs reused from --work say when they finished.
+    facts = measurements.header("Accuracy on unseen groups (bench/accuracy.py)", started, None)
     backend = None
     for set_name in args.set_list:
         print(f"{set_name}:", flush=True)
@@ -655,13 +678,17 @@ def main(argv=None) -> int:
                 directory = run_directory(args, set_name, config_name, seed)
                 runs[config_name].append({**run, "seed": seed, "probabilities": np.load(
                     directory / "unseen_probabilities.npy")})
+        finished = sorted(datetime.datetime.fromtimestamp(
+            (run_directory(args, set_name, c, seed) / "run.json").stat().st_mtime,
+            datetime.timezone.utc).isoformat(timespec="minutes")
+            for c in args.configs for seed in args.seed_list)
         scored = score_set(data.test_labels, data.train.symbols, data.test_groups, runs,
                            next(iter(args.configs)), args.replicates)
         results["sets"][set_name] = {"description": data.description,
-                                     "group_name": data.group_name, **scored}
+                                     "group_name": data.group_name,
+                                     "runs_finished": [finished[0], finished[-1]], **scored}
         # Written after every set, so that a long run leaves its finished sets behind.
-        results["header"] = measurements.header("Accuracy on unseen groups (bench/accuracy.py)",
-                                                started, backend)
+        results["header"] = {**facts, "backend": backend or {}}
         markdown, json_path = measurements.write(args.output, report_markdown(results), results)
         print(f"  wrote {markdown} and {json_path}", flush=True)
     print(Path(args.output).read_text())

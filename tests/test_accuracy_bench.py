@@ -140,6 +140,7 @@ def test_results_file_markdown_and_json(tmp_path):
                                    "differs_from_baseline": {"--image-size": 320}}},
                "seeds": [0, 1], "quick": False, "weights": "none", "replicates": 100,
                "sets": {"frames-multi": {"description": "hand-made", "group_name": "shots",
+                                         "runs_finished": ["2026-01-01T10:00", "2026-01-01T11:00"],
                                          **scored}},
                "header": measurements.header("Accuracy", datetime.datetime.now(), None)}
     markdown, twin = measurements.write(tmp_path / "docs" / "accuracy.md",
@@ -147,7 +148,8 @@ def test_results_file_markdown_and_json(tmp_path):
     text = markdown.read_text()
     for expected in ("# Accuracy", "- Command: `", "- Commit: ", "- Machine: ", "## frames-multi",
                      "Unseen: 120 images in 40 shots; positives: p ", "| new - old | ",
-                     "differs from the baseline in --image-size 320", "| **old** | mean of 2, sd "):
+                     "differs from the baseline in --image-size 320", "| **old** | mean of 2, sd ",
+                     "Runs finished from 2026-01-01T10:00 to 2026-01-01T11:00 (UTC)."):
         assert expected in text, expected
     assert "| q | " in text and " - |" in text
     stored = json.loads(twin.read_text())
