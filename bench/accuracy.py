@@ -614,7 +614,8 @@ def parse_arguments(argv=None):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--job-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick and "--seeds" not in (argv if argv is not None else sys.argv):
+    given = argv if argv is not None else sys.argv[1:]
+    if args.quick and not any(a.split("=")[0] == "--seeds" for a in given):
         args.seeds = "0"
     args.n_frames = args.n_frames or (160 if args.quick else 1200)
     args.n_unseen = args.n_unseen or max(40, args.n_frames // 2)

@@ -63,6 +63,14 @@ def test_config_option_parsing():
             accuracy.parse_config_option(bad)
     with pytest.raises(SystemExit):
         accuracy.parse_arguments(["--config", "x=--dropout 2"])
+    _, args = accuracy.parse_arguments(["--config", "a=", "--config", "b=--dropout 0.1",
+                                        "--sets", "adidas", "--seeds", "4,5"])
+    assert (list(args.configs.items()), args.set_list, args.seed_list, args.n_frames,
+            args.n_unseen) == ([("a", ""), ("b", "--dropout 0.1")], ["adidas"], [4, 5], 1200, 600)
+    _, args = accuracy.parse_arguments(["--quick"])
+    assert (args.configs, args.seed_list, args.n_frames, args.replicates) \
+        == (accuracy.DEFAULT_CONFIGS, [0], 160, 200)
+    assert accuracy.parse_arguments(["--quick", "--seeds=1,2"])[1].seed_list == [1, 2]
 
 
 def test_bootstrap_resamples_whole_groups():
