@@ -681,7 +681,7 @@ def main(argv=None) -> int:
                     directory / "unseen_probabilities.npy")})
         finished = sorted(datetime.datetime.fromtimestamp(
             (run_directory(args, set_name, c, seed) / "run.json").stat().st_mtime,
-            datetime.timezone.utc).isoformat(timespec="minutes")
+            datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
             for c in args.configs for seed in args.seed_list)
         scored = score_set(data.test_labels, data.train.symbols, data.test_groups, runs,
                            next(iter(args.configs)), args.replicates)
