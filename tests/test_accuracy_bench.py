@@ -195,7 +195,7 @@ def test_one_run_trains_through_the_library_and_scores_unseen_frames(tmp_path, m
     monkeypatch.setitem(accuracy.LOADERS, "tiny", lambda args: data)
     args = argparse.Namespace(
         job_set="tiny", job_seed=3, job_dir=str(tmp_path / "run"), weights="none", quick=False,
-        job_flags="--alpha 0.35 --image-size 32 --epochs 2 --fine-tune-epochs 1 --batch-size 8")
+        job_flags="--alpha 0.35 --image-size 32 --epochs 2 --fine-tune-epochs 0 --batch-size 8")
     run = accuracy.train_and_score(args)
     probabilities = np.load(tmp_path / "run" / "unseen_probabilities.npy")
     assert probabilities.shape == (12, 2) and np.all((probabilities >= 0) & (probabilities <= 1))
