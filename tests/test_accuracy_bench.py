@@ -1,4 +1,4 @@
-"""bench/accuracy.py: configurations as flag strings, scoring on unseen groups with paired
+"""bench/accuracy.py and bench/unseen_scores.py: configurations as flag strings, scoring on unseen groups with paired
 bootstrap differences (on hand-made predictions), the results file, and one tiny training run
 through the library in-process (a few seconds: 32 px inputs, random weights)."""
 
@@ -16,6 +16,7 @@ from conftest import ROOT, write_two_symbol_frames
 sys.path.insert(0, str(ROOT / "bench"))
 import accuracy  # noqa: E402
 import measurements  # noqa: E402
+import unseen_scores  # noqa: E402
 import settings  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def test_config_option_parsing():
 
 def test_bootstrap_resamples_whole_groups():
     groups = np.array(["a", "a", "b", "b", "b", "c"])
-    resamples = accuracy.group_resamples(groups, 50, seed=0)
+    resamples = unseen_scores.group_resamples(groups, 50, seed=0)
     assert len(resamples) == 50
     for rows in resamples:
         counts = np.bincount(rows, minlength=len(groups))
@@ -102,7 +103,7 @@ def hand_made_runs(seed_count=2):
 
 def test_scores_and_paired_differences_on_hand_made_predictions():
     labels, groups, runs = hand_made_runs()
-    scored = accuracy.score_set(labels, ["p", "q"], groups, runs, "old", replicates=300)
+    scored = unseen_scores.score_set(labels, ["p", "q"], groups, runs, "old", replicates=300)
     assert (scored["unseen_frames"], scored["unseen_groups"]) == (120, 40)
     new, old = scored["configs"]["new"], scored["configs"]["old"]
     assert new["macro_average_precision"]["value"] == 1.0
@@ -130,7 +131,7 @@ def test_scores_and_paired_differences_on_hand_made_predictions():
 
 def test_identical_configurations_differ_by_exactly_zero():
     labels, groups, runs = hand_made_runs(seed_count=1)
-    scored = accuracy.score_set(labels, ["p", "q"], groups,
+    scored = unseen_scores.score_set(labels, ["p", "q"], groups,
                                 {"old": runs["old"], "same": runs["old"]}, "old", replicates=100)
     difference = scored["differences"]["same - old"]["macro_average_precision"]
     assert difference["value"] == 0 and difference["interval"] == [0.0, 0.0]
@@ -141,7 +142,7 @@ def test_results_file_markdown_and_json(tmp_path):
     import datetime
     labels, groups, runs = hand_made_runs()
     labels[:, 1] = 0  # q has no unseen positive: no AP ('-' in the table, null in the JSON)
-    scored = accuracy.score_set(labels, ["p", "q"], groups, runs, "old", replicates=100)
+    scored = unseen_scores.score_set(labels, ["p", "q"], groups, runs, "old", replicates=100)
     results = {"configs": {"old": {"flags": "--dropout 0.2", "baseline": True,
                                    "differs_from_baseline": {}},
                            "new": {"flags": "", "baseline": False,
@@ -203,7 +204,7 @@ def test_one_run_trains_through_the_library_and_scores_unseen_frames(tmp_path, m
     assert 0 <= run["validation_macro_ap"] <= 1 and run["seconds"] > 0
     assert run["backend"]["keras_backend"] == "tensorflow"
     assert not (tmp_path / "run" / "model").exists()
-    scored = accuracy.score_set(data.test_labels, symbols, data.test_groups,
+    scored = unseen_scores.score_set(data.test_labels, symbols, data.test_groups,
                                 {"only": [{**run, "seed": 3, "probabilities": probabilities}]},
                                 "only", replicates=50)
     assert 0 <= scored["configs"]["only"]["macro_roc_auc"]["value"] <= 1
