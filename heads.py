@@ -17,8 +17,11 @@ The poolings, on one symbol's per-location logits x (h x w = N locations):
 - lse:  log-sum-exp, (1/r) log(mean(exp(r x))) with the fixed sharpness r = LSE_SHARPNESS.
         Between mean(x) (r -> 0) and max(x) (r -> infinity); unlike max, every location
         gets a gradient, the highest the most.
-- topk: the mean of the k highest logits, k = max(1, round(TOPK_FRACTION x N)): 4 of the
-        7 x 12 = 84 locations of a 224x384 input, 17 of 336 at 448x768.
+- topk: the mean of the k highest logits, k = max(1, round(TOPK_FRACTION x N)): 3 of the
+        7 x 12 = 84 locations of a 224x384 input, 10 of 336 at 448x768. Between max and
+        mean: one high location alone (noise, or a symbol lighting up a single location) is
+        diluted by k, a symbol that lights up k locations (a small symbol straddling cells,
+        whose neighbours see it through their receptive fields) counts in full.
 
 Every layer here is a registered Keras layer (package "symbol_trainer") computing with
 keras.ops, so a saved model loads in Keras safe mode. Standard library, NumPy and Keras only:
@@ -43,8 +46,9 @@ SPATIAL_POOLINGS = ("max", "lse", "topk")
 # gives a frame logit within log(84)/5 = 0.9 of its own, and background noise of +-1 unit
 # around a mean moves the frame logit by about that much, not to the maximum.
 LSE_SHARPNESS = 5.0
-# The share of locations whose logits top-k pooling averages.
-TOPK_FRACTION = 0.05
+# The share of locations whose logits top-k pooling averages: 3 % is a 2x2 patch less one
+# at 224x384 (a symbol of about 30-60 px), so a small symbol can fill it.
+TOPK_FRACTION = 0.03
 # Feature maps are kept as float16 (half the memory of float32; the head's 1x1 convolution
 # computes in float32). Beyond this many bytes they go to a nameless file in $TMPDIR, mapped
 # into memory, instead of RAM.

@@ -235,7 +235,7 @@ class TrainingConfig:
         "'avg': the average of the map's locations, then one dense output per symbol (the "
         "original head). 'max', 'lse' and 'topk': a 1x1 convolution named score_map gives "
         "each location a score per symbol, pooled over the locations by their maximum, their "
-        "log-sum-exp (sharpness 5, between mean and maximum) or the mean of the highest 5 %% "
+        "log-sum-exp (sharpness 5, between mean and maximum) or the mean of the highest 3 %% "
         "of them, so that a symbol seen in a small part of the frame is not averaged away; "
         "their head phase trains on cached feature maps (more memory and disk than the "
         "pooled vectors of 'avg'; see the README). Default: %(default)s.", choices=POOLINGS)
