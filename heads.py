@@ -5,7 +5,9 @@ feature map, pooled over locations into one logit per symbol.
       -> Conv2D "score_map": 1x1, one linear filter per symbol, float32
          = per-location logits (batch, h, w, symbols), in symbol order
       -> pooling "pooling" over the h x w locations, per symbol -> (batch, symbols)
-      -> one `SymbolOutput` per symbol, named after it: the sigmoid of its logit, (batch, 1)
+      -> one output per symbol, named after it: the sigmoid of its logit, (batch, 1), as a
+         standard Dense(1, sigmoid) layer whose fixed, untrained kernel picks the symbol's
+         column (1 there, 0 elsewhere, bias 0: exactly that logit)
 
 `keras.Model(model.inputs, model.get_layer("score_map").output)` of a saved model gives the
 per-location logits, e.g. for heatmaps. `--pooling avg` keeps the original head
@@ -23,9 +25,11 @@ The poolings, on one symbol's per-location logits x (h x w = N locations):
         diluted by k, a symbol that lights up k locations (a small symbol straddling cells,
         whose neighbours see it through their receptive fields) counts in full.
 
-Every layer here is a registered Keras layer (package "symbol_trainer") computing with
-keras.ops, so a saved model loads in Keras safe mode. Standard library, NumPy and Keras only:
-this module imports nothing of the tool's own.
+A `max` model is made of standard Keras layers only. `lse` and `topk` pool with the small
+layers below, registered with Keras (package "symbol_trainer") and computing with keras.ops:
+their saved models load in Keras safe mode in any process that has imported this module
+(common imports it). Standard library, NumPy and Keras only: this module imports nothing of
+the tool's own.
 """
 
 from __future__ import annotations
@@ -116,26 +120,6 @@ class TopKMeanPooling(keras.layers.Layer):
         return {**super().get_config(), "fraction": self.fraction}
 
 
-@keras.saving.register_keras_serializable(package="symbol_trainer")
-class SymbolOutput(keras.layers.Layer):
-    """(batch, symbols) logits -> (batch, 1): the sigmoid of column `index`. One per symbol,
-    named after it, so the model keeps one named probability output per symbol."""
-
-    def __init__(self, index: int, **kwargs):
-        super().__init__(**kwargs)
-        self.index = int(index)
-
-    def call(self, inputs):
-        x = keras.ops.cast(inputs, self.compute_dtype)
-        return keras.ops.sigmoid(x[:, self.index:self.index + 1])
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], 1)
-
-    def get_config(self):
-        return {**super().get_config(), "index": self.index}
-
-
 def pooling_layer(pooling: str, name: str = "pooling") -> keras.layers.Layer:
     """The layer that pools per-location logits (batch, h, w, symbols) into (batch, symbols)."""
     if pooling == "max":
@@ -159,12 +143,17 @@ class SpatialHead:
         self.score_map = keras.layers.Conv2D(len(self.symbols), 1, name="score_map",
                                              dtype="float32")
         self.pooling = pooling_layer(pooling)
-        self.outputs = [SymbolOutput(i, name=s, dtype="float32")
-                        for i, s in enumerate(self.symbols)]
+        self.outputs = [keras.layers.Dense(1, activation="sigmoid", name=s, dtype="float32",
+                                           trainable=False) for s in self.symbols]
 
     def __call__(self, feature_map):
         logits = self.pooling(self.score_map(self.dropout(feature_map)))
-        return {s: output(logits) for s, output in zip(self.symbols, self.outputs)}
+        probabilities = {s: output(logits) for s, output in zip(self.symbols, self.outputs)}
+        for i, output in enumerate(self.outputs):  # pick column i, exactly
+            kernel = np.zeros((len(self.symbols), 1), np.float32)
+            kernel[i, 0] = 1.0
+            output.set_weights([kernel, np.zeros(1, np.float32)])
+        return probabilities
 
 
 def fused_spatial_head(score_map: keras.layers.Conv2D, pooling: str, dropout: float,

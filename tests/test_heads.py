@@ -93,11 +93,14 @@ def test_max_and_lse_keep_a_single_hot_location_that_topk_dilutes():
     np.testing.assert_allclose(pooled("topk", maps), [[(6.0 - 8.0) / 3]], rtol=1e-6)
 
 
-def test_symbol_output_is_the_sigmoid_of_its_column():
-    logits = np.array([[-2.0, 0.0, 3.0]], np.float32)
-    got = heads.SymbolOutput(2, name="star")(logits)
-    np.testing.assert_allclose(got, 1 / (1 + np.exp(-logits[:, 2:3])), rtol=1e-6)
-    assert tuple(got.shape) == (1, 1)
+def test_each_output_is_the_sigmoid_of_its_symbols_pooled_logit():
+    head = heads.SpatialHead(["a", "b", "c"], "max", 0.0)
+    maps = keras.Input((2, 2, 5))
+    model = keras.Model(maps, {"logits": head.pooling(head.score_map(maps)), **head(maps)})
+    got = model(np.random.default_rng(2).normal(size=(4, 2, 2, 5)).astype(np.float32))
+    for i, symbol in enumerate("abc"):
+        np.testing.assert_array_equal(got[symbol], keras.ops.sigmoid(got["logits"][:, i:i + 1]))
+        assert not head.outputs[i].trainable
 
 
 def test_feature_dataset_gathers_maps_by_index():
@@ -168,6 +171,8 @@ def test_each_pooling_trains_saves_loads_and_predicts(frames, tmp_path, pooling)
     if pooling == "avg":
         assert "score_map" not in names  # the original head, unchanged
         return
+    if pooling == "max":  # standard Keras layers only: loads without this tool's code
+        assert all(type(layer).__module__.startswith("keras.") for layer in loaded.model.layers)
     score_map = keras.Model(loaded.model.inputs, loaded.model.get_layer("score_map").output)
     pixels = np.stack([common.load_image_array(p, common.ImageGeometry.from_json(
         loaded.metadata["input"])) for p in images[:2]]).astype(np.float32)
@@ -236,6 +241,17 @@ def test_large_map_sets_go_to_a_mapped_file(monkeypatch):
     large[99] = 1.5
     assert float(large[99, 1, 1, 3]) == 1.5
     assert heads.map_bytes(1, (7, 12, 1280)) == 7 * 12 * 1280 * 2
+
+
+def test_checkpoint_keeps_feature_maps_as_they_are(tmp_path):
+    import checkpoints
+    maps = np.random.default_rng(3).normal(size=(5, 2, 3, 8)).astype(np.float16)
+    checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoint", {"pooling": "max"})
+    checkpoint.directory.mkdir(parents=True)
+    checkpoint.save_features(maps)
+    again = checkpoint.features()
+    assert again.dtype == np.float16
+    np.testing.assert_array_equal(again, maps)
 
 
 def test_feature_cache_rejects_an_entry_of_another_shape(tmp_path, caplog):
