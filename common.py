@@ -2624,9 +2624,10 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
                 run.checkpoint.save_features(features)
         phase_seconds["features"] = time.monotonic() - t
         t = time.monotonic()
+        take = heads.take_rows if parts.spatial else (lambda array, rows: array[rows])
         train_head(parts, symbols, config,
-                   (features[train_idx], labels[train_idx], weights[train_idx]),
-                   (features[val_idx], labels[val_idx], weights[val_idx]), rows, run)
+                   (take(features, train_idx), labels[train_idx], weights[train_idx]),
+                   (take(features, val_idx), labels[val_idx], weights[val_idx]), rows, run)
         phase_seconds["head"] = time.monotonic() - t
     if config.fine_tune_epochs > 0:
         t = time.monotonic()

@@ -188,3 +188,12 @@ def feature_map_array(count: int, shape: Sequence[int]) -> np.ndarray:
     log.info("Keeping %s feature maps (%.2f GB) in a nameless file in %s.", f"{count:,}",
              needed / 1e9, tempfile.gettempdir())
     return np.memmap(handle, MAP_DTYPE, "w+", shape=(count, *shape))
+
+
+def take_rows(maps: np.ndarray, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """maps[rows] as a new feature_map_array: for a set held in a mapped file, the rows of the
+    training or validation split also go to one instead of into memory."""
+    taken = feature_map_array(len(rows), maps.shape[1:])
+    for first in range(0, len(rows), chunk):
+        taken[first:first + chunk] = maps[rows[first:first + chunk]]
+    return taken

@@ -241,6 +241,12 @@ def test_large_map_sets_go_to_a_mapped_file(monkeypatch):
     large[99] = 1.5
     assert float(large[99, 1, 1, 3]) == 1.5
     assert heads.map_bytes(1, (7, 12, 1280)) == 7 * 12 * 1280 * 2
+    large[:] = np.arange(100, dtype=np.float16)[:, None, None, None]
+    rows = np.array([99, 3, 50, 7])
+    taken = heads.take_rows(large, rows, chunk=3)
+    assert not isinstance(taken, np.memmap)  # 4 maps fit in memory
+    np.testing.assert_array_equal(taken, large[rows])
+    assert isinstance(heads.take_rows(large, np.arange(90)), np.memmap)
 
 
 def test_checkpoint_keeps_feature_maps_as_they_are(tmp_path):
