@@ -118,7 +118,7 @@ IMAGE_EXTENSIONS = frozenset(
 ALPHA_BACKGROUND = "white"
 # Layer names the model uses itself; a symbol may not take one of them.
 RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout",
-                                  "score_map"})
+                                  "score_map", "attention_map"})
 # Columns of LabelledImages.table that the tool fills in itself; no symbol may take these names.
 TABLE_COLUMNS = frozenset({"path", "filename", "folder", "image_sha1", "image_width", "image_height"})
 SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
@@ -1823,8 +1823,8 @@ def fused_head(parts: ModelParts, symbols: Sequence[str], dropout: float) -> ker
     fine-tuning step rate. One matrix does the same sums in a single op. A spatial head's
     twin is heads.fused_spatial_head: its score map already is one convolution."""
     if parts.spatial:
-        return heads.fused_spatial_head(parts.head.get_layer("score_map"), parts.pooling,
-                                        dropout, tuple(parts.features.output_shape[1:]))
+        return heads.fused_spatial_head(parts.head, parts.pooling, dropout,
+                                        tuple(parts.features.output_shape[1:]))
     layers = [parts.head.get_layer(s) for s in symbols]
     inputs = keras.Input(shape=(parts.features.output_shape[-1],), name="features")
     x = keras.layers.Dropout(dropout, dtype="float32")(inputs)
@@ -1837,7 +1837,7 @@ def fused_head(parts: ModelParts, symbols: Sequence[str], dropout: float) -> ker
 
 def _copy_fused_head(fused: keras.Model, parts: ModelParts, symbols: Sequence[str]) -> None:
     if parts.spatial:
-        heads.copy_fused_spatial_head(fused, parts.head.get_layer("score_map"))
+        heads.copy_fused_spatial_head(fused, parts.head, parts.pooling)
         return
     kernel, bias = fused.get_layer("logits").get_weights()
     for i, symbol in enumerate(symbols):

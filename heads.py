@@ -1,4 +1,4 @@
-"""The spatial heads of `--pooling max|lse|topk`: per-location symbol scores on the backbone's
+"""The spatial heads of `--pooling max|lse|topk|attention`: per-location symbol scores on the backbone's
 feature map, pooled over locations into one logit per symbol.
 
     feature map (batch, h, w, channels) -> Dropout "head_dropout"
@@ -24,6 +24,9 @@ The poolings, on one symbol's per-location logits x (h x w = N locations):
         mean: one high location alone (noise, or a symbol lighting up a single location) is
         diluted by k, a symbol that lights up k locations (a small symbol straddling cells,
         whose neighbours see it through their receptive fields) counts in full.
+- attention: sum over locations of softmax(a) x, where a is a second 1x1 convolution's
+        per-location attention logit for the symbol ("attention_map", learned; initialised
+        to zero, so training starts from the mean and learns where to look).
 
 A `max` model is made of standard Keras layers only. `lse` and `topk` pool with the small
 layers below, registered with Keras (package "symbol_trainer") and computing with keras.ops:
@@ -44,7 +47,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SPATIAL_POOLINGS = ("max", "lse", "topk")
+SPATIAL_POOLINGS = ("max", "lse", "topk", "attention")
 # The sharpness r of log-sum-exp pooling. Logits of a 1x1 convolution usually span a few units
 # from background to symbol; with r = 5 a symbol at one of the 84 locations of a 224x384 input
 # gives a frame logit within log(84)/5 = 0.9 of its own, and background noise of +-1 unit
@@ -85,6 +88,22 @@ class LogSumExpPooling(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "sharpness": self.sharpness}
+
+
+@keras.saving.register_keras_serializable(package="symbol_trainer")
+class AttentionPooling(keras.layers.Layer):
+    """[scores, attention logits], both (batch, h, w, c) -> (batch, c): per channel, the
+    scores averaged with weights softmax(attention logits) over the locations."""
+
+    def call(self, inputs):
+        scores, attention = (keras.ops.cast(x, self.compute_dtype) for x in inputs)
+        shape = keras.ops.shape(scores)
+        flat = (shape[0], shape[1] * shape[2], shape[3])
+        weights = keras.ops.softmax(keras.ops.reshape(attention, flat), axis=1)
+        return keras.ops.sum(weights * keras.ops.reshape(scores, flat), axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], input_shape[0][3])
 
 
 def top_count(locations: int, fraction: float) -> int:
@@ -128,6 +147,8 @@ def pooling_layer(pooling: str, name: str = "pooling") -> keras.layers.Layer:
         return LogSumExpPooling(name=name, dtype="float32")
     if pooling == "topk":
         return TopKMeanPooling(name=name, dtype="float32")
+    if pooling == "attention":
+        return AttentionPooling(name=name, dtype="float32")
     raise ValueError(f"not a spatial pooling: {pooling!r}; choose one of {SPATIAL_POOLINGS}")
 
 
@@ -142,12 +163,16 @@ class SpatialHead:
         # float32: per-location logits stay exact under mixed precision.
         self.score_map = keras.layers.Conv2D(len(self.symbols), 1, name="score_map",
                                              dtype="float32")
+        self.attention_map = attention_conv(len(self.symbols), "attention_map") \
+            if pooling == "attention" else None
         self.pooling = pooling_layer(pooling)
         self.outputs = [keras.layers.Dense(1, activation="sigmoid", name=s, dtype="float32",
                                            trainable=False) for s in self.symbols]
 
     def __call__(self, feature_map):
-        logits = self.pooling(self.score_map(self.dropout(feature_map)))
+        x = self.dropout(feature_map)
+        logits = self.pooling(self.score_map(x) if self.attention_map is None
+                              else [self.score_map(x), self.attention_map(x)])
         probabilities = {s: output(logits) for s, output in zip(self.symbols, self.outputs)}
         for i, output in enumerate(self.outputs):  # pick column i, exactly
             kernel = np.zeros((len(self.symbols), 1), np.float32)
@@ -156,21 +181,35 @@ class SpatialHead:
         return probabilities
 
 
-def fused_spatial_head(score_map: keras.layers.Conv2D, pooling: str, dropout: float,
+def attention_conv(filters: int, name: str) -> keras.layers.Conv2D:
+    return keras.layers.Conv2D(filters, 1, name=name, dtype="float32",
+                               kernel_initializer="zeros")
+
+
+def fused_spatial_head(head: keras.Model, pooling: str, dropout: float,
                        map_shape: tuple[int, int, int]) -> keras.Model:
-    """A training twin of a SpatialHead, feature map -> logits (batch, symbols) in one model
-    output (see common.fused_head for why), starting from `score_map`'s weights."""
+    """A training twin of a SpatialHead's model `head`, feature map -> logits (batch, symbols)
+    in one model output (see common.fused_head for why), starting from its weights."""
+    score_map = head.get_layer("score_map")
     inputs = keras.Input(shape=tuple(map_shape), name="features")
     x = keras.layers.Dropout(dropout, dtype="float32")(inputs)
     conv = keras.layers.Conv2D(score_map.filters, 1, name="logits", dtype="float32")
-    logits = pooling_layer(pooling, name="logit_pooling")(conv(x))
+    pooling_input = conv(x)
+    if pooling == "attention":
+        attention = attention_conv(score_map.filters, "attention")
+        pooling_input = [pooling_input, attention(x)]
+    logits = pooling_layer(pooling, name="logit_pooling")(pooling_input)
     model = keras.Model(inputs, logits, name="fused_head")
     conv.set_weights(score_map.get_weights())
+    if pooling == "attention":
+        attention.set_weights(head.get_layer("attention_map").get_weights())
     return model
 
 
-def copy_fused_spatial_head(fused: keras.Model, score_map: keras.layers.Conv2D) -> None:
-    score_map.set_weights(fused.get_layer("logits").get_weights())
+def copy_fused_spatial_head(fused: keras.Model, head: keras.Model, pooling: str) -> None:
+    head.get_layer("score_map").set_weights(fused.get_layer("logits").get_weights())
+    if pooling == "attention":
+        head.get_layer("attention_map").set_weights(fused.get_layer("attention").get_weights())
 
 
 def map_bytes(count: int, shape: Sequence[int]) -> int:

@@ -24,7 +24,7 @@ SWITCH_SETTINGS = ("auto", "on", "off")  # --mixed-precision and --xla
 # Names of the augmentation policies of --augment (augmentation.py defines what each does).
 AUGMENT_POLICIES = ("none", "light", "default", "heavy")
 # --pooling: 'avg' is the original head; the others are the spatial heads of heads.py.
-POOLINGS = ("avg", "max", "lse", "topk")
+POOLINGS = ("avg", "max", "lse", "topk", "attention")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,11 +233,11 @@ class TrainingConfig:
         "avg", "--pooling",
         "How the model turns the backbone's feature map into one probability per symbol. "
         "'avg': the average of the map's locations, then one dense output per symbol (the "
-        "original head). 'max', 'lse' and 'topk': a 1x1 convolution named score_map gives "
-        "each location a score per symbol, pooled over the locations by their maximum, their "
-        "log-sum-exp (sharpness 5, between mean and maximum) or the mean of the highest 3 %% "
-        "of them, so that a symbol seen in a small part of the frame is not averaged away; "
-        "their head phase trains on cached feature maps (more memory and disk than the "
+        "original head). 'max', 'lse', 'topk' and 'attention': a 1x1 convolution named "
+        "score_map gives each location a score per symbol, pooled over the locations by their "
+        "maximum, their log-sum-exp (sharpness 5, between mean and maximum), the mean of the "
+        "highest 3 %% of them, or their average weighted by a learned attention map, so "
+        "that a symbol seen in a small part of the frame is not averaged away; their head phase trains on cached feature maps (more memory and disk than the "
         "pooled vectors of 'avg'; see the README). Default: %(default)s.", choices=POOLINGS)
     patience: int = _setting(
         5, "--patience",

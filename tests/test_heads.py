@@ -70,7 +70,7 @@ def test_topk_is_the_mean_of_the_k_highest(logits):
     assert heads.top_count(3, 0.01) == 1
 
 
-@pytest.mark.parametrize("pooling", heads.SPATIAL_POOLINGS)
+@pytest.mark.parametrize("pooling", ["max", "lse", "topk"])
 def test_a_small_object_anywhere_survives_spatial_pooling(pooling):
     """A small symbol lighting up a 2x2 patch of the 84 locations of a 224x384 input:
     average pooling dilutes it below zero (a 'not visible' logit), every spatial pooling
@@ -83,6 +83,18 @@ def test_a_small_object_anywhere_survives_spatial_pooling(pooling):
         assert maps.mean() < 0
     assert min(results) > 1.5
     np.testing.assert_allclose(results, results[0], rtol=1e-6)
+
+
+def test_attention_starts_as_the_mean_and_follows_its_weights(logits):
+    layer = heads.pooling_layer("attention")
+    np.testing.assert_allclose(layer([logits, np.zeros_like(logits)]), logits.mean(axis=(1, 2)),
+                               rtol=1e-5)
+    attention = np.zeros_like(logits)
+    attention[:, 2, 3, :] = 50.0  # all the weight on one location
+    np.testing.assert_allclose(layer([logits, attention]), logits[:, 2, 3, :], rtol=1e-5)
+    attention[:, 1, 1, :] = 50.0  # split evenly between two
+    np.testing.assert_allclose(layer([logits, attention]),
+                               (logits[:, 2, 3, :] + logits[:, 1, 1, :]) / 2, rtol=1e-5)
 
 
 def test_max_and_lse_keep_a_single_hot_location_that_topk_dilutes():
@@ -116,7 +128,8 @@ def test_feature_dataset_gathers_maps_by_index():
 
 def test_pooling_is_a_checked_setting_in_the_run_key():
     assert common.TrainingConfig().pooling == "avg"
-    with pytest.raises(common.InputError, match="--pooling choose one of avg, max, lse, topk"):
+    with pytest.raises(common.InputError,
+                       match="--pooling choose one of avg, max, lse, topk, attention"):
         common.TrainingConfig(pooling="mean")
     assert "pooling" not in common.SETTINGS_NOT_IN_RUN_KEY  # maps and vectors never resume each other
 
@@ -153,7 +166,7 @@ def frames(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("pooling", ["max", "lse", "topk", "avg"])
+@pytest.mark.parametrize("pooling", ["max", "lse", "topk", "attention", "avg"])
 def test_each_pooling_trains_saves_loads_and_predicts(frames, tmp_path, pooling):
     out = tmp_path / "model"
     code = run_script(build_multi_hot_model, [frames, frames / "labels.csv", out, *FAST,
@@ -179,7 +192,12 @@ def test_each_pooling_trains_saves_loads_and_predicts(frames, tmp_path, pooling)
     logits = np.asarray(score_map(pixels))
     assert logits.shape == (2, 2, 3, 2) and logits.dtype == np.float32  # 64x96 input
     # Pooling the score map by this model's pooling gives its probabilities, in symbol order.
-    frame_logits = pooled(pooling, logits)
+    if pooling == "attention":
+        attention = keras.Model(loaded.model.inputs,
+                                loaded.model.get_layer("attention_map").output)(pixels)
+        frame_logits = heads.pooling_layer("attention")([logits, np.asarray(attention)])
+    else:
+        frame_logits = pooled(pooling, logits)
     np.testing.assert_allclose(1 / (1 + np.exp(-frame_logits)), probabilities[:2], atol=1e-5)
 
 
