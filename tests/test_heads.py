@@ -286,3 +286,18 @@ def test_feature_cache_rejects_an_entry_of_another_shape(tmp_path, caplog):
     wrong = feature_cache.FeatureCache(tmp_path, {"test": "maps"}, (2, 3, 5), np.float16)
     _, found = wrong.load(["ab" * 20])
     assert not found[0] and "has shape (2, 3, 4)" in caplog.text
+
+
+def test_a_spatial_model_exports_and_its_exports_agree(frames, tmp_path):
+    """--export checks each export against the Keras model on validation images; a custom
+    pooling layer (top-k) must survive the SavedModel and TensorFlow Lite conversions."""
+    out = tmp_path / "model"
+    code = run_script(build_multi_hot_model, [frames, frames / "labels.csv", out, *FAST,
+                                              "--image-size", "64", "--weights", "none",
+                                              "--pooling", "topk", "--epochs", "1",
+                                              "--fine-tune-epochs", "0",
+                                              "--export", "saved_model", "--export", "tflite"])
+    assert code == 0
+    assert (out / "saved_model").is_dir() and (out / "model.tflite").is_file()
+    exports = json.loads((out / "metadata.json").read_text())["exports"]
+    assert set(exports) == {"saved_model", "tflite"}
