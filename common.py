@@ -2653,9 +2653,12 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
     run whose key is equal."""
     config = prepared.config
     split = prepared.split_table().to_csv(index=False).encode()
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in SETTINGS_NOT_IN_RUN_KEY}
+    if settings["pooling"] == "avg":  # as before --pooling existed: older checkpoints resume
+        del settings["pooling"]
     return {
-        "settings": {k: v for k, v in dataclasses.asdict(config).items()
-                     if k not in SETTINGS_NOT_IN_RUN_KEY},
+        "settings": settings,
         "mixed_precision": mixed, "replicas": placement.replicas,
         "symbols": list(prepared.images.symbols), "input": geometry.to_json(),
         "data_sha256": data_fingerprint(prepared.images.table, prepared.images.symbols),

@@ -132,6 +132,20 @@ def test_pooling_is_a_checked_setting_in_the_run_key():
                        match="--pooling choose one of avg, max, lse, topk, attention"):
         common.TrainingConfig(pooling="mean")
     assert "pooling" not in common.SETTINGS_NOT_IN_RUN_KEY  # maps and vectors never resume each other
+    from types import SimpleNamespace
+    table = pd.DataFrame({"image_sha1": ["ab", "cd"], "s": [1.0, 0.0]})
+    keys = {}
+    for pooling in ("avg", "max", "lse"):
+        prepared = SimpleNamespace(config=common.TrainingConfig(pooling=pooling),
+                                   split_table=lambda: table,
+                                   images=SimpleNamespace(symbols=["s"], table=table))
+        keys[pooling] = common.run_key(prepared, common.ImageGeometry(32, 32), False,
+                                       common.single_device_run().placement)
+    # avg keys are those of runs before --pooling existed, so their checkpoints still resume.
+    assert "pooling" not in keys["avg"]["settings"]
+    assert keys["max"]["settings"]["pooling"] == "max" and keys["max"] != keys["lse"]
+    assert {k: v for k, v in keys["max"]["settings"].items() if k != "pooling"} \
+        == keys["avg"]["settings"]
 
 
 # --------------------------------------------------------------------------------------------
