@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import feature_cache  # noqa: E402
 import heads  # noqa: E402
+import settings  # noqa: E402
 
 
 def extraction_rate(parts, images: int, batch: int) -> float:
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     geometry = common.ImageGeometry(args.height, args.width)
     symbols = [f"s{i}" for i in range(args.symbols)]
     lines = []
-    for pooling in ("avg", "max", "lse", "topk"):
+    for pooling in settings.POOLINGS:
         config = common.TrainingConfig(alpha=args.alpha, weights="none", image_size=args.height,
                                        pooling=pooling, epochs=args.epochs, patience=args.epochs,
                                        seed=0)
