@@ -7,6 +7,7 @@ everything else (logs, progress, errors) goes to standard error through `logging
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from typing import Callable, Mapping
@@ -14,6 +15,7 @@ from typing import Callable, Mapping
 import command
 import dependencies
 import output_dir
+import run_warnings
 import settings
 
 
@@ -45,11 +47,16 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
     The flags, the output folder and the installed packages are checked before TensorFlow is
     imported, so a mistake there is answered at once (exit code 2)."""
     command.configure_logging(quiet=args.quiet, debug=args.debug)
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        # A file name that is not valid UTF-8 (in the list of unreadable files) is shown
+        # with its bytes escaped, as the log on standard error shows it, instead of crashing.
+        sys.stdout.reconfigure(errors="backslashreplace")
     if not args.download_weights_only:
         missing = [shown for name, shown in positionals.items() if getattr(args, name) is None]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
 
+    @run_warnings.collected  # from the first read of the labels on, for the report
     def run() -> int:
         config = settings.config_from_args(args)
         if not args.download_weights_only:

@@ -12,15 +12,35 @@ import signal
 import sys
 from typing import Callable
 
-from errors import InputError, Terminated
+from errors import InputError, Terminated, printable
 
 log = logging.getLogger(__name__)
 
 
 
+def _printable_records() -> None:
+    """Make every log record name files that are not UTF-8 as the outputs do (\\xNN), so
+    that no handler (a UTF-8 log file, a test runner's) fails on their lone surrogates."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "printable", False):
+        return
+
+    def record(*args, **kwargs):
+        made = make(*args, **kwargs)
+        if isinstance(made.msg, str):
+            made.msg = printable(made.msg)
+        if isinstance(made.args, tuple):
+            made.args = tuple(printable(a) if isinstance(a, str) else a for a in made.args)
+        return made
+
+    record.printable = True
+    logging.setLogRecordFactory(record)
+
+
 def configure_logging(quiet: bool = False, debug: bool = False) -> None:
     """Log to stderr, one line per message; quieten TensorFlow's own chatter."""
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    _printable_records()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     handler.symbol_trainer = True  # replaced on the next call; other handlers are left alone

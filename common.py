@@ -92,9 +92,11 @@ import keras  # noqa: E402
 import augmentation  # noqa: E402
 import checkpoints  # noqa: E402
 import distribution  # noqa: E402
+import duplicates  # noqa: E402
 import evaluation  # noqa: E402
 import heads  # noqa: E402
 import report  # noqa: E402
+import run_warnings  # noqa: E402
 import feature_cache  # noqa: E402
 import run_lock  # noqa: E402
 from pixel_store import PixelStore  # noqa: E402
@@ -110,6 +112,10 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.csv"
 EVALUATION_FILE = "evaluation.csv"
+# How the CSV files of a model directory are encoded: UTF-8, and a file name that is not
+# valid UTF-8 (Python holds its bytes as lone surrogates) keeps its original bytes, so
+# `pd.read_csv(path, encoding_errors="surrogateescape")` and os.fsencode give them back.
+CSV_FILE_NAMES = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -125,7 +131,8 @@ SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 
 from errors import (  # noqa: E402,F401  (re-exported: common.InputError ...)
-    ImageReadError, InputError, SymbolTrainerError, Terminated, WeightsUnavailableError)
+    ImageReadError, InputError, SymbolTrainerError, Terminated, WeightsUnavailableError,
+    printable)
 from settings import (  # noqa: E402,F401  (re-exported: common.TrainingConfig ...)
     BACKBONES, EXPORT_FORMATS, RESIZE_METHODS, SWITCH_SETTINGS, BackboneSpec, TrainingConfig,
     add_training_arguments, config_from_args, flag_of)
@@ -137,20 +144,27 @@ from command import configure_logging, run_command, sigterm_raises  # noqa: E402
 # Finding and reading images
 
 
-def find_images(directory: str | os.PathLike) -> list[Path]:
-    """Image files below `directory`, recursively, sorted; hidden files and folders skipped."""
+def find_images(directory: str | os.PathLike, *, quiet: bool = False) -> list[Path]:
+    """Image files below `directory`, recursively, sorted; hidden files and folders skipped.
+
+    Symbolic links are followed (also out of `directory`), but every real folder is searched
+    once and every file listed once, however many links or hard links lead to it; the paths
+    left out, and folders that cannot be listed, are logged as a warning (with `quiet`, where
+    the caller only looks the files up, at debug level)."""
     root = Path(directory)
     if not root.exists():
         raise InputError(f"{directory}: no such directory.")
     if not root.is_dir():
         raise InputError(f"{directory}: is a file, expected a directory of images.")
-    found = []
-    for current, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(current) / name)
-    return found
+    walk = duplicates.walk_image_files(root, IMAGE_EXTENSIONS)
+    level = logging.DEBUG if quiet else logging.WARNING
+    repeats = duplicates.describe_repeats(walk, root)
+    if repeats:
+        log.log(level, "%s", repeats)
+    for folder, reason in walk.unsearchable:
+        log.log(level, "Cannot search the folder %s (%s); its images are left out. Check its "
+                "permissions.", folder, reason)
+    return walk.files
 
 
 @dataclass(frozen=True)
@@ -298,9 +312,17 @@ def perceptual_hash(image: Image.Image) -> int:
 
 
 def _scan_one(path: str) -> tuple[str, tuple[int, int], int]:
-    data = Path(path).read_bytes() if os.path.isfile(path) else None
-    if data is None:
-        raise ImageReadError(path, "file not found")
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageReadError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied: this user may not read the file "
+                                   "(check its permissions, and its folder's)") from None
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read ({error.strerror or error})") from None
     # A reduced-scale decode still reads every compressed byte, so truncation is caught.
     image = read_image(data, (64, 64), path_for_errors=path)
     return hashlib.sha1(data).hexdigest(), image.size, perceptual_hash(image)
@@ -352,6 +374,9 @@ class LabelledImages:
     symbols: list[str]
     source: str  # where the labels came from, for metadata.json
     details: dict = field(default_factory=dict)  # how the source was read, for metadata.json
+    # True where each label is the folder a file is in (the binary task): identical pictures
+    # with different labels are then a copy in the wrong folder, an error rather than a warning.
+    labels_from_folders: bool = False
 
     def labels(self) -> np.ndarray:
         return self.table[self.symbols].to_numpy(dtype=np.float32)
@@ -440,7 +465,7 @@ def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.P
             labels_from=f"WITH_DIR {with_dir} and WITHOUT_DIR {without_dir}",
             names_are=f"relative to the folder of the groups CSV ({base}), or absolute")}
     return LabelledImages(table, [symbol], f"directories {with_dir} (with) and {without_dir} (without)",
-                          details)
+                          details, labels_from_folders=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -900,7 +925,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
             rows=[row_numbers[i] for i in np.flatnonzero(keep)])}
 
     listed = {os.path.normpath(p) for p in table["path"]}
-    unlisted = [p for p in find_images(image_dir) if os.path.normpath(p) not in listed]
+    unlisted = [p for p in find_images(image_dir, quiet=True) if os.path.normpath(p) not in listed]
     if unlisted:
         log.info("%s images in IMAGE_DIR %s are not listed in %s; they are not used (for example %s).",
                  f"{len(unlisted):,}", image_dir, csv_path.name,
@@ -916,7 +941,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
 def _missing_file_hint(image_dir: Path, missing: Sequence[str]) -> str:
     """A hint when the missing names exist with other letter case, or under another folder."""
     by_lower, by_base = {}, {}
-    for path in find_images(image_dir):
+    for path in find_images(image_dir, quiet=True):
         relative = Path(os.path.relpath(path, image_dir)).as_posix()
         by_lower.setdefault(relative.lower(), relative)
         by_base.setdefault(posixpath.basename(relative), relative)
@@ -942,9 +967,18 @@ def with_validation_set(train: LabelledImages, validation: LabelledImages,
     if extra:
         log.info("%s: not validating %s (not in the training labels).", validation_origin,
                  ", ".join(extra))
-    resolved = {os.path.realpath(p) for p in train.table["path"]}
+    def identities(path: str) -> set:
+        """The file's real path and, where the file exists, its (device, inode): a hard link
+        is the same file under another real path."""
+        found = {os.path.realpath(path)}
+        with contextlib.suppress(OSError):
+            stat = os.stat(path)
+            found |= {(stat.st_dev, stat.st_ino)} if stat.st_ino else set()
+        return found
+
+    resolved = set().union(*map(identities, train.table["path"]))
     shared = [name for name, path in zip(validation.table["filename"], validation.table["path"])
-              if os.path.realpath(path) in resolved]
+              if identities(path) & resolved]
     if shared:
         raise InputError(
             f"{validation_origin}: {len(shared):,} image(s) are also training images (for "
@@ -953,7 +987,8 @@ def with_validation_set(train: LabelledImages, validation: LabelledImages,
     table = pd.concat([train.table, validation.table.drop(columns=extra)], ignore_index=True)
     is_validation = np.r_[np.zeros(len(train.table), bool), np.ones(len(validation.table), bool)]
     details = {**train.details, "validation": {"source": validation.source, **validation.details}}
-    combined = LabelledImages(table, list(train.symbols), train.source, details)
+    combined = LabelledImages(table, list(train.symbols), train.source, details,
+                              labels_from_folders=train.labels_from_folders)
     log.info("Validating on the %s images of %s instead of a split.",
              f"{len(validation.table):,}", validation_origin)
     return combined, is_validation
@@ -979,6 +1014,24 @@ def drop_unreadable(images: LabelledImages, scan: ScanResult, max_unreadable: fl
     table["image_width"] = [s[0] for s in scan.size if s is not None]
     table["image_height"] = [s[1] for s in scan.size if s is not None]
     return dataclasses.replace(images, table=table.reset_index(drop=True))
+
+
+def check_identical_content(images: LabelledImages) -> tuple[duplicates.IdenticalContent, dict]:
+    """Frames whose files have the same content (by the scan's `image_sha1`; see
+    duplicates.py): labels that disagree are an InputError where they come from folders and
+    a warning naming the frames where they come from CSV rows; copies with the same labels
+    are a warning. Returns what was found and its counts for metadata.json."""
+    names = images.table["filename"].astype(str).to_numpy()
+    labels = images.labels()
+    found = duplicates.identical_content(images.table["image_sha1"].tolist(), labels,
+                                         images.symbols)
+    outcome = duplicates.report_identical(found, names, labels, images.symbols,
+                                          images.labels_from_folders)
+    if outcome.error:
+        raise InputError(outcome.error)
+    for warning in outcome.warnings:
+        log.warning("%s", warning)
+    return found, outcome.counts
 
 
 def check_learnable(images: LabelledImages) -> None:
@@ -1878,6 +1931,9 @@ class TrainingDiverged(InputError):
     rate or fixes the data."""
 
 
+STEP_LOSS_CHECK_SECONDS = 2.0
+
+
 class FiniteLossGuard(keras.callbacks.Callback):
     """Raises TrainingDiverged as soon as the training loss of a step, or at an epoch's end
     the epoch's loss, `val_loss` or a trainable weight, is not finite. Listed after
@@ -1889,13 +1945,19 @@ class FiniteLossGuard(keras.callbacks.Callback):
         their values."""
         super().__init__()
         self.phase, self.learning_rates = phase, learning_rates
-        self._epoch = 0
+        self._epoch, self._checked = 0, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._checked = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._check(logs, ("loss",), f"step {batch + 1} of")
+        # Reading a step's loss waits for the device, so it is read at most every few seconds
+        # (and the epoch's end checks everything): a long epoch still stops within seconds.
+        now = time.monotonic()
+        if now - self._checked >= STEP_LOSS_CHECK_SECONDS:
+            self._checked = now
+            self._check(logs, ("loss",), f"step {batch + 1} of")
 
     def on_epoch_end(self, epoch, logs=None):
         self._check(logs, ("loss", "val_loss"), "the end of")
@@ -2449,19 +2511,24 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     log.info("Checked %s images in %.1f s: %s unreadable", f"{len(images.table):,}",
              time.monotonic() - start, f"{len(scan.errors):,}")
     readable = drop_unreadable(images, scan, config.max_unreadable)
+    identical, identical_counts = check_identical_content(readable)
     check_learnable(readable)
     labels = readable.labels()
     grouping = frame_groups(readable, config.group_by)
     groups = grouping.groups
     given_split = is_validation is not None
     if is_validation is None:
+        # Copies of one picture are one group, so that validation never scores a copy of a
+        # training frame; with no copies this is `groups` itself.
+        split_by = duplicates.split_groups(groups, readable.table["image_sha1"])
         is_validation = split_train_validation(labels, config.validation_split, config.seed,
-                                               groups)
+                                               split_by)
+        n_groups = len(set(split_by)) if split_by is not None else len(labels)
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
                 raise InputError(
                     f"the split by {grouping.description} leaves no {name} images: there are "
-                    f"too few groups ({len(set(groups)):,}). Choose a finer --group-by, or "
+                    f"too few groups ({n_groups:,}). Choose a finer --group-by, or "
                     "--group-by none.")
         share = is_validation.mean()
         if groups is not None and not (0.5 <= share / config.validation_split <= 2):
@@ -2480,6 +2547,11 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
         for name, mask in (("training", ~is_validation), ("validation", is_validation)):
             if not mask.any():
                 raise InputError(f"the given split has no readable {name} images.")
+        names = readable.table["filename"].astype(str).to_numpy()
+        copies, warning = duplicates.copies_across_split(identical, is_validation, names)
+        identical_counts["validation_copies_of_training"] = copies
+        if warning:
+            log.warning("%s", warning)
         if groups is not None:
             both = set(groups[is_validation]) & set(groups[~is_validation])
             if both:
@@ -2492,6 +2564,7 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     counts["unreadable"] = len(scan.errors)
     counts["grouping"] = grouping.description
     counts["validation_set"] = "given" if given_split else "split"
+    counts["identical_content"] = identical_counts
     if groups is None:
         log.info("Split frame by frame: grouping %s.", grouping.description)
     else:
@@ -2554,7 +2627,8 @@ def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> s
                      f"{tn + vn:>9,}  {tn:>6,}  {vn:>6,}{flag}")
     if prepared.unreadable:
         lines += ["", "Skipped (unreadable):"]
-        lines += [f"  {path}: {reason}" for path, reason in prepared.unreadable[:shown_unreadable]]
+        lines += [f"  {printable(path)}: {reason}"
+                  for path, reason in prepared.unreadable[:shown_unreadable]]
         if len(prepared.unreadable) > shown_unreadable:
             lines.append(f"  ... and {len(prepared.unreadable) - shown_unreadable:,} more")
     return "\n".join(lines)
@@ -2652,7 +2726,7 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
     """What makes two runs the same run, for resuming: a checkpoint is only continued by a
     run whose key is equal."""
     config = prepared.config
-    split = prepared.split_table().to_csv(index=False).encode()
+    split = prepared.split_table().to_csv(index=False).encode(**CSV_FILE_NAMES)
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in SETTINGS_NOT_IN_RUN_KEY}
     if settings["pooling"] == "avg":  # as before --pooling existed: older checkpoints resume
@@ -2713,6 +2787,7 @@ def check_output_outside_images(output_dir: str | os.PathLike, images: LabelledI
         output_dir_checks.check_outside_inputs(output_dir, {"the image folder": folder})
 
 
+@run_warnings.collected  # the report and metrics.json show every warning of the run
 def train_and_save(images: LabelledImages, config: TrainingConfig,
                    output_dir: str | os.PathLike, *, overwrite: bool = False,
                    is_validation: np.ndarray | None = None, resume: bool = True,
@@ -2778,10 +2853,11 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
         split_table = prepared.split_table()
         validation_labels = labels[val_idx]
+        grouped = prepared.groups is not None
         thresholds = evaluation.choose_thresholds(
             validation_labels, probabilities, symbols,
-            evaluation.parse_threshold_rule(config.threshold_for))
-        grouped = prepared.groups is not None
+            evaluation.parse_threshold_rule(config.threshold_for),
+            prepared.groups[val_idx] if grouped else None)
         metrics = evaluation.evaluation_metrics(
             validation_labels, probabilities, symbols, thresholds,
             prepared.groups[val_idx] if grouped else None, seed=config.seed,
@@ -2829,13 +2905,16 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             metadata["exports"] = {name: str(path.relative_to(partial))
                                    for name, path in exported.items()}
         write_history(partial / HISTORY_FILE, rows)
-        write_json(partial / METRICS_FILE, metrics)
         write_json(partial / METADATA_FILE, metadata)
-        split_table.to_csv(partial / SPLIT_FILE, index=False)
-        evaluation_table.to_csv(partial / EVALUATION_FILE, index=False)
+        # A file name that is not UTF-8 (Linux allows any bytes) is written byte for byte.
+        split_table.to_csv(partial / SPLIT_FILE, index=False, **CSV_FILE_NAMES)
+        evaluation_table.to_csv(partial / EVALUATION_FILE, index=False, **CSV_FILE_NAMES)
         report.write_report(partial, model_name=Path(output_dir).name, metadata=metadata,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
-                            paths=[paths[i] for i in val_idx])
+                            paths=[paths[i] for i in val_idx], warnings=run_warnings.current(),
+                            model=parts.model)
+        metrics["warnings"] = list(run_warnings.current())  # the report's own included
+        write_json(partial / METRICS_FILE, metrics)
         directory.commit()
     except BaseException as error:  # an error, Ctrl-C, SIGTERM: keep what a rerun continues from
         if placement.is_chief and run is not None:

@@ -9,6 +9,22 @@ from __future__ import annotations
 import os
 
 
+def printable(text: str) -> str:
+    """`text` as written to the output: each byte of a file name that is not UTF-8 (which
+    Python holds as a lone surrogate) becomes the four characters \\xNN, as Python's
+    'backslashreplace' writes it, so the CSV and JSON stay UTF-8 text. Other text is
+    unchanged. `prediction.unescaped` reverses it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class SymbolTrainerError(Exception):
     """Base class of the errors this library raises on purpose."""
 
@@ -19,7 +35,11 @@ class Terminated(BaseException):
 
 
 class InputError(SymbolTrainerError):
-    """Something the user gave (a flag, a path, a file, a CSV) must be fixed. Exit code 2."""
+    """Something the user gave (a flag, a path, a file, a CSV) must be fixed. Exit code 2.
+    File names that are not UTF-8 are shown with their bytes as \\xNN (see `printable`)."""
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(printable(message) if isinstance(message, str) else message, *args)
 
 
 class WeightsUnavailableError(InputError):
@@ -32,5 +52,5 @@ class ImageReadError(InputError):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{printable(str(path))}: {reason}")
 

@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 THRESHOLD_TARGETS = ("f1", "precision", "recall")
 # Used for a symbol whose validation frames have no positive: nothing to choose from.
 FALLBACK_THRESHOLD = 0.5
+# A threshold resting on fewer validation positives than this, or outside this range of
+# probabilities, is flagged: it may not hold on new frames.
+MIN_THRESHOLD_POSITIVES = 10
+STABLE_THRESHOLD_RANGE = (0.1, 0.9)
+# The smoothed F1 curve is evaluated at this many thresholds, evenly spaced in log-odds
+# between the lowest and the highest validation score.
+SMOOTHING_GRID = 1024
+# Bandwidths (in log-odds) never go below this, so identical scores still get a smooth curve.
+MIN_BANDWIDTH = 0.05
+_PROBABILITY_CLIP = 1e-7
 BOOTSTRAP_REPLICATES = 1000
 INTERVAL_LEVEL = 0.95
 # A symbol gets no interval unless its validation positives lie in at least this many groups
@@ -93,6 +103,10 @@ class ThresholdChoice:
     rule: str
     reached: bool  # False: the rule's target could not be met; `note` says what was done
     note: str = ""
+    # Why the threshold may not hold on new frames ('few_positives', 'outside_range'), and
+    # what to do about it; empty when neither applies.
+    flags: tuple[str, ...] = ()
+    advice: str = ""
 
 
 def _counts_at_cuts(labels: np.ndarray, scores: np.ndarray):
@@ -110,45 +124,162 @@ def precision_recall_curve(labels: np.ndarray, scores: np.ndarray):
     return thresholds, tp / (tp + fp), tp / max(1, int(labels.sum()))
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: ThresholdRule) -> ThresholdChoice:
+def _log_odds(scores: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(scores, np.float64), _PROBABILITY_CLIP, 1 - _PROBABILITY_CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def _spread(values: np.ndarray) -> float:
+    """A robust standard deviation: the smaller of the standard deviation and the
+    interquartile range / 1.34 (Silverman's); 0 for fewer than two values."""
+    if len(values) < 2:
+        return 0.0
+    quartiles = np.percentile(values, [25, 75])
+    iqr_sd = (quartiles[1] - quartiles[0]) / 1.34
+    return float(min(np.std(values), iqr_sd) if iqr_sd > 0 else np.std(values))
+
+
+def _kernel_scale(values: np.ndarray, independent: int, fallback_spread: float) -> float:
+    """The scale of the logistic kernel that smooths one class's log-odds: Silverman's
+    bandwidth for `independent` observations (groups, or frames when not grouped), as a
+    standard deviation, converted to the logistic's scale. A class whose values do not spread
+    (one frame) takes `fallback_spread`, the spread of all scores."""
+    spread = _spread(values) or fallback_spread or 1.0
+    bandwidth = max(0.9 * spread * max(1, independent) ** -0.2, MIN_BANDWIDTH)
+    return bandwidth * math.sqrt(3) / math.pi
+
+
+def smoothed_counts(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None):
+    """Thresholds (log-odds, SMOOTHING_GRID of them evenly from the lowest to the highest
+    score) and the smoothed numbers of positive and of negative frames at or above each: each
+    frame's score, in log-odds, is spread by a logistic kernel whose width follows
+    Silverman's rule per class (visible, not visible), counting each group (shot, episode)
+    once, since the frames of a shot repeat each other. None when all scores are equal."""
+    labels = np.asarray(labels, bool)
+    z = _log_odds(scores)
+    low, high = float(z.min()), float(z.max())
+    if high - low < 1e-9:
+        return None
+    units = np.arange(len(z)) if groups is None else np.asarray(groups)
+    grid = np.linspace(low, high, SMOOTHING_GRID)
+    step = grid[1] - grid[0]
+    offsets = np.arange(-(SMOOTHING_GRID - 1), SMOOTHING_GRID) * step
+    above = []
+    for members in (labels, ~labels):
+        if not members.any():
+            above.append(np.zeros(SMOOTHING_GRID))
+            continue
+        scale = _kernel_scale(z[members], len(np.unique(units[members])), _spread(z))
+        # Frames are counted at the nearest grid point (under 0.016 away in log-odds), so
+        # the cost does not grow with the number of frames.
+        counts = np.bincount(np.rint((z[members] - low) / step).astype(int),
+                             minlength=SMOOTHING_GRID).astype(np.float64)
+        kernel = 0.5 * (1 + np.tanh(offsets / scale / 2))  # the logistic CDF, overflow-free
+        above.append(np.convolve(counts, kernel[::-1], mode="valid"))
+    return grid, above[0], above[1]
+
+
+def smoothed_f1_threshold(labels: np.ndarray, scores: np.ndarray,
+                          groups: np.ndarray | None = None) -> float:
+    """The threshold of the highest F1 on the smoothed counts (`smoothed_counts`). They are
+    smooth in the threshold, so the maximum lies where a neighbourhood of thresholds scores
+    well, rather than at the one cut where a few frames happened to fall
+    (bench/threshold_stability.py measures the difference on held-out frames)."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, np.float64)
+    smoothed = smoothed_counts(labels, scores, groups)
+    if smoothed is None:  # one score: only "all visible" can find anything
+        return float(scores.min())
+    grid, tp, fp = smoothed
+    best = int(np.argmax(2 * tp / (tp + fp + labels.sum())))
+    if best == 0:  # exactly the lowest score, not a rounding of it that leaves it out
+        return float(scores.min())
+    if best == SMOOTHING_GRID - 1:
+        return float(scores.max())
+    return float(1 / (1 + math.exp(-grid[best])))
+
+
+def threshold_flags(positives: int, threshold: float) -> tuple[tuple[str, ...], str]:
+    """Why a symbol's threshold may not hold on new frames, and what to do: fewer than
+    MIN_THRESHOLD_POSITIVES validation positives ('few_positives'), or a threshold outside
+    STABLE_THRESHOLD_RANGE ('outside_range'), where the probabilities crowd and a small shift
+    in new frames moves many of them across it. ((), '') when neither applies."""
+    low, high = STABLE_THRESHOLD_RANGE
+    flags, reasons, actions = [], [], []
+    if positives < MIN_THRESHOLD_POSITIVES:
+        flags.append("few_positives")
+        reasons.append(f"rests on {positives} validation positive{'s' if positives != 1 else ''} "
+                       f"(fewer than {MIN_THRESHOLD_POSITIVES})")
+        actions.append("label more frames that show it, or give a --validation-csv with more "
+                       "of them")
+    if not low <= threshold <= high:
+        flags.append("outside_range")
+        reasons.append(f"lies {'below' if threshold < low else 'above'} "
+                       f"{low if threshold < low else high:g}")
+        actions.append("check the distribution of its probabilities (evaluation.csv, and the "
+                       "precision-recall curve in report.html)")
+    if not flags:
+        return (), ""
+    actions.append("consider --threshold-for precision=P with the precision you need")
+    advice = (f"threshold {threshold:.3g} {' and '.join(reasons)}, so it may not hold on new "
+              f"frames: {'; '.join(actions)}")
+    return tuple(flags), advice
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: ThresholdRule,
+                     groups: np.ndarray | None = None, *, smoothed: bool = True) -> ThresholdChoice:
     """The decision threshold of one symbol, `score >= threshold` meaning visible, chosen on
-    annotated validation frames (`labels` bool). Thresholds are validation scores, so every
-    count at the chosen one is exactly what the validation frames show."""
+    annotated validation frames (`labels` bool; `groups` their groups, if the split was
+    grouped). 'f1' maximises F1 on smoothed counts (`smoothed_f1_threshold`; with
+    `smoothed=False`, on the exact counts, which puts the threshold at a validation score).
+    'precision' and 'recall' targets are met on the exact counts at a validation score."""
     labels = np.asarray(labels, bool)
     positives = int(labels.sum())
     if positives == 0:
         return ThresholdChoice(FALLBACK_THRESHOLD, str(rule), False,
-                               f"no positive validation frame; threshold {FALLBACK_THRESHOLD} kept")
+                               f"no positive validation frame; threshold {FALLBACK_THRESHOLD} kept",
+                               *threshold_flags(0, FALLBACK_THRESHOLD))
+
+    def choice(threshold: float, reached: bool = True, note: str = "") -> ThresholdChoice:
+        return ThresholdChoice(float(threshold), str(rule), reached, note,
+                               *threshold_flags(positives, float(threshold)))
+
     thresholds, tp, fp = _counts_at_cuts(labels, scores)
     precision, recall = tp / (tp + fp), tp / positives
     f1 = 2 * tp / (tp + fp + positives)  # from counts, so equal F1s compare equal
-    best_f1 = int(np.argmax(f1))  # first maximum: the highest threshold among equals
+    best_f1 = float(smoothed_f1_threshold(labels, scores, groups) if smoothed
+                    else thresholds[int(np.argmax(f1))])  # first maximum: the highest threshold
     if rule.target == "f1":
-        return ThresholdChoice(float(thresholds[best_f1]), str(rule), True)
+        return choice(best_f1)
     # A hair of tolerance so that a target met exactly (e.g. 19/20 = 0.95) counts as met.
     tolerance = 1e-9
     if rule.target == "precision":
         meets = np.flatnonzero(precision >= rule.value - tolerance)
         if len(meets) == 0:
-            return ThresholdChoice(
-                float(thresholds[best_f1]), str(rule), False,
-                f"precision {rule.value:g} is not reached at any threshold (at most "
-                f"{precision.max():.3f}); the threshold of the best F1 is used instead")
-        return ThresholdChoice(float(thresholds[meets[-1]]), str(rule), True)
+            return choice(best_f1, False,
+                          f"precision {rule.value:g} is not reached at any threshold (at most "
+                          f"{precision.max():.3f}); the threshold of the best F1 is used instead")
+        return choice(thresholds[meets[-1]])
     meets = np.flatnonzero(recall >= rule.value - tolerance)  # the last cut has recall 1
-    return ThresholdChoice(float(thresholds[meets[0]]), str(rule), True)
+    return choice(thresholds[meets[0]])
 
 
 def choose_thresholds(labels: np.ndarray, probabilities: np.ndarray, symbols: Sequence[str],
-                      rule: ThresholdRule) -> dict[str, ThresholdChoice]:
-    """One ThresholdChoice per symbol (columns of `labels`, NaN where not annotated); logs a
-    warning for each symbol whose target could not be met."""
+                      rule: ThresholdRule, groups: np.ndarray | None = None, *,
+                      smoothed: bool = True) -> dict[str, ThresholdChoice]:
+    """One ThresholdChoice per symbol (columns of `labels`, NaN where not annotated; `groups`
+    one per row, if the split was grouped); logs a warning for each symbol whose target could
+    not be met, and for each whose threshold may not hold on new frames, with what to do."""
     choices = {}
     for j, symbol in enumerate(symbols):
         annotated = ~np.isnan(labels[:, j])
-        choice = choose_threshold(labels[annotated, j] == 1, probabilities[annotated, j], rule)
+        choice = choose_threshold(labels[annotated, j] == 1, probabilities[annotated, j], rule,
+                                  None if groups is None else np.asarray(groups)[annotated],
+                                  smoothed=smoothed)
         if not choice.reached:
             log.warning("%s: %s.", symbol, choice.note)
+        if choice.flags:
+            log.warning("%s: %s.", symbol, choice.advice)
         choices[symbol] = choice
     return choices
 
@@ -264,7 +395,9 @@ def evaluation_metrics(labels: np.ndarray, probabilities: np.ndarray, symbols: S
         per_symbol[symbol] = {
             **symbol_metrics(labels[:, j], probabilities[:, j], choice.threshold),
             "threshold_rule": choice.rule, "threshold_reached": choice.reached,
-            **({"threshold_note": choice.note} if choice.note else {})}
+            **({"threshold_note": choice.note} if choice.note else {}),
+            "threshold_unstable": bool(choice.flags), "threshold_flags": list(choice.flags),
+            **({"threshold_advice": choice.advice} if choice.advice else {})}
     macro = {k: _nanmean(m[k] for m in per_symbol.values()) for k in MACRO_KEYS}
     if replicates > 0 and len(labels):
         ap, f1 = bootstrap_replicates(labels, probabilities,
@@ -324,7 +457,7 @@ def format_metrics_summary(metrics: dict) -> str:
     names = list(metrics["symbols"])
     width = max(len("macro average"), *(len(s) for s in names))
     head = (f"{'symbol':<{width}}  {'frames':>6}  {'pos':>5}  {'AP':>5}  {'95 % interval':>13}  "
-            f"{'thresh.':>7}  {'prec.':>5}  {'recall':>6}  {'F1':>5}")
+            f"{'thresh.':>8}  {'prec.':>5}  {'recall':>6}  {'F1':>5}")
     lines = [head, "-" * len(head)]
 
     def number(value, digits=3, width=5):
@@ -335,18 +468,25 @@ def format_metrics_summary(metrics: dict) -> str:
         return f"{values[0]:.2f}-{values[1]:.2f}" if values else "-"
 
     for name, m in metrics["symbols"].items():
-        mark = "*" if not m.get("threshold_reached", True) else " "
+        mark = ("*" if not m.get("threshold_reached", True) else "") + \
+            ("!" if m.get("threshold_unstable") else "")
         lines.append(
             f"{name:<{width}}  {m['frames']:>6,}  {m['positives']:>5,}  "
             f"{number(m['average_precision'])}  {interval(m.get('average_precision_interval')):>13}  "
-            f"{number(m['threshold'], width=6)}{mark}  {number(m['precision'])}  "
+            f"{number(m['threshold'], width=6)}{mark:<2}  {number(m['precision'])}  "
             f"{number(m['recall'], width=6)}  {number(m['f1'])}")
     if len(names) > 1:
         m = metrics["macro"]
         lines.append(
             f"{'macro average':<{width}}  {'':>6}  {'':>5}  {number(m['average_precision'])}  "
-            f"{interval(m.get('average_precision_interval')):>13}  {'':>7}  "
+            f"{interval(m.get('average_precision_interval')):>13}  {'':>8}  "
             f"{number(m['precision'])}  {number(m['recall'], width=6)}  {number(m['f1'])}")
     if any(not m.get("threshold_reached", True) for m in metrics["symbols"].values()):
         lines.append("* the threshold rule's target was not met on validation; see metrics.json.")
+    if any(m.get("threshold_unstable") for m in metrics["symbols"].values()):
+        low, high = STABLE_THRESHOLD_RANGE
+        lines.append(f"! the threshold may not hold on new frames: fewer than "
+                     f"{MIN_THRESHOLD_POSITIVES} validation positives, or outside "
+                     f"{low:g}-{high:g}; the warnings and threshold_advice in metrics.json "
+                     "say what to do.")
     return "\n".join(lines)

@@ -12,12 +12,14 @@ The output has a `filename` column and, per symbol, `<symbol>_probability` and
 at training and stored in the model directory). `filename` and the `_visible` columns have
 the labels CSV's format: correct the predictions in a spreadsheet and train on them again.
 Video frames also get `video`, `frame_index`, `timestamp` (seconds) and `timecode`
-(HH:MM:SS.mmm) columns.
+(HH:MM:SS.mmm) columns. --heatmaps DIR also writes, per frame and symbol found, a PNG of
+the frame with the symbol's heatmap (where the model sees it) laid over it.
 
 Examples:
   python predict.py models/symbols new_frames/ -o predictions.csv
   python predict.py models/symbols episode7.mp4 --fps 2 --segments segments.csv \\
       --save-frames episode7_frames -o episode7_frames/labels.csv
+  python predict.py models/symbols new_frames/ -o predictions.csv --heatmaps heatmaps/
 """
 
 from __future__ import annotations
@@ -118,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Save the sampled video frames as JPEGs below DIR, named as their "
                             "rows' `filename`, so the predictions are a labels CSV for "
                             "IMAGE_DIR=DIR.")
+    group = parser.add_argument_group("heatmaps")
+    group.add_argument("--heatmaps", metavar="DIR",
+                       help="Also write, for every predicted frame and every symbol at or above "
+                            "its threshold, a PNG of the frame with the symbol's heatmap (where "
+                            "the model sees it) laid over it: DIR/<filename>.<symbol>.png, "
+                            "<filename> being the row's `filename` (its folders are created). "
+                            "DIR may not be or lie inside an INPUT folder, MODEL_DIR or "
+                            "--save-frames.")
+    group.add_argument("--heatmaps-all", action="store_true",
+                       help="With --heatmaps: write every symbol's heatmap of every frame, "
+                            "not only those at or above the threshold.")
     logging_group = parser.add_argument_group("logging")
     logging_group.add_argument("--progress-every", type=_number(float, 0, inclusive=False),
                                default=30.0,
@@ -163,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.segments and not any(Path(i).suffix.lower() in video.VIDEO_EXTENSIONS
                                  or set("*?[") & set(i) for i in args.inputs):
         parser.error("--segments needs a video INPUT")
+    if args.heatmaps_all and not args.heatmaps:
+        parser.error("--heatmaps-all needs --heatmaps DIR")
     import common
     import prediction
 
@@ -189,8 +204,25 @@ def main(argv: list[str] | None = None) -> int:
                     f"--save-frames {args.save_frames} is not inside --image-dir "
                     f"{args.image_dir}; save the frames into a folder below it.") from None
             prefix = "" if prefix == "./" else prefix
+        heatmap_writer = None
+        if args.heatmaps:
+            import heatmaps
+
+            heatmaps.check_directory(
+                args.heatmaps, folders={**{a: "the INPUT folder" for a in args.inputs
+                                           if os.path.isdir(a)},
+                                        args.model_dir: "the model directory",
+                                        **({args.save_frames: "the --save-frames folder"}
+                                           if args.save_frames else {})},
+                images=[(item.path, item.filename) for source in inputs.sources
+                        if isinstance(source, list) for item in source],
+                videos=[prefix + v.name for v in inputs.videos])
+            heatmap_writer = heatmaps.HeatmapWriter(
+                args.heatmaps, common.decision_thresholds(loaded.metadata, cut),
+                every_symbol=args.heatmaps_all)
         with _output(args.output) as handle, _output(args.segments) if args.segments \
-                else contextlib.nullcontext() as segments_handle:
+                else contextlib.nullcontext() as segments_handle, \
+                heatmap_writer or contextlib.nullcontext():
             writer = prediction.RowWriter(handle, columns, args.format)
             segments = (prediction.RowWriter(segments_handle, prediction.SEGMENT_COLUMNS, "csv")
                         if segments_handle else None)
@@ -200,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                 fps=None if args.every_frame else args.fps, skip_errors=args.skip_errors,
                 save_frames=save, frame_prefix=prefix, segments=segments,
                 segment_settings=settings,
-                progress=progress if not args.quiet else None)
+                progress=progress if not args.quiet else None, heatmap_writer=heatmap_writer)
         rate = summary.frames / max(1e-9, summary.seconds)
-        log.info("Predicted %s frames in %.1f s (%.1f frames/s)%s.", f"{summary.frames:,}",
-                 summary.seconds, rate, f"; {summary.segments:,} segments" if args.segments else "")
+        log.info("Predicted %s frames in %.1f s (%.1f frames/s)%s%s.", f"{summary.frames:,}",
+                 summary.seconds, rate, f"; {summary.segments:,} segments" if args.segments else "",
+                 f"; {heatmap_writer.written:,} heatmaps in {args.heatmaps}"
+                 if heatmap_writer else "")
         if summary.failed:
             log.error("%s input(s) could not be read, e.g. %s", f"{len(summary.failed):,}",
                       summary.failed[0][1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
+import functools
 import glob
 import json
 import logging
@@ -25,6 +26,8 @@ from typing import Iterable, Iterator, Sequence, TextIO
 import numpy as np
 
 import common
+from errors import printable  # noqa: F401  (prediction.printable: what outputs write)
+import heatmaps
 import video
 
 log = logging.getLogger(__name__)
@@ -109,22 +112,6 @@ def _listed_paths(list_path: Path) -> list[str]:
 
 
 _ESCAPED_BYTE = re.compile(r"\\x([89a-fA-F][0-9a-fA-F])")
-
-
-def printable(text: str) -> str:
-    """`text` as written to the output: each byte of a file name that is not UTF-8 (which
-    Python holds as a lone surrogate) becomes the four characters \\xNN, as Python's
-    'backslashreplace' writes it, so the CSV and JSON stay UTF-8 text. Other text is
-    unchanged. `unescaped` reverses it."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that no file name decodes to
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def unescaped(name: str) -> str:
@@ -319,21 +306,32 @@ class Frame:
     video: str = ""
     frame_index: int | None = None
     timestamp: float | None = None
+    shown: object = None           # for heatmaps: (the frame reduced, its size as decoded)
 
 
-def _load_image(item: ImageInput, geometry: common.ImageGeometry) -> Frame:
+def _load_image(item: ImageInput, geometry: common.ImageGeometry,
+                keep: tuple[int, int] | None = None) -> Frame:
     try:
-        return Frame(item.filename, common.load_image_array(item.path, geometry))
+        image = common.read_image(item.path, (geometry.width, geometry.height))
+        return Frame(item.filename, common.resize_to_geometry(image, geometry),
+                     shown=_shown(image, keep))
     except common.ImageReadError as error:
         return Frame(item.filename, None, printable(str(error)))
 
 
+def _shown(image, keep: tuple[int, int] | None):
+    """What --heatmaps draws on: a copy of the frame reduced to fit in `keep`, and its size."""
+    return None if keep is None else (heatmaps.reduced(image, keep), image.size)
+
+
 def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
-                  pool: concurrent.futures.Executor, ahead: int) -> Iterator[Frame]:
+                  pool: concurrent.futures.Executor, ahead: int,
+                  keep: tuple[int, int] | None = None) -> Iterator[Frame]:
     """Decode in the pool, at most `ahead` images in flight, yielding in input order."""
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    load = _load_image if keep is None else functools.partial(_load_image, keep=keep)
     for item in items:
-        pending.append(pool.submit(_load_image, item, geometry))
+        pending.append(pool.submit(load, item, geometry))
         if len(pending) >= ahead:
             yield pending.popleft().result()
     while pending:
@@ -341,7 +339,8 @@ def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
 
 
 def _video_frames(item: VideoInput, geometry: common.ImageGeometry, fps: float | None,
-                  save_dir: Path | None, prefix: str) -> Iterator[Frame]:
+                  save_dir: Path | None, prefix: str,
+                  keep: tuple[int, int] | None = None) -> Iterator[Frame]:
     try:
         for frame in video.sampled_frames(item.path, fps):
             name = frame_filename(item.name, frame.index)
@@ -351,7 +350,8 @@ def _video_frames(item: VideoInput, geometry: common.ImageGeometry, fps: float |
                 target.parent.mkdir(parents=True, exist_ok=True)
                 frame.image.save(target, quality=SAVED_FRAME_QUALITY)
             yield Frame(prefix + name, common.resize_to_geometry(frame.image, geometry),
-                        video=item.name, frame_index=frame.index, timestamp=frame.timestamp)
+                        video=item.name, frame_index=frame.index, timestamp=frame.timestamp,
+                        shown=_shown(frame.image, keep))
     except video.VideoReadError as error:
         yield Frame(_posix(item.path), None, printable(str(error)), video=item.name)
 
@@ -364,18 +364,19 @@ def frame_filename(video_name: str, index: int) -> str:
 
 def frame_stream(inputs: Inputs, geometry: common.ImageGeometry, batch_size: int,
                  fps: float | None, save_dir: Path | None = None, frame_prefix: str = "",
-                 workers: int | None = None) -> Iterator[Frame]:
+                 workers: int | None = None, keep: tuple[int, int] | None = None) -> Iterator[Frame]:
     """Every frame of every input, in input order, decoded by a pool of threads ahead of the
     caller (Pillow and FFmpeg release the GIL while they decode). Video frames are named
     `frame_prefix` + `frame_filename(...)`, and saved below `save_dir` as
-    `frame_filename(...)` when it is given."""
+    `frame_filename(...)` when it is given. With `keep` (width, height), each frame also
+    carries a copy reduced to fit in it (`Frame.shown`), for heatmaps."""
     workers = workers or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         for source in inputs.sources:
             if isinstance(source, VideoInput):
-                yield from _video_frames(source, geometry, fps, save_dir, frame_prefix)
+                yield from _video_frames(source, geometry, fps, save_dir, frame_prefix, keep)
             else:
-                yield from _image_frames(source, geometry, pool, ahead=batch_size * BATCHES_AHEAD)
+                yield from _image_frames(source, geometry, pool, batch_size * BATCHES_AHEAD, keep)
 
 
 def _batched(frames: Iterator[Frame], batch_size: int) -> Iterator[list[Frame]]:
@@ -505,15 +506,19 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
                    save_frames: Path | None = None, frame_prefix: str = "",
                    segments: RowWriter | None = None,
                    segment_settings: video.SegmentSettings = video.SegmentSettings(),
-                   progress: Progress | None = None) -> PredictionSummary:
+                   progress: Progress | None = None,
+                   heatmap_writer: heatmaps.HeatmapWriter | None = None) -> PredictionSummary:
     """Predict every frame of `inputs` and write one row per frame (or per unreadable input,
     with its `error`, unless `skip_errors`). With `save_frames`, sampled video frames are
     saved below it as `frame_filename(...)`, and their rows' filename is that name after
-    `frame_prefix`. Returns what happened; never raises for an unreadable image or video."""
+    `frame_prefix`. With `heatmap_writer`, the model's heatmaps of each frame are written
+    too (in the same pass). Returns what happened; never raises for an unreadable image or
+    video."""
     symbols = loaded.metadata["symbols"]
     geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
     cut = common.decision_thresholds(loaded.metadata, thresholds)
-    infer = common.compiled_inference(loaded.model)
+    infer = common.compiled_inference(loaded.model if heatmap_writer is None else
+                                      heatmaps.with_probabilities(loaded.model, symbols))
     summary = PredictionSummary()
     started = time.monotonic()
     # A video's frames come one after another: its timestamps and probabilities so far,
@@ -537,11 +542,15 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
                 summary.segments += 1
 
     stream = frame_stream(inputs, geometry, batch_size, fps, save_dir=save_frames,
-                          frame_prefix=frame_prefix)
+                          frame_prefix=frame_prefix,
+                          keep=heatmap_writer.max_size if heatmap_writer else None)
     for batch in prefetched(_batched(stream, batch_size), BATCHES_AHEAD):
         readable = [f for f in batch if f.pixels is not None]
         if readable:
             outputs = infer(np.stack([f.pixels for f in readable]))
+            if heatmap_writer:
+                maps = iter(heatmaps.sigmoid(outputs["score_map"].numpy()))
+                outputs = outputs["probabilities"]
             values = iter(np.concatenate([outputs[s].numpy() for s in symbols], axis=1)
                           .astype(np.float64))
         for frame in batch:
@@ -566,6 +575,9 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
             if frame.video:
                 timestamps.append(frame.timestamp)
                 video_rows.append(probabilities)
+            if heatmap_writer:
+                heatmap_writer.write(frame.filename, heatmaps.on_frame(
+                    *frame.shown, probabilities, next(maps), symbols, geometry))
             writer.write(row)
             summary.frames += 1
         if progress:

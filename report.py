@@ -21,12 +21,14 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 import evaluation
+import heatmaps
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
 CONTACT_SHEET_SIZE = 12  # thumbnails of false positives, and of false negatives, per symbol
+HITS_SHOWN = 6  # thumbnails of the most confident true positives per symbol
 THUMBNAIL_BOX = (192, 128)  # pixels; the frame's aspect ratio is kept inside it
 
 _STYLE = """
@@ -39,6 +41,9 @@ table { border-collapse: collapse; margin: 8px 0; }
 th, td { padding: 3px 7px; text-align: right; border-bottom: 1px solid #e3e6ee; white-space: nowrap; }
 th { background: #f2f4f8; position: sticky; top: 0; } td.name, th.name { text-align: left; }
 td.weak { background: #fde8e6; } td.unmet { color: #b3261e; font-weight: 600; }
+td.unstable, .unstable { color: #a35200; font-weight: 600; }
+ul.warnings { background: #fff6e5; border-left: 4px solid #e0a030; padding: 8px 12px 8px 32px; }
+ul.warnings li { margin: 4px 0; overflow-wrap: anywhere; }
 .symbol { border-top: 1px solid #d8dce6; padding-top: 4px; }
 .row { display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }
 .sheet { display: flex; flex-wrap: wrap; gap: 8px; margin: 4px 0 12px; }
@@ -50,7 +55,9 @@ figcaption { overflow-wrap: anywhere; color: #333a48; }
 a.up { font-size: 12px; font-weight: normal; margin-left: 12px; }
 .note { color: #4a5367; font-size: 13px; } .none { color: #6b7385; font-style: italic; }
 code { background: #f2f4f8; padding: 0 3px; }
-"""
+.scale { display: inline-block; width: 160px; height: 10px; vertical-align: middle;
+         border: 1px solid #c9ced9; background: linear-gradient(to right, %s); }
+""" % ", ".join("rgb(%d,%d,%d)" % tuple(colour) for colour in heatmaps.COLOURS.astype(int))
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,17 +167,40 @@ def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+def _jpeg_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=82)
+    return _data_uri(buffer.getvalue(), "image/jpeg")
+
+
 def _thumbnail_uri(path: str) -> str | None:
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image).convert("RGB")
             image.thumbnail(THUMBNAIL_BOX)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=82)
+            return _jpeg_uri(image)
     except (OSError, ValueError) as error:  # moved or deleted since training
         log.warning("report: no thumbnail of %s (%s).", path, error)
         return None
-    return _data_uri(buffer.getvalue(), "image/jpeg")
+
+
+def _overlay_uri(frame: heatmaps.FrameHeatmaps, symbol: str) -> str:
+    return _jpeg_uri(heatmaps.overlay(frame.image, frame.maps[symbol],
+                                      heatmaps.label(symbol, frame.probabilities[symbol])))
+
+
+def _frame_heatmaps(model, metadata: dict, filenames: Sequence[str],
+                    path_of: dict[str, str]) -> dict[str, heatmaps.FrameHeatmaps]:
+    """The heatmaps of the frames that the contact sheets show, on thumbnails; none (with a
+    warning) for a model that cannot give them."""
+    filenames = list(dict.fromkeys(filenames))
+    try:
+        frames = heatmaps.frame_heatmaps(model, metadata, [path_of[f] for f in filenames],
+                                         max_size=THUMBNAIL_BOX)
+    except heatmaps.InputError as error:
+        log.warning("report: no heatmaps: %s", error)
+        return {}
+    return {f: frame for f, frame in zip(filenames, frames) if frame is not None}
 
 
 def _number(value, digits: int = 3) -> str:
@@ -181,24 +211,29 @@ def _interval(values) -> str:
     return f"{values[0]:.2f}–{values[1]:.2f}" if values else "–"
 
 
-def _worst_per_group(frames: pd.DataFrame, probability_column: str, highest: bool) -> pd.DataFrame:
+def _worst_per_group(frames: pd.DataFrame, probability_column: str, highest: bool,
+                     shown: int = CONTACT_SHEET_SIZE) -> pd.DataFrame:
     """The most confident frame of each group, most confident first, with `others`: how many
     more of its group made the same mistake. Neighbouring frames of a shot are near-identical
     and share their mistakes, so one thumbnail per shot shows twelve different problems
     rather than one problem twelve times."""
     ordered = frames.sort_values(probability_column, ascending=not highest, kind="mergesort")
     sizes = ordered["group"].value_counts()
-    first = ordered.drop_duplicates("group").head(CONTACT_SHEET_SIZE)
+    first = ordered.drop_duplicates("group").head(shown)
     return first.assign(others=first["group"].map(sizes).to_numpy() - 1)
 
 
-def _contact_sheet(frames: pd.DataFrame, paths: dict[str, str], probability_column: str) -> str:
+def _contact_sheet(frames: pd.DataFrame, paths: dict[str, str], probability_column: str,
+                   overlays: dict[str, heatmaps.FrameHeatmaps], symbol: str) -> str:
+    """Thumbnails of `frames` with file name and probability; those in `overlays` with the
+    heatmap of `symbol` laid over them."""
     if frames.empty:
         return '<p class="none">none</p>'
     figures = []
     for filename, probability, group, others in zip(
             frames["filename"], frames[probability_column], frames["group"], frames["others"]):
-        uri = _thumbnail_uri(paths[filename])
+        uri = _overlay_uri(overlays[filename], symbol) if filename in overlays else \
+            _thumbnail_uri(paths[filename])
         image = f'<img src="{uri}" alt="{html.escape(filename)}">' if uri else \
             '<p class="none">image not readable</p>'
         more = f"<br>+{others:,} more of group {html.escape(str(group))}" if others else ""
@@ -213,15 +248,23 @@ def _summary_table(metrics: dict, order: Sequence[str]) -> str:
         m = metrics["symbols"][symbol]
         weak = ' class="weak"' if m["average_precision"] is not None and \
             math.isfinite(m["average_precision"]) and m["average_precision"] < 0.5 else ""
-        unmet = ' class="unmet" title="the threshold rule\'s target was not met"' \
-            if not m.get("threshold_reached", True) else ""
+        classes, titles = [], []
+        if not m.get("threshold_reached", True):
+            classes.append("unmet")
+            titles.append("the threshold rule's target was not met")
+        if m.get("threshold_unstable"):
+            classes.append("unstable")
+            titles.append(f"the {m.get('threshold_advice', 'threshold may not hold')}")
+        unmet = (f' class="{" ".join(classes)}" title="{html.escape("; ".join(titles))}"'
+                 if classes else "")
+        mark = " !" if m.get("threshold_unstable") else ""
         rows.append(
             f'<tr><td class="name"><a href="#symbol-{symbol}">{html.escape(symbol)}</a></td>'
             f"<td>{m['frames']:,}</td><td>{m['positives']:,}</td>"
             f"<td>{_number(m['prevalence'] * 100 if m['prevalence'] is not None else None, 1)} %</td>"
             f"<td{weak}>{_number(m['average_precision'])}</td>"
             f"<td>{_interval(m.get('average_precision_interval'))}</td>"
-            f"<td>{_number(m['roc_auc'])}</td><td{unmet}>{_number(m['threshold'])}</td>"
+            f"<td>{_number(m['roc_auc'])}</td><td{unmet}>{_number(m['threshold'])}{mark}</td>"
             f"<td>{_number(m['precision'])}</td><td>{_number(m['recall'])}</td>"
             f"<td>{_number(m['f1'])}</td><td>{_interval(m.get('f1_interval'))}</td>"
             f"<td>{m['true_positives']:,} / {m['false_positives']:,} / "
@@ -280,11 +323,15 @@ def _config_table(config: dict) -> str:
 
 
 def write_report(directory: Path, *, model_name: str, metadata: dict, metrics: dict,
-                 history: pd.DataFrame, table: pd.DataFrame, paths: Sequence[str]) -> Path:
+                 history: pd.DataFrame, table: pd.DataFrame, paths: Sequence[str],
+                 warnings: Sequence[dict] = (), model=None) -> Path:
     """Write report.html and plots/*.png into `directory` and return the report's path.
 
     `table` is evaluation.csv's table (one row per validation frame) and `paths` the image
-    path of each of its rows, from which the contact sheets are made."""
+    path of each of its rows, from which the contact sheets are made. `warnings` are the
+    run's warnings (dicts with level and message, as run_warnings collects them), shown near
+    the top; a live list also shows those given while the report is made. With `model` (the
+    Keras model, as saved), each thumbnail shows its symbol's heatmap (heatmaps.py)."""
     symbols = metadata["symbols"]
     plots = directory / PLOTS_DIR
     plots.mkdir(exist_ok=True)
@@ -298,6 +345,17 @@ def write_report(directory: Path, *, model_name: str, metadata: dict, metrics: d
     grouping = str(metadata["data"]["counts"].get("grouping", "")).split(" (")[0]
     # Weakest first: the symbols that need more labels or a look at their errors.
     order = sorted(symbols, key=lambda s: _sort_key(metrics["symbols"][s]["average_precision"]))
+    sheets = {}
+    for symbol in order:
+        probability_column, outcome = f"{symbol}_probability", table[f"{symbol}_outcome"]
+        sheets[symbol] = (
+            _worst_per_group(table[outcome == "true positive"], probability_column, True,
+                             HITS_SHOWN),
+            _worst_per_group(table[outcome == "false positive"], probability_column, True),
+            _worst_per_group(table[outcome == "false negative"], probability_column, False))
+    overlays = {} if model is None else _frame_heatmaps(
+        model, metadata, [f for shown in sheets.values() for frames in shown
+                          for f in frames["filename"]], path_of)
     sections = []
     for symbol in order:
         m = metrics["symbols"][symbol]
@@ -305,8 +363,7 @@ def write_report(directory: Path, *, model_name: str, metadata: dict, metrics: d
         annotated = label.notna().to_numpy()
         probability_column = f"{symbol}_probability"
         outcome = table[f"{symbol}_outcome"]
-        false_positives = _worst_per_group(table[outcome == "false positive"], probability_column, True)
-        false_negatives = _worst_per_group(table[outcome == "false negative"], probability_column, False)
+        hits, false_positives, false_negatives = sheets[symbol]
         if m["positives"] > 0:
             curve = embed(f"precision_recall_{symbol}.png", precision_recall_png(
                 symbol, label[annotated].to_numpy(dtype=float) == 1,
@@ -316,6 +373,8 @@ def write_report(directory: Path, *, model_name: str, metadata: dict, metrics: d
             curve = '<p class="none">No positive validation frame: no curve.</p>'
         note = f'<p class="note unmet">{html.escape(m["threshold_note"])}.</p>' \
             if m.get("threshold_note") else ""
+        if m.get("threshold_advice"):
+            note += (f'<p class="note unstable">The {html.escape(m["threshold_advice"])}.</p>')
         sections.append(f"""
 <section class="symbol" id="symbol-{symbol}">
 <h3>{html.escape(symbol)} <a class="up" href="#summary">back to the summary</a></h3>
@@ -327,10 +386,12 @@ recall {_number(m['recall'])}, F1 {_number(m['f1'])}.</p>{note}
 {_confusion_table(m)}
 <p class="note">{m['frames']:,} annotated validation frames, {m['positives']:,} showing {html.escape(symbol)}.</p>
 </div></div>
+<h4>Most confident hits ({_mistakes(table[outcome == 'true positive'], grouped)}; highest probability first)</h4>
+{_contact_sheet(hits, path_of, probability_column, overlays, symbol)}
 <h4>Most confident false positives ({_mistakes(table[outcome == 'false positive'], grouped)}; highest probability first)</h4>
-{_contact_sheet(false_positives, path_of, probability_column)}
+{_contact_sheet(false_positives, path_of, probability_column, overlays, symbol)}
 <h4>Most confident false negatives ({_mistakes(table[outcome == 'false negative'], grouped)}; lowest probability first)</h4>
-{_contact_sheet(false_negatives, path_of, probability_column)}
+{_contact_sheet(false_negatives, path_of, probability_column, overlays, symbol)}
 </section>""")
 
     counts = metadata["data"]["counts"]
@@ -351,12 +412,18 @@ validated on {counts['validation']['images']:,}{_split_by(counts, grouping)}. Ba
 (alpha {config['alpha']}), input {metadata['input']['width']}x{metadata['input']['height']}
 pixels ({html.escape(config['resize'])}).</p>
 
+{_warnings_section(warnings)}
+
 <h2 id="summary">Summary</h2>
 <p class="note">Validation metrics, weakest symbol first. AP (average precision) summarises
 the precision-recall curve independently of any threshold; red cells are below 0.5. The
 threshold decides "visible" (probability at or above it) and was chosen on these validation
 frames by the rule <code>{html.escape(str(config.get('threshold_for', 'f1')))}</code>, so
-precision, recall and F1 there are optimistic for new frames. Intervals are 95 % bootstrap
+precision, recall and F1 there are optimistic for new frames. A threshold marked
+<span class="unstable">!</span> may not hold on new frames: it rests on fewer than
+{evaluation.MIN_THRESHOLD_POSITIVES} validation positives or lies outside
+{evaluation.STABLE_THRESHOLD_RANGE[0]:g}–{evaluation.STABLE_THRESHOLD_RANGE[1]:g}
+(the symbol's section says what to do). Intervals are 95 % bootstrap
 intervals over {bootstrap.get('replicates', 0):,} resamples of
 {html.escape(str(bootstrap.get('resampled', 'frames')).split(' (')[0])}. Every frame's labels, probabilities
 and outcomes are in <code>evaluation.csv</code>.</p>
@@ -379,9 +446,9 @@ skipped as unreadable.</p>
 
 <h2>Symbols</h2>
 <p class="note">Per symbol: the precision-recall curve with the chosen threshold marked, the
-confusion counts at that threshold, and the validation frames the model is most sure of and
-gets wrong. These are where label errors hide: a "false positive" that shows the symbol is a
-missing label.</p>
+confusion counts at that threshold, a few validation frames it gets right, and those it is
+most sure of and gets wrong. These are where label errors hide: a "false positive" that
+shows the symbol is a missing label.{_heatmap_note(bool(overlays))}</p>
 {''.join(sections)}
 
 <h2>Configuration</h2>
@@ -390,8 +457,32 @@ missing label.</p>
 </body></html>
 """
     path = directory / REPORT_FILE
-    path.write_text(document, encoding="utf-8")
+    path.write_text(document, encoding="utf-8", errors="backslashreplace")  # odd file names
     return path
+
+
+def _heatmap_note(shown: bool) -> str:
+    if not shown:
+        return ""
+    return (" Each thumbnail shows where the model sees the symbol: its probability at each "
+            "place of the frame, on the scale <span class=\"scale\"></span> from 0 (dark "
+            "blue, faint) to 1 (red, strong), and the frame's probability in the corner. "
+            "Places the model did not see (cut off by <code>--resize crop</code>) are left as "
+            "they are. A false positive that lights up a look-alike shows what the model "
+            "confuses the symbol with; a miss that stays dark over the symbol shows that the "
+            "model did not see it there.")
+
+
+def _warnings_section(warnings: Sequence[dict]) -> str:
+    if not warnings:
+        return ('<h2 id="warnings">Warnings</h2>\n<p class="none">The run gave no warnings.</p>')
+    items = "".join(f"<li><b>{html.escape(w.get('level', 'WARNING'))}</b>: "
+                    f"{html.escape(w['message'])}</li>" for w in warnings)
+    return (f'<h2 id="warnings">Warnings ({len(warnings)})</h2>\n'
+            '<p class="note">Everything the run warned about, in the order it was logged (also '
+            'in <code>metrics.json</code> under <code>warnings</code>): each may make the '
+            'numbers below less trustworthy, and says what to do.</p>\n'
+            f'<ul class="warnings">{items}</ul>')
 
 
 def _split_by(counts: dict, grouping: str) -> str:

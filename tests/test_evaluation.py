@@ -24,8 +24,12 @@ SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
 
 def test_best_f1_threshold_on_hand_made_scores():
     # F1 at each cut: 0.4, 0.67, 0.86, 0.75, 0.89 (4 TP, 1 FP), 0.8, 0.73, 0.67.
-    choice = choose_threshold(LABELS, SCORES, ThresholdRule())
+    choice = choose_threshold(LABELS, SCORES, ThresholdRule(), smoothed=False)
     assert (choice.threshold, choice.rule, choice.reached) == (0.5, "f1", True)
+    # Smoothed, the best F1 lies in the gap below that cut (the same counts on these frames),
+    # not on the score of one frame.
+    smoothed = choose_threshold(LABELS, SCORES, ThresholdRule())
+    assert 0.4 < smoothed.threshold < 0.5 and smoothed.reached
 
 
 @pytest.mark.parametrize("rule, expected", [
@@ -78,7 +82,7 @@ def test_thresholds_and_metrics_agree_with_scikit_learn(seed):
         average_precision_score(labels, scores))
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    best = choose_threshold(labels, scores, ThresholdRule()).threshold
+    best = choose_threshold(labels, scores, ThresholdRule(), smoothed=False).threshold
     assert f1_score(labels, scores >= best) == pytest.approx(f1[:-1].max())
     wanted = choose_threshold(labels, scores, parse_threshold_rule("precision=0.6")).threshold
     assert wanted == thresholds[precision[:-1] >= 0.6].min()
@@ -230,13 +234,17 @@ def test_report_embeds_curves_and_thumbnails_of_the_worst_errors(tmp_path):
     path = report.write_report(tmp_path, model_name="symbols", metadata=metadata, metrics=metrics,
                                history=history, table=table, paths=paths)
     html = path.read_text()
-    # One thumbnail per group (episode folder) and kind of mistake: its most confident frame.
+    # One thumbnail per group (episode folder) and kind of mistake: its most confident frame;
+    # and as many of the hits.
     shown = sum(min(report.CONTACT_SHEET_SIZE, table.loc[table[f"{s}_outcome"] == kind, "group"].nunique())
                 for s in symbols for kind in ("false positive", "false negative"))
+    shown += sum(min(report.HITS_SHOWN, table.loc[table[f"{s}_outcome"] == "true positive", "group"].nunique())
+                 for s in symbols)
     assert shown > 0
     assert html.count("data:image/jpeg;base64,") == shown
     assert html.count("data:image/png;base64,") == 3
     assert "http://" not in html and "https://" not in html
+    assert "The run gave no warnings." in html  # none were given to it
     wrong = table[table["star_outcome"] == "false positive"].sort_values("star_probability")
     worst = wrong.iloc[-1]
     others = int((wrong["group"] == worst["group"]).sum()) - 1
