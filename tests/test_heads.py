@@ -16,6 +16,7 @@ import build_multi_hot_model
 import common
 import feature_cache
 import heads
+import heatmaps
 
 
 def pooled(pooling: str, maps: np.ndarray) -> np.ndarray:
@@ -205,6 +206,9 @@ def test_each_pooling_trains_saves_loads_and_predicts(frames, tmp_path, pooling)
         loaded.metadata["input"])) for p in images[:2]]).astype(np.float32)
     logits = np.asarray(score_map(pixels))
     assert logits.shape == (2, 2, 3, 2) and logits.dtype == np.float32  # 64x96 input
+    # heatmaps.py reads the same layer: the heatmap is the sigmoid of each location's logit.
+    np.testing.assert_allclose(heatmaps.heatmaps(loaded, [str(p) for p in images[:2]]),
+                               1 / (1 + np.exp(-logits.astype(np.float64))), atol=1e-5)
     # Pooling the score map by this model's pooling gives its probabilities, in symbol order.
     if pooling == "attention":
         attention = keras.Model(loaded.model.inputs,
