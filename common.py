@@ -94,6 +94,7 @@ import checkpoints  # noqa: E402
 import distribution  # noqa: E402
 import duplicates  # noqa: E402
 import evaluation  # noqa: E402
+import heads  # noqa: E402
 import report  # noqa: E402
 import run_warnings  # noqa: E402
 import feature_cache  # noqa: E402
@@ -122,7 +123,8 @@ IMAGE_EXTENSIONS = frozenset(
 # Transparent pixels are composited onto this colour; recorded in metadata.json.
 ALPHA_BACKGROUND = "white"
 # Layer names the model uses itself; a symbol may not take one of them.
-RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout"})
+RESERVED_LAYER_NAMES = frozenset({"image", "preprocessing", "backbone", "pooling", "head_dropout",
+                                  "score_map", "attention_map"})
 # Columns of LabelledImages.table that the tool fills in itself; no symbol may take these names.
 TABLE_COLUMNS = frozenset({"path", "filename", "folder", "image_sha1", "image_width", "image_height"})
 SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
@@ -1313,16 +1315,24 @@ class ModelParts:
     """The full model and the two views of it that training uses (layers are shared)."""
 
     model: keras.Model             # raw RGB image -> {symbol: probability}
-    features: keras.Model          # raw RGB image -> pooled backbone features
-    head: keras.Model              # pooled features -> {symbol: probability}
+    features: keras.Model          # raw RGB image -> pooled features (avg) or feature map
+    head: keras.Model              # features -> {symbol: probability}
     backbone: keras.Model
     preprocessing: keras.layers.Layer | None
+    pooling: str = "avg"           # TrainingConfig.pooling; heads.is_spatial tells the kind
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the head pools per-location scores (heads.py), trained on feature maps."""
+        return heads.is_spatial(self.pooling)
 
 
 def build_model(symbols: Sequence[str], config: TrainingConfig,
                 geometry: ImageGeometry) -> ModelParts:
     """Raw 0-255 RGB pixels -> preprocessing -> frozen backbone -> pooling -> dropout ->
-    one Dense(1, sigmoid) output per symbol, named after it."""
+    one Dense(1, sigmoid) output per symbol, named after it. With a spatial
+    `config.pooling` the head after the backbone is heads.SpatialHead instead: dropout ->
+    1x1 Conv2D "score_map" -> pooling over locations -> a sigmoid output per symbol."""
     check_symbol_names(list(symbols), "symbols")
     input_shape = (geometry.height, geometry.width, 3)
     backbone = build_backbone(config, input_shape)
@@ -1335,17 +1345,26 @@ def build_model(symbols: Sequence[str], config: TrainingConfig,
     # training=False keeps BatchNorm in inference mode in both phases, as the keras.io
     # transfer-learning guide advises: its statistics are not relearned from small batches.
     x = backbone(x, training=False)
+    if heads.is_spatial(config.pooling):
+        head_layers = heads.SpatialHead(symbols, config.pooling, config.dropout)
+        model = keras.Model(inputs, head_layers(x), name="symbol_classifier")
+        features = keras.Model(inputs, x, name="feature_extractor")
+        feature_input = keras.Input(shape=tuple(x.shape[1:]), name="features")
+        head = keras.Model(feature_input, head_layers(feature_input), name="head")
+        return ModelParts(model, features, head, backbone, preprocessing, config.pooling)
     pooled = keras.layers.GlobalAveragePooling2D(name="pooling")(x)
     dropout = keras.layers.Dropout(config.dropout, name="head_dropout")
     # float32 outputs keep the sigmoid and the loss exact under mixed precision.
-    heads = [keras.layers.Dense(1, activation="sigmoid", name=s, dtype="float32") for s in symbols]
+    outputs = [keras.layers.Dense(1, activation="sigmoid", name=s, dtype="float32")
+               for s in symbols]
     hidden = dropout(pooled)
-    model = keras.Model(inputs, {s: h(hidden) for s, h in zip(symbols, heads)},
+    model = keras.Model(inputs, {s: h(hidden) for s, h in zip(symbols, outputs)},
                         name="symbol_classifier")
     features = keras.Model(inputs, pooled, name="feature_extractor")
     feature_input = keras.Input(shape=(pooled.shape[-1],), name="features")
     hidden = dropout(feature_input)
-    head = keras.Model(feature_input, {s: h(hidden) for s, h in zip(symbols, heads)}, name="head")
+    head = keras.Model(feature_input, {s: h(hidden) for s, h in zip(symbols, outputs)},
+                       name="head")
     return ModelParts(model, features, head, backbone, preprocessing)
 
 
@@ -1453,10 +1472,21 @@ def epoch_batches(items: int, batch_size: int, seed: int, first_epoch: int,
 
 def feature_dataset(features: np.ndarray, targets: np.ndarray, batch_size: int,
                     order: tf.data.Dataset | None = None) -> tf.data.Dataset:
-    """(features, targets) batches gathered in `order` (index batches), or in row order."""
-    x, y = tf.constant(features), tf.constant(np.asarray(targets, np.float32))
+    """(features, targets) batches gathered in `order` (index batches), or in row order.
+    Feature maps (more than two dimensions) are gathered by NumPy, so that they are neither
+    copied into a tensor whole nor read whole from a memory-mapped file."""
+    y = tf.constant(np.asarray(targets, np.float32))
     if order is None:
         order = tf.data.Dataset.range(len(features)).batch(batch_size)
+    if features.ndim > 2:
+        dtype = tf.as_dtype(features.dtype)
+
+        def gather_maps(indices):
+            maps = tf.numpy_function(lambda i: np.asarray(features[i]), [indices], dtype)
+            return tf.ensure_shape(maps, (None, *features.shape[1:]))
+        dataset = order.map(lambda indices: (gather_maps(indices), tf.gather(y, indices)))
+        return _distributable(dataset.prefetch(tf.data.AUTOTUNE))
+    x = tf.constant(features)
     dataset = order.map(lambda indices: (tf.gather(x, indices), tf.gather(y, indices)))
     return _distributable(dataset.prefetch(tf.data.AUTOTUNE))
 
@@ -1489,23 +1519,34 @@ def compiled_inference(model: keras.Model):
 
 
 def run_inference(model: keras.Model | Callable, dataset: Iterable,
-                  progress_label: str | None = None, total: int | None = None):
+                  progress_label: str | None = None, total: int | None = None,
+                  into: np.ndarray | None = None):
     """Apply `model` in inference mode to every batch of `dataset` (a tf.data.Dataset or
     any iterable of batches, either of which may be (images, targets) pairs); returns a
     numpy array, or a dict of them for a dict-output model, in dataset order. `model` may
-    also be a function from `compiled_inference`, for passes that should not trace anew."""
+    also be a function from `compiled_inference`, for passes that should not trace anew.
+    With `into` (single-output models), each batch's result is written into its rows, in
+    its dtype, and `into` is returned: no second copy of the results is made."""
     infer = model if not isinstance(model, keras.Model) else compiled_inference(model)
     chunks = []
     done, last_report, start = 0, time.monotonic(), time.monotonic()
     for batch in dataset:
         images = batch[0] if isinstance(batch, tuple) else batch
-        chunks.append(tf.nest.map_structure(lambda t: t.numpy(), infer(images)))
+        result = tf.nest.map_structure(lambda t: t.numpy(), infer(images))
+        if into is None:
+            chunks.append(result)
+        else:
+            into[done:done + len(result)] = result
         done += int(images.shape[0])
         if progress_label and time.monotonic() - last_report > 10:
             last_report = time.monotonic()
             rate = done / (last_report - start)
             log.info("%s: %s of %s images (%.1f images/s)", progress_label, f"{done:,}",
                      f"{total:,}" if total else "?", rate)
+    if into is not None:
+        if done != len(into):
+            raise ValueError(f"{done} results for {len(into)} rows")
+        return into
     if not chunks:
         raise ValueError("no batches to run")
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
@@ -1513,8 +1554,9 @@ def run_inference(model: keras.Model | Callable, dataset: Iterable,
 
 def feature_description(config: TrainingConfig, geometry: ImageGeometry,
                         compute_dtype: str = "float32") -> dict:
-    """Everything that turns an image file into a pooled feature vector, for the cache key.
-    A weights file is identified by its content, so a replaced file is never mistaken."""
+    """Everything that turns an image file into a pooled feature vector (or, for a spatial
+    `config.pooling`, a float16 feature map), for the cache key. A weights file is identified
+    by its content, so a replaced file is never mistaken."""
     weights = config.weights_source
     if weights not in ("imagenet", "none"):
         weights = f"sha256:{feature_cache.file_sha256(weights)}"
@@ -1524,6 +1566,9 @@ def feature_description(config: TrainingConfig, geometry: ImageGeometry,
                    "pooling": "global_average", "alpha_background": ALPHA_BACKGROUND}
     if compute_dtype != "float32":  # float32 keys stay as they were before this field existed
         description["compute_dtype"] = compute_dtype
+    if heads.is_spatial(config.pooling):  # maps, never mixed with vectors; every spatial
+        description["pooling"] = "none: feature map"  # pooling trains on the same maps
+        description["stored_dtype"] = np.dtype(heads.MAP_DTYPE).name
     return description
 
 
@@ -1568,12 +1613,13 @@ def backbone_features(parts: ModelParts, table: pd.DataFrame, geometry: ImageGeo
     try:
         cache = feature_cache.FeatureCache(
             config.cache_dir, feature_description(config, geometry, parts.features.compute_dtype),
-            int(parts.features.output_shape[-1]))
+            tuple(parts.features.output_shape[1:]),
+            heads.MAP_DTYPE if parts.spatial else np.float32)
     except OSError as error:
         raise InputError(f"--cache-dir {config.cache_dir}: cannot be used ({error.strerror or error}); "
                          "choose a folder you can write, or leave the flag out.") from None
     sha1s = table["image_sha1"].tolist()
-    features, found = cache.load(sha1s)
+    features, found = cache.load(sha1s, feature_array(parts, len(sha1s)))
     missing = np.flatnonzero(~found)
     log.info("Feature cache %s: %s of %s images found, %s to compute", cache.directory,
              f"{int(found.sum()):,}", f"{len(sha1s):,}", f"{len(missing):,}")
@@ -1620,9 +1666,19 @@ def decoded_chunks(paths: Sequence[str], geometry: ImageGeometry, chunk_size: in
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def feature_array(parts: ModelParts, count: int) -> np.ndarray:
+    """Room for the features of `count` images: float32 vectors, or for a spatial head
+    float16 feature maps (heads.feature_map_array: in memory, or a mapped file if large)."""
+    shape = tuple(parts.features.output_shape[1:])
+    if parts.spatial:
+        return heads.feature_map_array(count, shape)
+    return np.zeros((count, *shape), np.float32)
+
+
 def extract_features(parts: ModelParts, paths: Sequence[str], geometry: ImageGeometry,
                      batch_size: int, store: PixelStore | None = None) -> np.ndarray:
-    """Pooled backbone features of every image, computed once: (images, feature size).
+    """Backbone features of every image, computed once: (images, feature size), or float16
+    feature maps (images, height, width, channels) for a spatial head.
 
     The backbone runs on in-memory chunks of a few batches while threads decode the next
     chunk (`decoded_chunks`). A `tf.data` pipeline decoding a batch per Python call beside
@@ -1637,7 +1693,7 @@ def extract_features(parts: ModelParts, paths: Sequence[str], geometry: ImageGeo
         batches = (images[first:first + batch_size] for images in decoded
                    for first in range(0, len(images), batch_size))
         features = run_inference(parts.features, batches, "Computing backbone features",
-                                 len(paths)).astype(np.float32)
+                                 len(paths), into=feature_array(parts, len(paths)))
     seconds = time.monotonic() - start
     log.info("Computed backbone features of %s images in %.1f s (%.1f images/s)",
              f"{len(paths):,}", seconds, len(paths) / max(seconds, 1e-9))
@@ -1817,7 +1873,11 @@ def fused_head(parts: ModelParts, symbols: Sequence[str], dropout: float) -> ker
     With one small Dense per symbol, Keras's per-output bookkeeping (a loss, a weight and a
     metric per output at every step, and a label slice per output in the input pipeline)
     costs far more than the arithmetic: 7 s per head epoch at 45 symbols, and half the
-    fine-tuning step rate. One matrix does the same sums in a single op."""
+    fine-tuning step rate. One matrix does the same sums in a single op. A spatial head's
+    twin is heads.fused_spatial_head: its score map already is one convolution."""
+    if parts.spatial:
+        return heads.fused_spatial_head(parts.head, parts.pooling, dropout,
+                                        tuple(parts.features.output_shape[1:]))
     layers = [parts.head.get_layer(s) for s in symbols]
     inputs = keras.Input(shape=(parts.features.output_shape[-1],), name="features")
     x = keras.layers.Dropout(dropout, dtype="float32")(inputs)
@@ -1829,6 +1889,9 @@ def fused_head(parts: ModelParts, symbols: Sequence[str], dropout: float) -> ker
 
 
 def _copy_fused_head(fused: keras.Model, parts: ModelParts, symbols: Sequence[str]) -> None:
+    if parts.spatial:
+        heads.copy_fused_spatial_head(fused, parts.head, parts.pooling)
+        return
     kernel, bias = fused.get_layer("logits").get_weights()
     for i, symbol in enumerate(symbols):
         parts.head.get_layer(symbol).set_weights([kernel[:, i:i + 1], bias[i:i + 1]])
@@ -2628,15 +2691,17 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
     if run.resumed_in("fine_tune") is None:  # the head phase, or its end state, is still needed
         t = time.monotonic()
         features = run.checkpoint.features() if run.checkpoint is not None else None
-        if features is None or len(features) != len(paths):
+        expected = (len(paths), *parts.features.output_shape[1:])
+        if features is None or features.shape != expected:
             features = backbone_features(parts, images.table, geometry, config, store)
             if run.checkpoint is not None:
                 run.checkpoint.save_features(features)
         phase_seconds["features"] = time.monotonic() - t
         t = time.monotonic()
+        take = heads.take_rows if parts.spatial else (lambda array, rows: array[rows])
         train_head(parts, symbols, config,
-                   (features[train_idx], labels[train_idx], weights[train_idx]),
-                   (features[val_idx], labels[val_idx], weights[val_idx]), rows, run)
+                   (take(features, train_idx), labels[train_idx], weights[train_idx]),
+                   (take(features, val_idx), labels[val_idx], weights[val_idx]), rows, run)
         phase_seconds["head"] = time.monotonic() - t
     if config.fine_tune_epochs > 0:
         t = time.monotonic()
@@ -2662,9 +2727,12 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
     run whose key is equal."""
     config = prepared.config
     split = prepared.split_table().to_csv(index=False).encode(**CSV_FILE_NAMES)
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in SETTINGS_NOT_IN_RUN_KEY}
+    if settings["pooling"] == "avg":  # as before --pooling existed: older checkpoints resume
+        del settings["pooling"]
     return {
-        "settings": {k: v for k, v in dataclasses.asdict(config).items()
-                     if k not in SETTINGS_NOT_IN_RUN_KEY},
+        "settings": settings,
         "mixed_precision": mixed, "replicas": placement.replicas,
         "symbols": list(prepared.images.symbols), "input": geometry.to_json(),
         "data_sha256": data_fingerprint(prepared.images.table, prepared.images.symbols),

@@ -23,6 +23,8 @@ EXPORT_FORMATS = ("saved_model", "tflite")
 SWITCH_SETTINGS = ("auto", "on", "off")  # --mixed-precision and --xla
 # Names of the augmentation policies of --augment (augmentation.py defines what each does).
 AUGMENT_POLICIES = ("none", "light", "default", "heavy")
+# --pooling: 'avg' is the original head; the others are the spatial heads of heads.py.
+POOLINGS = ("avg", "max", "lse", "topk", "attention")
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +229,16 @@ class TrainingConfig:
     dropout: float = _setting(
         0.2, "--dropout", "Dropout rate before the output layer. Default: %(default)s.",
         type=float)
+    pooling: str = _setting(
+        "avg", "--pooling",
+        "How the model turns the backbone's feature map into one probability per symbol. "
+        "'avg': the average of the map's locations, then one dense output per symbol (the "
+        "original head). 'max', 'lse', 'topk' and 'attention': a 1x1 convolution named "
+        "score_map gives each location a score per symbol, pooled over the locations by their "
+        "maximum, their log-sum-exp (sharpness 5, between mean and maximum), the mean of the "
+        "highest 3 %% of them, or their average weighted by a learned attention map, so "
+        "that a symbol seen in a small part of the frame is not averaged away; their head phase trains on cached feature maps (more memory and disk than the "
+        "pooled vectors of 'avg'; see the README). Default: %(default)s.", choices=POOLINGS)
     patience: int = _setting(
         5, "--patience",
         "Early stopping of the head phase: epochs without a higher validation average "
@@ -347,6 +359,7 @@ class TrainingConfig:
              "choose 'auto', 'on' or 'off'"),
             ("xla", self.xla in SWITCH_SETTINGS, "choose 'auto', 'on' or 'off'"),
             ("resize", self.resize in RESIZE_METHODS, f"choose one of {', '.join(RESIZE_METHODS)}"),
+            ("pooling", self.pooling in POOLINGS, f"choose one of {', '.join(POOLINGS)}"),
             ("augment", self.augment in AUGMENT_POLICIES,
              f"choose one of {', '.join(AUGMENT_POLICIES)}"),
         ]
