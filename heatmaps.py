@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from errors import InputError, printable
+from output_dir import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -426,14 +427,6 @@ class HeatmapWriter:
             self.written += 1
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        status = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return status.st_dev, status.st_ino
-
-
 def check_directory(directory: str | os.PathLike, *, folders: Mapping[str, str],
                     images: Sequence[tuple[str, str]], videos: Sequence[str]) -> None:
     """Refuse, before any work, a `predict.py --heatmaps DIR` that would write into what the
@@ -445,11 +438,11 @@ def check_directory(directory: str | os.PathLike, *, folders: Mapping[str, str],
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise InputError(f"--heatmaps {directory} is a file; give a folder (it is created).")
-    enclosing = {_identity(Path(p)): (p, what) for p, what in folders.items()}
+    enclosing = {file_identity(Path(p)): (p, what) for p, what in folders.items()}
     enclosing.pop(None, None)
     holding = {}
     for path, _ in images:
-        holding.setdefault(_identity(Path(path).parent), path)
+        holding.setdefault(file_identity(Path(path).parent), path)
     holding.pop(None, None)
     seen: dict[str, str] = {}
     targets = {root, *(root / name for name in videos)}
@@ -464,13 +457,13 @@ def check_directory(directory: str | os.PathLike, *, folders: Mapping[str, str],
     for target in sorted(targets):
         real = Path(os.path.realpath(target))
         for ancestor in (real, *real.parents):
-            found = enclosing.get(_identity(ancestor))
+            found = enclosing.get(file_identity(ancestor))
             if found is not None:
                 raise InputError(
                     f"--heatmaps {directory} would write into {found[1]} {found[0]}"
                     f"{'' if target == root else f' (as {target})'}, which this run reads or "
                     "writes; give the heatmaps a folder of their own.")
-        source = holding.get(_identity(real))
+        source = holding.get(file_identity(real))
         if source is not None:
             raise InputError(
                 f"--heatmaps {directory} would write heatmaps into {target}, the folder of the "

@@ -59,6 +59,25 @@ def _within(inner: Path, outer: Path) -> bool:
     return any(_same(candidate, outer) for candidate in (inner, *inner.parents))
 
 
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The file's device and inode (following symbolic links), or None where there is none.
+    `a/missing/../b` is `a/b`, as it becomes once the output's folders are created."""
+    for candidate in (path, os.path.realpath(path)):
+        try:
+            status = os.stat(candidate)
+        except (OSError, ValueError):
+            continue
+        return status.st_dev, status.st_ino
+    return None
+
+
+def within(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Whether `path` (existing or not) is `directory` or lies below it, after symbolic links
+    and `..`, comparing each existing ancestor by device and inode (which also holds on
+    case-insensitive file systems and for bind mounts). False when `directory` is missing."""
+    return file_identity(directory) is not None and _within(real_path(path), real_path(directory))
+
+
 def overlap(output: str | os.PathLike, other: str | os.PathLike) -> str | None:
     """How `output` relates to `other`: 'is', 'lies inside', 'contains', or None."""
     out, inp = real_path(output), real_path(other)

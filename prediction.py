@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Sequence, TextIO
 import numpy as np
 
 import common
+from output_dir import file_identity, within
 from errors import printable  # noqa: F401  (prediction.printable: what outputs write)
 import heatmaps
 import video
@@ -210,31 +211,6 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
 # Outputs that would destroy an input
 
 
-def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
-    """The file's device and inode (following symbolic links), or None where there is none.
-    `a/missing/../b` is `a/b`, as it becomes once the output's folders are created."""
-    for candidate in (path, os.path.realpath(path)):
-        try:
-            status = os.stat(candidate)
-        except (OSError, ValueError):
-            continue
-        return status.st_dev, status.st_ino
-    return None
-
-
-def _within(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
-    """Whether `path` (existing or not) is `directory` or lies below it, after symbolic links
-    and `..`; each existing ancestor is compared with os.path.samefile, which also holds on
-    case-insensitive file systems and for bind mounts."""
-    if _identity(directory) is None:
-        return False
-    real = Path(os.path.realpath(path))
-    for ancestor in (real, *real.parents):
-        if _identity(ancestor) is not None and os.path.samefile(ancestor, directory):
-            return True
-    return False
-
-
 def check_outputs(outputs: Sequence[tuple[str, str | None]], arguments: Sequence[str],
                   inputs: Inputs, model_dir: str | os.PathLike,
                   save_frames: str | os.PathLike | None = None) -> None:
@@ -251,24 +227,24 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]], arguments: Sequence
                  *(item.path for source in inputs.sources if isinstance(source, list)
                    for item in source),
                  *(item.path for item in inputs.videos)]:
-        identity = _identity(name)
+        identity = file_identity(name)
         if identity is not None:
             read.setdefault(identity, name)
     given = [(flag, path) for flag, path in outputs if path]
     for index, (flag, path) in enumerate(given):
         for other_flag, other in given[:index]:
             if os.path.realpath(other) == os.path.realpath(path) or (
-                    _identity(path) is not None and _identity(path) == _identity(other)):
+                    file_identity(path) is not None and file_identity(path) == file_identity(other)):
                 raise _input_error(f"{other_flag} {other} and {flag} {path} name the same "
                                         "file; give each output its own file.")
         if os.path.isdir(path):
             raise _input_error(f"{flag} {path} is a folder; give the path of a file.")
-        if _within(path, model_dir):
+        if within(path, model_dir):
             raise _input_error(
                 f"{flag} {path} lies inside the model directory {model_dir}, which this run "
                 "reads; write the output somewhere else.")
         for written in (path, f"{path}.partial"):
-            source = read.get(_identity(written))
+            source = read.get(file_identity(written))
             if source is not None:
                 what = "" if written == path else f" (through its temporary file {written})"
                 raise _input_error(
@@ -278,7 +254,7 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]], arguments: Sequence
         return
     for item in inputs.videos:
         folder = Path(save_frames) / item.name
-        if _within(folder, model_dir):
+        if within(folder, model_dir):
             raise _input_error(
                 f"--save-frames {save_frames} would save frames into the model directory "
                 f"{model_dir}, which this run reads; save them somewhere else.")
@@ -286,7 +262,7 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]], arguments: Sequence
             continue
         pattern = re.compile(re.escape(item.name) + r"_frame\d{7,}\.jpg")
         for existing in sorted(folder.iterdir()):
-            source = read.get(_identity(existing)) if pattern.fullmatch(existing.name) else None
+            source = read.get(file_identity(existing)) if pattern.fullmatch(existing.name) else None
             if source is not None:
                 raise _input_error(
                     f"--save-frames {save_frames} would overwrite {existing} with a frame of "
