@@ -2781,10 +2781,10 @@ def check_output_outside_images(output_dir: str | os.PathLike, images: LabelledI
     """Refuse an output folder that is, contains or lies inside a folder of the images, the
     feature cache or the TensorBoard logs (the scripts check the paths the user typed first;
     this also covers callers of the library)."""
-    output_dir_checks.check_outside_inputs(
-        output_dir, {"--cache-dir": config.cache_dir, "--tensorboard": config.tensorboard})
-    for folder in sorted({os.path.dirname(path) for path in images.table["path"]}):
-        output_dir_checks.check_outside_inputs(output_dir, {"the image folder": folder})
+    folders = sorted({os.path.dirname(path) for path in images.table["path"]})
+    output_dir_checks.check_outside_inputs(output_dir, [
+        ("--cache-dir", config.cache_dir), ("--tensorboard", config.tensorboard),
+        *(("the image folder", folder) for folder in folders)])
 
 
 @run_warnings.collected  # the report and metrics.json show every warning of the run

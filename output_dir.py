@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from errors import InputError
 
@@ -96,15 +96,17 @@ def scripts_checkout() -> Path:
 
 
 def check_outside_inputs(output_dir: str | os.PathLike,
-                         inputs: Mapping[str, str | os.PathLike | None],
+                         inputs: Mapping[str, str | os.PathLike | None]
+                         | Iterable[tuple[str, str | os.PathLike | None]],
                          files: Mapping[str, str | os.PathLike | None] = {},
                          name: str = "OUTPUT_MODEL_DIR") -> None:
     """Refuse an `output_dir` that is, contains or lies inside one of the folders `inputs` (a
     mapping from how the user gave it, such as 'IMAGE_DIR' or '--cache-dir', to the path; None
     entries are skipped); that is or contains the folder of one of the `files` (a labels CSV:
     a model folder beside it is fine, but replacing its folder would delete it); or that is
-    or contains the scripts' checkout. Raises InputError naming both paths."""
-    for label, path in inputs.items():
+    or contains the scripts' checkout. `inputs` may also be (label, path) pairs, where one
+    label names several folders. Raises InputError naming both paths."""
+    for label, path in (inputs.items() if isinstance(inputs, Mapping) else inputs):
         if path is None:
             continue
         relation = overlap(output_dir, path)
