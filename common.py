@@ -132,7 +132,7 @@ SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 from errors import (  # noqa: E402,F401  (re-exported: common.InputError ...)
     ImageReadError, InputError, SymbolTrainerError, Terminated, WeightsUnavailableError,
-    printable)
+    listing, printable)
 from settings import (  # noqa: E402,F401  (re-exported: common.TrainingConfig ...)
     BACKBONES, EXPORT_FORMATS, RESIZE_METHODS, SWITCH_SETTINGS, BackboneSpec, TrainingConfig,
     add_training_arguments, config_from_args, flag_of)
@@ -866,8 +866,8 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
     row_numbers = [number for number, _ in rows]
     keep, conflicts, repeats = _first_listings(names, labels, row_numbers)
     if conflicts:
-        shown = "; ".join(conflicts[:5]) + (f"; and {len(conflicts) - 5:,} more" if len(conflicts) > 5 else "")
-        problems.append(f"{len(conflicts):,} file(s) listed twice with different labels: {shown}. "
+        problems.append(f"{len(conflicts):,} file(s) listed twice with different labels: "
+                        f"{listing(conflicts, separator='; ')}. "
                         "Keep one row per file, with the right labels.")
     if repeats:
         log.warning("%s: %s: same file and labels as an earlier row; each file is used once.",
@@ -2234,9 +2234,8 @@ class ModelDirectory:
         foreign = sorted(e.name for e in self.partial.iterdir() if e.name not in ours)
         if foreign:  # a folder of the user's that happens to have this name
             self.release()
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5:,} more" if len(foreign) > 5 else "")
             raise InputError(
-                f"{self.partial} holds files this tool did not write ({shown}). A run writes its "
+                f"{self.partial} holds files this tool did not write ({listing(foreign)}). A run writes its "
                 "model there before moving it to OUTPUT_MODEL_DIR, and would delete them. Move "
                 "them away, or choose another OUTPUT_MODEL_DIR.")
         self._empty(keep_checkpoint)

@@ -25,6 +25,8 @@ from typing import Collection, Sequence
 
 import numpy as np
 
+import errors
+
 
 @dataclass
 class Walk:
@@ -191,10 +193,7 @@ def identical_content(sha1: Sequence[str], labels: np.ndarray,
 
 def listing(items: Sequence[str], shown: int = 5) -> str:
     """The first `shown` items joined by '; ', and how many more there are."""
-    text = "; ".join(items[:shown])
-    if len(items) > shown:
-        text += f"; and {len(items) - shown:,} more"
-    return text
+    return errors.listing(items, shown, "; ")
 
 
 def split_groups(groups: np.ndarray | None, sha1: Sequence[str]) -> np.ndarray | None:

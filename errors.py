@@ -25,6 +25,16 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def listing(items, shown: int = 5, separator: str = ", ") -> str:
+    """The first `shown` of `items` joined by `separator`, and how many more there are:
+    'a, b and 3 more', or with separator '; ' 'a; b; and 3 more'. For messages that name a
+    few of many files, rows or pairs."""
+    text = separator.join(items[:shown])
+    if len(items) > shown:
+        text += f"{separator.rstrip(', ')} and {len(items) - shown:,} more"
+    return text
+
+
 class SymbolTrainerError(Exception):
     """Base class of the errors this library raises on purpose."""
 

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from errors import InputError
+from errors import InputError, listing
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -156,13 +156,13 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool,
             raise InputError(
                 f"OUTPUT_MODEL_DIR {output_dir} is not a model directory written by this tool "
                 f"(it has no {MODEL_FILE} and {METADATA_FILE}), so --overwrite will not replace "
-                f"it: it holds {_listing(sorted(entry.name for entry in path.iterdir()))}. "
+                f"it: it holds {listing(sorted(entry.name for entry in path.iterdir()), SHOWN_ENTRIES)}. "
                 "Choose another OUTPUT_MODEL_DIR, or move those files away yourself.")
         foreign = _foreign_entries(path)
         if foreign:
             raise InputError(
                 f"OUTPUT_MODEL_DIR {output_dir} holds files this tool did not write "
-                f"({_listing(foreign)}), which --overwrite would delete. Move them out of "
+                f"({listing(foreign, SHOWN_ENTRIES)}), which --overwrite would delete. Move them out of "
                 "the folder, or choose another OUTPUT_MODEL_DIR.")
     if not create_parent:
         return path
@@ -173,8 +173,3 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool,
         raise InputError(f"cannot write into {parent}; choose an OUTPUT_MODEL_DIR you can write.")
     return path
 
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:SHOWN_ENTRIES])
-    more = len(names) - SHOWN_ENTRIES
-    return shown + (f" and {more:,} more" if more > 0 else "")

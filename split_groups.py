@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 import common
+from errors import listing
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,7 @@ def _examples(names: Sequence[str], rows: Sequence[int] | None) -> str:
     """'rows 3 ('a.jpg'), 9 ('b.jpg') and 4 more' with row numbers, else the names alone."""
     if rows is not None:
         return common.spreadsheet_rows(rows, SHOWN, values=names)
-    text = ", ".join(map(repr, names[:SHOWN]))
-    return text + (f" and {len(names) - SHOWN:,} more" if len(names) > SHOWN else "")
+    return listing([repr(name) for name in names], SHOWN)
 
 
 def _group_column(header: list[str], csv_path: str, group_by: str | None) -> str:
@@ -104,9 +104,8 @@ def add_groups(table: pd.DataFrame, groups_csv: str | os.PathLike, group_by: str
 
     problems = []
     if conflicts:
-        shown = "; ".join(conflicts[:SHOWN]) + (f"; and {len(conflicts) - SHOWN:,} more"
-                                                if len(conflicts) > SHOWN else "")
-        problems.append(f"{len(conflicts):,} file(s) listed twice with different groups: {shown}. "
+        problems.append(f"{len(conflicts):,} file(s) listed twice with different groups: "
+                        f"{listing(conflicts, SHOWN, '; ')}. "
                         "A frame belongs to one group; keep one row per file.")
     if empty_names:
         problems.append(f"column filename: empty in {common.spreadsheet_rows(empty_names, SHOWN)}; "
