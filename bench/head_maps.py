@@ -15,8 +15,7 @@ Writes docs/measurements/head_maps.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import datetime
 import sys
 import tempfile
 import time
@@ -26,9 +25,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import feature_cache  # noqa: E402
 import heads  # noqa: E402
+import measurements  # noqa: E402
 import settings  # noqa: E402
 
 
@@ -83,9 +84,10 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--output", default=str(ROOT / "docs" / "measurements" / "head_maps.md"))
     args = parser.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
     geometry = common.ImageGeometry(args.height, args.width)
     symbols = [f"s{i}" for i in range(args.symbols)]
-    lines = []
+    lines, rows = [], []
     for pooling in settings.POOLINGS:
         config = common.TrainingConfig(alpha=args.alpha, weights="none", image_size=args.height,
                                        pooling=pooling, epochs=args.epochs, patience=args.epochs,
@@ -100,16 +102,19 @@ def main(argv=None) -> int:
         lines.append(f"| {pooling} | {'x'.join(map(str, shape))} {np.dtype(dtype).name} | "
                      f"{memory / 1024:,.1f} | {disk / 1024:,.1f} | "
                      f"{memory * args.frames / 1e6:,.0f} | {rate:.1f} | {epoch:.3f} ({epochs}) |")
+        rows.append({"pooling": pooling, "feature_shape": shape, "dtype": np.dtype(dtype).name,
+                     "memory_bytes_per_image": memory, "disk_bytes_per_image": float(disk),
+                     "extraction_images_per_second": float(rate),
+                     "head_epoch_seconds": float(epoch), "head_epochs": int(epochs)})
         print(lines[-1], flush=True)
+    # The command, commit, date and machine (TensorFlow is imported in this process).
+    facts = measurements.header("Head phase on feature maps against pooled vectors", started,
+                                measurements.backend_description())
     header = [
-        "# Head phase on feature maps against pooled vectors",
-        "",
-        "Written by `" + " ".join(["python bench/head_maps.py", *(argv or sys.argv[1:])])
-        + f"`: alpha {args.alpha}, input "
-        f"{args.height}x{args.width}, {args.frames} frames in the head phase (80 % training), "
-        f"{args.symbols} symbols, batch 32, on {platform.machine()} with {os.cpu_count()} CPU "
-        f"cores visible (shared with other work: rates are indicative), "
-        f"{common.tf.__version__} TensorFlow, Keras {common.keras.__version__}.",
+        measurements.header_markdown(facts),
+        f"Alpha {args.alpha}, input {args.height}x{args.width}, {args.frames} frames in the head "
+        f"phase (80 % training), {args.symbols} symbols, batch 32 (when other work shares the "
+        "CPU, the rates are indicative).",
         "",
         "Memory: per image in the head phase's array (the in-memory set is twice the total "
         "below at most: the whole set, and its training rows gathered for the phase). "
@@ -122,10 +127,10 @@ def main(argv=None) -> int:
         "| extraction images/s | head epoch s (epochs) |",
         "|---|---|---|---|---|---|---|",
     ]
-    text = "\n".join(header + lines) + "\n"
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
-    print(f"Wrote {args.output}")
+    data = {"header": facts, "alpha": args.alpha, "height": args.height, "width": args.width,
+            "frames": args.frames, "symbols": args.symbols, "runs": rows}
+    markdown, twin = measurements.write(args.output, "\n".join(header + lines), data)
+    print(f"Wrote {markdown} and {twin}")
     return 0
 
 

@@ -15,6 +15,7 @@ that the report shows). The results go to docs/measurements/heatmaps.md.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -28,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measurements  # noqa: E402
 
 
 def report_sizes(model_dir: Path, image_dir: Path, work: Path) -> dict:
@@ -88,6 +91,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=200, help="Frames predicted per mode.")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "measurements" / "heatmaps.md")
     args = parser.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="heatmaps_cost_"))
     try:
         sizes = report_sizes(args.model_dir, args.image_dir, work)
@@ -96,13 +100,15 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     metadata = json.loads((args.model_dir / "metadata.json").read_text())
     plain, heated = sizes["plain"], sizes["heatmaps"]
+    # The command, commit, date and machine (report_sizes imported TensorFlow in this process).
+    facts = measurements.header("Heatmaps: what they cost", started,
+                                measurements.backend_description())
+    load = os.getloadavg()[0]
     lines = [
-        "# Heatmaps: what they cost",
-        "",
-        f"Written by `python bench/heatmaps_cost.py {args.model_dir} {args.image_dir} "
-        f"--frames {args.frames}` on {platform.node()} ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.1f} at the end: other "
-        "processes shared the cores, so rates are lower bounds).",
+        measurements.header_markdown(facts),
+        f"Model directory {args.model_dir}, frames from {args.image_dir}, {args.frames} frames "
+        f"per mode of predict.py; on {platform.node()}, load average {load:.1f} at the end "
+        "(when other processes share the cores, the rates are lower bounds).",
         f"Model: {metadata['backbone']['name']} alpha {metadata['backbone']['alpha']}, input "
         f"{metadata['input']['width']}x{metadata['input']['height']} ({metadata['input']['resize']}), "
         f"symbols {', '.join(metadata['symbols'])}.",
@@ -130,9 +136,13 @@ def main() -> int:
     for name, r in rates.items():
         lines.append(f"| {name} | {r['frames']} | {r['rate']:.1f} | {r['pngs']} | "
                      + (f"{r['png_kb']:.0f} KiB |" if r["pngs"] else "– |"))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
+    data = {"header": facts, "load_average_at_end": load, "model": {
+                "backbone": metadata["backbone"], "input": metadata["input"],
+                "symbols": metadata["symbols"]},
+            "report": sizes, "predict": rates}
+    markdown, twin = measurements.write(args.output, "\n".join(lines), data)
     print("\n".join(lines))
+    print(f"Wrote {markdown} and {twin}")
     return 0
 
 

@@ -14,6 +14,7 @@ Writes docs/measurements/pooling_unseen.md (or --output).
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 import tempfile
 import time
@@ -24,9 +25,11 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_multi_hot_model  # noqa: E402
 import common  # noqa: E402
 import evaluation  # noqa: E402
+import measurements  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path,
                         default=ROOT / "docs" / "measurements" / "pooling_unseen.md")
     args = parser.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
     work = args.work or Path(tempfile.mkdtemp(prefix="pooling_unseen_"))
     test = pd.read_csv(args.test_dir / "labels.csv")
     rows = []
@@ -69,13 +73,11 @@ def main(argv=None) -> int:
         print(pooling, rows[-1], flush=True)
     symbols = list(rows[0]["per_symbol"])
     prevalence = {s: float(test[f"{s}_visible"].mean()) for s in symbols}
+    # The command (sys.argv, training flags after -- included), commit, date and machine.
+    facts = measurements.header("--pooling on unseen frames", started,
+                                measurements.backend_description())
     lines = [
-        "# --pooling on unseen frames",
-        "",
-        "Written by `" + " ".join(["python bench/pooling_unseen.py", *(sys.argv[1:] if argv is None
-                                                                        else argv), "--",
-                                   *training]) + "`.",
-        "",
+        measurements.header_markdown(facts),
         f"Trained on {args.train_dir} (validation split as the tool makes it), scored on all "
         f"{len(test)} frames of {args.test_dir} (prevalence "
         + ", ".join(f"{s} {p:.2f}" for s, p in prevalence.items())
@@ -94,9 +96,15 @@ def main(argv=None) -> int:
         lines.append(f"| {row['pooling']} | {cells} | {np.mean(aucs):.3f} | {np.mean(aps):.3f} | "
                      f"{'-' if validation_ap is None else f'{validation_ap:.3f}'} | "
                      f"{row['seconds']:.0f} |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
+    data = {"header": facts, "train_dir": args.train_dir, "test_dir": args.test_dir,
+            "training_flags": training, "prevalence": prevalence,
+            "runs": [{"pooling": r["pooling"], "training_seconds": r["seconds"],
+                      "validation_ap": r["validation_ap"],
+                      "unseen": {s: {"roc_auc": auc, "average_precision": ap}
+                                 for s, (auc, ap) in r["per_symbol"].items()}} for r in rows]}
+    markdown, twin = measurements.write(args.output, "\n".join(lines), data)
     print("\n".join(lines))
+    print(f"Wrote {markdown} and {twin}")
     return 0
 
 
