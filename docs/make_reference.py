@@ -97,8 +97,11 @@ SEE_ALSO = {
 
 
 def cell(text: str) -> str:
-    """Text safe inside a markdown table cell (no row breaks, no HTML tags, no column breaks)."""
-    return " ".join(str(text).split()).replace("<", "&lt;").replace("|", "\\|")
+    """Text safe inside a markdown table cell: one line, | escaped (also in code spans, as
+    GitHub's tables need), and < outside code spans written &lt; so that `<symbol>` is not
+    taken for an HTML tag."""
+    parts = " ".join(str(text).split()).replace("|", "\\|").split("`")
+    return "`".join(part if i % 2 else part.replace("<", "&lt;") for i, part in enumerate(parts))
 
 
 def metavar(action: argparse.Action) -> str:
@@ -134,7 +137,7 @@ def default(action: argparse.Action) -> str:
     if action.nargs == 0:
         return "off"
     if action.default is None or action.default == []:
-        return "none"
+        return "-"  # no value; the help says what happens without the flag
     return f"`{cell(action.default)}`"
 
 
