@@ -63,7 +63,8 @@ def report_sizes(model_dir: Path, image_dir: Path, work: Path) -> dict:
 
 
 def predict_rates(model_dir: Path, image_dir: Path, frames: int, work: Path) -> dict:
-    names = sorted(p for p in image_dir.rglob("*.jpg"))[:frames]
+    # Absolute paths: predict.py reads a list's relative paths against the list's own folder.
+    names = sorted(p.resolve() for p in image_dir.rglob("*.jpg"))[:frames]
     listing = work / "frames.txt"
     listing.write_text("".join(f"{p}\n" for p in names))
     results = {}
