@@ -166,18 +166,21 @@ def test_cosine_run_writes_warm_up_then_decay_and_resumes_mid_schedule(
 
 
 def test_cosine_under_mirrored_strategy_with_mixed_precision(small_two_symbol_csv, tmp_path,
-                                                            isolated_keras_home):
+                                                            isolated_keras_home, shared_weights):
     """Two logical CPU devices (global batch 32: one step per epoch) and float16 compute: the
     LossScaleOptimizer carries the schedule, and history.csv shows it. A one-epoch warm-up is
-    one step here: epoch 1 runs at peak / 1, then a half cosine over the 3 steps left."""
+    one step here: epoch 1 runs at peak / 1, then a half cosine over the 3 steps left. Real
+    weights: random ones overflow float16 on CPU whatever the schedule (the validation loss
+    becomes NaN with 'constant' too)."""
     out = tmp_path / "model"
     command = training_command(small_two_symbol_csv, out, *COSINE, "--devices", "cpu:2",
-                               "--mixed-precision", "on")
+                               "--mixed-precision", "on", "--weights", shared_weights)
     done = subprocess.run(command, env=process_environment(isolated_keras_home),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["training"]["replicas"] == 2
+    assert metadata["training"]["mixed_precision"] is True
     rates = _fine_tune_rates(out)
     expected = [PEAK * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)]
     assert rates == pytest.approx([PEAK, *expected], rel=1e-3)
