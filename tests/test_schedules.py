@@ -185,3 +185,24 @@ def test_cosine_under_mirrored_strategy_with_mixed_precision(small_two_symbol_cs
     expected = [PEAK * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)]
     assert rates == pytest.approx([PEAK, *expected], rel=1e-3)
     assert np.all(np.isfinite(pd.read_csv(out / "history.csv")["loss"]))
+
+
+def test_bench_accuracy_configurations_take_the_schedule_flags():
+    """`bench/accuracy.py --config 'cos=--fine-tune-schedule cosine ...'` reads the flags
+    through settings, so the integrator can compare schedules."""
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "bench"))
+    import accuracy
+
+    config = accuracy.training_config(
+        "--fine-tune-schedule cosine --fine-tune-warmup 0.5 --fine-tune-epochs 10",
+        weights="none", seed=0)
+    assert (config.fine_tune_schedule, config.fine_tune_warmup, config.fine_tune_epochs) \
+        == ("cosine", 0.5, 10)
+    old = accuracy.training_config(accuracy.OLD_RELEASE_FLAGS, weights="none", seed=0)
+    assert old.fine_tune_schedule == "constant"  # the last release's, while it is the default
+    assert accuracy.differing_settings(config, old)["--fine-tune-schedule"] == "cosine"
+    with pytest.raises(accuracy.ConfigError, match="--fine-tune-schedule"):
+        accuracy.training_config("--fine-tune-schedule linear", weights="none", seed=0)
