@@ -28,8 +28,9 @@ def warmup_steps(planned_steps: int, steps_per_epoch: int, warmup_epochs: float)
     return max(0, min(wanted, planned_steps // 2))
 
 
-def fine_tuning_rate(peak: float, schedule: str, epochs: int, steps_per_epoch: int,
-                     warmup_epochs: float) -> float | keras.optimizers.schedules.LearningRateSchedule:
+def fine_tuning_rate(
+        peak: float, schedule: str, epochs: int, steps_per_epoch: int, warmup_epochs: float,
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The learning rate of the fine-tuning optimizer.
 
     'constant': `peak` at every step. 'cosine': over the first `warmup_steps` steps a linear
