@@ -99,6 +99,7 @@ import report  # noqa: E402
 import run_warnings  # noqa: E402
 import feature_cache  # noqa: E402
 import run_lock  # noqa: E402
+import schedules  # noqa: E402  (--fine-tune-schedule)
 from pixel_store import PixelStore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -1855,8 +1856,9 @@ def fused_targets(labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.concatenate([np.nan_to_num(labels), weights], axis=1).astype(np.float32)
 
 
-def compile_fused(model: keras.Model, learning_rate: float, xla: str = "auto",
-                  steps_per_execution: int = 1) -> None:
+def compile_fused(model: keras.Model,
+                  learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+                  xla: str = "auto", steps_per_execution: int = 1) -> None:
     """Compile a model with fused logits (`fused_head`) for training with `fused_targets`.
     `steps_per_execution` steps run in one call of the compiled step; it must divide the
     steps of an epoch, or an execution would run into the next epoch's batches."""
@@ -2104,8 +2106,8 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
     # fine-tuning, so both rates are named there.
     rates = {"--fine-tune-learning-rate": config.fine_tune_learning_rate} if phase != "head" else {}
     rates["--learning-rate"] = config.learning_rate
-    callbacks = [validation, FiniteLossGuard(phase, rates), early_stopping,
-                 EpochLog(phase, epochs, rows, steps, validation)]
+    callbacks = [validation, schedules.LearningRateLog(), FiniteLossGuard(phase, rates),
+                 early_stopping, EpochLog(phase, epochs, rows, steps, validation)]
     if run.checkpoint is not None and run.checkpoint.writer:
         callbacks.append(EpochCheckpoint(run.checkpoint, phase, epochs, rows, early_stopping))
     if config.tensorboard and run.placement.is_chief:
@@ -2167,8 +2169,12 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     run = run or single_device_run()
     batch = run.global_batch(config.batch_size)
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
-    log.info("Fine-tuning the top %d weighted layers of %s at learning rate %g", layers,
-             config.backbone, config.fine_tune_learning_rate)
+    # --fine-tune-schedule (schedules.py): a number, or a schedule of the optimizer's steps.
+    rate = schedules.fine_tuning_rate(config.fine_tune_learning_rate, config.fine_tune_schedule,
+                                      config.fine_tune_epochs, math.ceil(len(train[1]) / batch),
+                                      config.fine_tune_warmup)
+    log.info("Fine-tuning the top %d weighted layers of %s, learning rate %s", layers,
+             config.backbone, schedules.describe(rate))
     # XLA is not known to compile the augmentation's image resampling op, so 'auto' leaves
     # an augmented fine-tuning step to TensorFlow's own kernels; --xla on forces it.
     augmented = augmentation.augments(config.augment, config.flip)
@@ -2176,7 +2182,7 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     with run.placement.strategy.scope():
         fused = fused_head(parts, symbols, config.dropout)
         model = training_model(parts, fused, config)
-        compile_fused(model, config.fine_tune_learning_rate, xla)
+        compile_fused(model, rate, xla)
     targets = fused_targets(train[1], train[2])
     # Keras's progress bar writes to standard output: shown only when that is a terminal.
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
@@ -2730,6 +2736,8 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
                 if k not in SETTINGS_NOT_IN_RUN_KEY}
     if settings["pooling"] == "avg":  # as before --pooling existed: older checkpoints resume
         del settings["pooling"]
+    if settings["fine_tune_schedule"] == "constant":  # as before the schedule: no warm-up either
+        del settings["fine_tune_schedule"], settings["fine_tune_warmup"]
     return {
         "settings": settings,
         "mixed_precision": mixed, "replicas": placement.replicas,

@@ -25,6 +25,8 @@ SWITCH_SETTINGS = ("auto", "on", "off")  # --mixed-precision and --xla
 AUGMENT_POLICIES = ("none", "light", "default", "heavy")
 # --pooling: 'avg' is the original head; the others are the spatial heads of heads.py.
 POOLINGS = ("avg", "max", "lse", "topk", "attention")
+# --fine-tune-schedule: how the fine-tuning learning rate changes over its steps (schedules.py).
+FINE_TUNE_SCHEDULES = ("constant", "cosine")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +212,25 @@ class TrainingConfig:
         1e-4, "--fine-tune-learning-rate",
         "Adam learning rate of the fine-tuning phase, lower so the pretrained features are "
         "adjusted rather than overwritten. Default: %(default)s.", type=float)
+    fine_tune_schedule: str = _setting(
+        "constant", "--fine-tune-schedule",
+        "How the fine-tuning learning rate changes from step to step: 'constant' keeps "
+        "--fine-tune-learning-rate throughout; 'cosine' rises linearly from near 0 to "
+        "--fine-tune-learning-rate over the warm-up (--fine-tune-warmup), then falls along a "
+        "half cosine to near 0 at the last step of the last planned epoch (--fine-tune-epochs), "
+        "so that the first steps, taken before Adam's running estimates of the gradients "
+        "have settled, move the pretrained weights little, and the last ones settle them. "
+        "Early stopping may end it before the end of the decay; a higher --fine-tune-patience "
+        "lets it finish. history.csv shows each epoch's rate in its learning_rate column. "
+        "Default: %(default)s.", choices=FINE_TUNE_SCHEDULES)
+    fine_tune_warmup: float = _setting(
+        1.0, "--fine-tune-warmup",
+        "Length of the warm-up of --fine-tune-schedule cosine, in epochs of fine-tuning "
+        "(fractions allowed, 0 for none). In epochs rather than as a share of the run because "
+        "what it guards against, Adam's first steps taken before its estimates of the "
+        "gradients have settled, lasts a number of steps however long the run is. It is cut "
+        "to half of the planned fine-tuning steps when longer, so that the rate still decays. "
+        "Ignored by 'constant'. Default: %(default)s.", type=float, metavar="EPOCHS")
     fine_tune_fraction: float = _setting(
         0.3, "--fine-tune-fraction",
         "Share of the backbone's layers, counted from the top, that the fine-tuning phase "
@@ -337,6 +358,11 @@ class TrainingConfig:
             ("fine_tune_learning_rate",
              _real(self.fine_tune_learning_rate) and 0 < self.fine_tune_learning_rate <= 1,
              "must be a number above 0 and at most 1 (Adam's rates are usually 1e-5 to 1e-3)"),
+            ("fine_tune_schedule", self.fine_tune_schedule in FINE_TUNE_SCHEDULES,
+             f"choose one of {', '.join(FINE_TUNE_SCHEDULES)}"),
+            ("fine_tune_warmup",
+             _real(self.fine_tune_warmup) and 0 <= self.fine_tune_warmup <= MAX_EPOCHS,
+             f"must be a number of epochs from 0 to {MAX_EPOCHS}"),
             ("fine_tune_fraction", _real(self.fine_tune_fraction) and 0 < self.fine_tune_fraction <= 1,
              "must be greater than 0 and at most 1"),
             ("dropout", _real(self.dropout) and 0 <= self.dropout < 1,
