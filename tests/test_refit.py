@@ -174,10 +174,43 @@ def test_kept_epochs_match_what_early_stopping_kept(binary_dirs, tmp_path):
     kept = refit.kept_epochs(history)
     head = [r for r in history if r["phase"] == "head"]
     assert kept["fine_tune"] == 0
-    # The metrics were scored with the kept epoch's weights: its validation AP is theirs.
+    # The saved model, scored for metrics.json, has the kept epoch's weights: the validation
+    # AP of that epoch is the AP the metrics report.
+    assert result.metrics["symbols"]["square"]["average_precision"] == pytest.approx(
+        head[kept["head"] - 1]["val_ap"], abs=1e-6)
     best = max(r["val_ap"] for r in head)
-    assert head[kept["head"] - 1]["val_ap"] == best
     assert kept["head"] == min(r["epoch"] for r in head if r["val_ap"] == best)
     assert result.refit == {"refit": False, "metrics_from": "saved model",
                             "images": {"trained_on": result.counts["train"]["images"]},
                             "note": refit.note({"refit": False})}
+
+
+def test_the_refit_fine_tunes_for_the_kept_fine_tuning_epochs(binary_dirs, tmp_path, monkeypatch):
+    """Whatever validation kept is what the refit trains: here 2 head epochs and 1 of
+    fine-tuning, which moves the top of the backbone away from the seed's initialisation."""
+    monkeypatch.setattr(refit, "kept_epochs", lambda rows: {"head": 2, "fine_tune": 1})
+    images = common.images_from_directories(*binary_dirs)
+    args = build_binary_classifier.build_parser().parse_args(
+        [str(binary_dirs[0]), str(binary_dirs[1]), str(tmp_path / "m"), *FAST, "--weights",
+         "none", "--refit"])
+    config = common.config_from_args(args)
+    result = common.train_and_save(images, config, tmp_path / "m")
+    history = result.refit["history"]
+    assert [(r["phase"], r["epoch"]) for r in history] == [("head", 1), ("head", 2),
+                                                           ("fine_tune", 1)]
+    assert all(np.isfinite(r["loss"]) for r in history)
+    loaded = common.load_model_dir(tmp_path / "m")
+    assert loaded.metadata["refit"]["epochs"] == {"head": 2, "fine_tune": 1}
+    assert all(w.dtype == np.float32 for w in loaded.model.get_weights())
+    paths = sorted(str(p) for p in binary_dirs[1].rglob("*.png"))[:3]
+    assert common.predict_images(loaded, paths)["square_probability"].between(0, 1).all()
+    # A fresh model of the same seed has the initialisation; the refit fine-tuned the top
+    # of the backbone (Conv_1) away from it and left the bottom (Conv1) frozen.
+    common.keras.utils.set_random_seed(config.seed)
+    fresh = common.build_model(["square"], config, common.ImageGeometry.from_json(
+        loaded.metadata["input"]))
+    saved = loaded.model.get_layer(fresh.backbone.name)
+    assert not np.allclose(fresh.backbone.get_layer("Conv_1").get_weights()[0],
+                           saved.get_layer("Conv_1").get_weights()[0])
+    np.testing.assert_array_equal(fresh.backbone.get_layer("Conv1").get_weights()[0],
+                                  saved.get_layer("Conv1").get_weights()[0])
