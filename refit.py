@@ -72,9 +72,10 @@ def kept_epochs(rows: Sequence[dict]) -> dict[str, int]:
         value = float(row.get(monitor, np.nan))
         if _improves(value, best, mode):
             best, kept["head"] = value, int(row["epoch"])
-    # Fine-tuning starts from the head phase's best score only when it is finite
-    # (common.fit_phase's keep_start_unless_beaten).
-    best = best if best is not None and np.isfinite(best) else None
+    # Fine-tuning's weights to beat are the head phase's, scored by the best finite value of
+    # the rows before it (common.fit_phase's keep_start_unless_beaten).
+    finite = [float(row[monitor]) for row in head if np.isfinite(row.get(monitor, np.nan))]
+    best = (max(finite) if mode == "max" else min(finite)) if finite else None
     for row in tuned:
         value = float(row.get(monitor, np.nan))
         if _improves(value, best, mode):
@@ -136,7 +137,8 @@ def _features(parts: common.ModelParts, images: common.LabelledImages,
 
 def train_on_all_frames(images: common.LabelledImages, config: common.TrainingConfig,
                         geometry: common.ImageGeometry, epochs: dict[str, int], store,
-                        run: common.TrainingRun, rows: list[dict]) -> tuple[common.ModelParts, np.ndarray]:
+                        run: common.TrainingRun,
+                        rows: list[dict]) -> tuple[common.ModelParts, np.ndarray]:
     """A fresh model trained on every frame of `images` for exactly `epochs['head']` head
     epochs and `epochs['fine_tune']` fine-tuning epochs, as common._train_phases trains one
     (same seed, BatchNorm calibration, positive weighting, batches and learning rates), but
