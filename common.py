@@ -2464,6 +2464,7 @@ class TrainingResult:
     phase_seconds: dict = field(default_factory=dict)
     resumed_from: str | None = None  # where the run continued from a checkpoint, if it did
     exports: dict = field(default_factory=dict)  # format -> path, checked against the model
+    refit: dict = field(default_factory=dict)  # metadata.json's "refit" record (refit.py)
 
 
 def split_counts(labels: np.ndarray, is_validation: np.ndarray, symbols: Sequence[str],
@@ -2723,7 +2724,9 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
 # resumed all the same. The device count is compared instead of --devices, and mixed precision
 # as it was resolved.
 SETTINGS_NOT_IN_RUN_KEY = frozenset({"tensorboard", "cache_dir", "decoded_cache_gb", "devices",
-                                     "mixed_precision", "threshold_for"})
+                                     "mixed_precision", "threshold_for",
+                                     # --refit trains after the checkpointed run (refit.py)
+                                     "refit"})
 
 
 def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
@@ -2846,6 +2849,11 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
                                                            store, run)
             if mixed:
                 parts = float32_twin(parts, symbols, config, geometry)
+            # --refit hook (refit.py): the model to save, trained again on every frame for the
+            # epochs validation kept; `parts` stays the validation run's, scored below.
+            import refit  # builds on this module, so imported once it is loaded
+            refitted = refit.refit_if_asked(images, config, geometry, is_validation, rows,
+                                            store, run, mixed, phase_seconds)
             if not placement.is_chief:
                 log.info("Worker %d is done; worker 0 writes the model directory.",
                          placement.worker_index)
@@ -2901,6 +2909,9 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
                      "fingerprint_sha256": key["data_sha256"]},
             "packages": package_versions(),
         }
+        # --refit hook: save the refitted model; metrics and report stay the validation run's.
+        metadata["refit"] = refitted.record
+        validated, parts = parts, refitted.parts or parts
         partial = directory.partial
         save_model(parts, symbols, partial)
         exported = {}
@@ -2919,7 +2930,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         report.write_report(partial, model_name=Path(output_dir).name, metadata=metadata,
                             metrics=metrics, history=pd.DataFrame(rows), table=evaluation_table,
                             paths=[paths[i] for i in val_idx], warnings=run_warnings.current(),
-                            model=parts.model)
+                            model=validated.model)  # heatmaps of the model scored there
         metrics["warnings"] = list(run_warnings.current())  # the report's own included
         write_json(partial / METRICS_FILE, metrics)
         directory.commit()
@@ -2939,6 +2950,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     seconds = time.monotonic() - started
     return TrainingResult(Path(output_dir), metrics, seconds, counts, parts.model,
                           phase_seconds=phase_seconds, resumed_from=resumed_from,
+                          refit=refitted.record,
                           exports={k: Path(output_dir) / v.relative_to(directory.partial)
                                    for k, v in exported.items()})
 
@@ -2996,6 +3008,8 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
                           **{k: round(v, 3) for k, v in result.phase_seconds.items()}},
               "metrics": _metrics_record(result.metrics),
               "exports": {k: str(Path(v).resolve()) for k, v in result.exports.items()}}
+    # --refit hook: what was saved and where the metrics come from (refit.py)
+    record["refit"] = {k: v for k, v in result.refit.items() if k != "history"}
     if not result.written:
         return CommandOutcome(f"Training finished on this worker in {result.seconds:.0f} s; "
                               f"the chief (worker 0) writes {result.output_dir}.", record)
@@ -3005,6 +3019,7 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
         f"95 % intervals from {bootstrap['replicates']:,} bootstrap resamples of "
         f"{bootstrap['resampled'].split(' (')[0]}):\n"
         f"{evaluation.format_metrics_summary(result.metrics)}\n"
+        + (f"{result.refit['note']}\n" if result.refit.get("refit") else "") +
         f"Wrote {result.output_dir} in {result.seconds:.0f} s; open "
         f"{Path(result.output_dir) / report.REPORT_FILE} for curves and the frames it gets wrong.",
         record)

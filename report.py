@@ -411,6 +411,7 @@ recall {_number(m['recall'])}, F1 {_number(m['f1'])}.</p>{note}
 validated on {counts['validation']['images']:,}{_split_by(counts, grouping)}. Backbone {html.escape(config['backbone'])}
 (alpha {config['alpha']}), input {metadata['input']['width']}x{metadata['input']['height']}
 pixels ({html.escape(config['resize'])}).</p>
+{_refit_note(metadata)}
 
 {_warnings_section(warnings)}
 
@@ -459,6 +460,15 @@ shows the symbol is a missing label.{_heatmap_note(bool(overlays))}</p>
     path = directory / REPORT_FILE
     path.write_text(document, encoding="utf-8", errors="backslashreplace")  # odd file names
     return path
+
+
+def _refit_note(metadata: dict) -> str:
+    """refit.py's sentence on which model was saved and where the figures come from."""
+    record = metadata.get("refit") or {}
+    if not record.get("note"):
+        return ""
+    kind = "refit" if record.get("refit") else "no-refit"
+    return f'<p class="lead {kind}" id="refit"><b>{html.escape(record["note"])}</b></p>'
 
 
 def _heatmap_note(shown: bool) -> str:

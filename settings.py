@@ -280,6 +280,15 @@ class TrainingConfig:
         0.2, "--validation-split",
         "Share of the images held out for validation, between 0 and 0.5. Default: %(default)s.",
         type=float)
+    refit: bool = _setting(
+        False, "--refit",
+        "After the usual run (each phase stopped early on the validation frames, thresholds "
+        "chosen on them), train a fresh model on the training and validation frames together "
+        "for exactly the head and fine-tuning epochs that validation kept, with no early "
+        "stopping, and save that model with the thresholds chosen on validation. The metrics, "
+        "evaluation.csv and report.html stay those of the validation run, the only scores on "
+        "held-out frames (see docs/refit.md). Costs a second training pass, about as long as "
+        "the first. Default: off.", action="store_true")
     group_by: str | None = _setting(
         None, "--group-by",
         "Which frames must stay together on one side of the train/validation split, so that "
@@ -389,6 +398,11 @@ class TrainingConfig:
             ("augment", self.augment in AUGMENT_POLICIES,
              f"choose one of {', '.join(AUGMENT_POLICIES)}"),
         ]
+        if self.refit and _real(self.validation_split) and self.validation_split == 0:
+            raise InputError(
+                "--refit needs validation frames to choose the epochs and thresholds it refits "
+                "with, and --validation-split 0 leaves none: give a --validation-split above 0 "
+                "(for example 0.2), or leave out --refit.")
         for name, ok, what in checks:
             if not ok:
                 raise InputError(f"{flag_of(name)} {what}; got {getattr(self, name)!r}.")
