@@ -344,7 +344,7 @@ def run_job(args, data: DataSet, config_name: str, flags: str, seed: int) -> dic
             print(f"  {data.name} {config_name} seed {seed}: reused {stored}", flush=True)
             return run
     shutil.rmtree(directory, ignore_errors=True)
-    command = [sys.executable, __file__, "--job-set", data.name, "--job-flags", flags,
+    command = [sys.executable, __file__, "--job-set", data.name, "--job-flags=" + flags,
                "--job-seed", str(seed), "--job-dir", str(directory), "--work", args.work,
                "--weights", args.weights, "--n-frames", str(args.n_frames),
                "--n-unseen", str(args.n_unseen), "--gtsrb-positive", args.gtsrb_positive,
