@@ -19,7 +19,7 @@ POSITIONALS = {"with_dir": "WITH_DIR", "without_dir": "WITHOUT_DIR", "output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import settings  # the standard library only: --help never waits for TensorFlow
+    from symbol_trainer import settings  # the standard library only: --help never waits for TensorFlow
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import cli
+    from symbol_trainer import cli
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ POSITIONALS = {"image_dir": "IMAGE_DIR", "labels_csv": "LABELS_CSV", "output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import settings  # the standard library only: --help never waits for TensorFlow
+    from symbol_trainer import settings  # the standard library only: --help never waits for TensorFlow
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import cli
+    from symbol_trainer import cli
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -89,17 +89,17 @@ def _import_tensorflow_quietly():
 tf = _import_tensorflow_quietly()
 import keras  # noqa: E402
 
-import augmentation  # noqa: E402
-import checkpoints  # noqa: E402
-import distribution  # noqa: E402
-import duplicates  # noqa: E402
-import evaluation  # noqa: E402
-import heads  # noqa: E402
-import report  # noqa: E402
-import run_warnings  # noqa: E402
-import feature_cache  # noqa: E402
-import run_lock  # noqa: E402
-from pixel_store import PixelStore  # noqa: E402
+from symbol_trainer import augmentation  # noqa: E402
+from symbol_trainer import checkpoints  # noqa: E402
+from symbol_trainer import distribution  # noqa: E402
+from symbol_trainer import duplicates  # noqa: E402
+from symbol_trainer import evaluation  # noqa: E402
+from symbol_trainer import heads  # noqa: E402
+from symbol_trainer import report  # noqa: E402
+from symbol_trainer import run_warnings  # noqa: E402
+from symbol_trainer import feature_cache  # noqa: E402
+from symbol_trainer import run_lock  # noqa: E402
+from symbol_trainer.pixel_store import PixelStore  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +130,15 @@ TABLE_COLUMNS = frozenset({"path", "filename", "folder", "image_sha1", "image_wi
 SYMBOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 
-from errors import (  # noqa: E402,F401  (re-exported: common.InputError ...)
+from symbol_trainer.errors import (  # noqa: E402,F401  (re-exported: common.InputError ...)
     ImageReadError, InputError, SymbolTrainerError, Terminated, WeightsUnavailableError,
     listing, printable)
-from settings import (  # noqa: E402,F401  (re-exported: common.TrainingConfig ...)
+from symbol_trainer.settings import (  # noqa: E402,F401  (re-exported: common.TrainingConfig ...)
     BACKBONES, EXPORT_FORMATS, RESIZE_METHODS, SWITCH_SETTINGS, BackboneSpec, TrainingConfig,
     add_training_arguments, config_from_args, flag_of)
-import output_dir as output_dir_checks  # noqa: E402
-from output_dir import METADATA_FILE, MODEL_FILE, check_output_dir  # noqa: E402,F401
-from command import configure_logging, run_command, sigterm_raises  # noqa: E402,F401  (re-exported)
+from symbol_trainer import output_dir as output_dir_checks  # noqa: E402
+from symbol_trainer.output_dir import METADATA_FILE, MODEL_FILE, check_output_dir  # noqa: E402,F401
+from symbol_trainer.command import configure_logging, run_command, sigterm_raises  # noqa: E402,F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # Finding and reading images
@@ -457,7 +457,7 @@ def images_from_directories(with_dir: str | os.PathLike, without_dir: str | os.P
     })
     details = {}
     if groups_csv is not None:
-        import split_groups  # here: it uses this module
+        from symbol_trainer import split_groups  # here: it uses this module
         base = os.path.dirname(os.path.abspath(groups_csv))
         details["groups_csv"] = {"path": str(groups_csv), "column": split_groups.add_groups(
             table, groups_csv, group_by, keys=[os.path.realpath(p) for p in paths],
@@ -918,7 +918,7 @@ def images_from_csv(image_dir: str | os.PathLike, csv_path: str | os.PathLike,
         table[column if column not in table.columns else f"csv_{column}"] = values
     details = {}
     if groups_csv is not None:
-        import split_groups  # here: it uses this module
+        from symbol_trainer import split_groups  # here: it uses this module
         details["groups_csv"] = {"path": str(groups_csv), "column": split_groups.add_groups(
             table, groups_csv, group_by, keys=kept_names, key_of=lambda raw: _csv_filename(raw)[0],
             labels_from=str(csv_path), names_are=f"relative to IMAGE_DIR {image_dir}, as in {csv_path}",
@@ -2349,7 +2349,7 @@ def load_model_dir(path: str | os.PathLike) -> LoadedModel:
     checking that they agree. Raises InputError naming the file and the field for a missing,
     empty, truncated or damaged file and for metadata that is invalid or disagrees with the
     model (model_checks)."""
-    import model_checks
+    from symbol_trainer import model_checks
 
     directory = Path(path)
     metadata_path, model_path = directory / METADATA_FILE, directory / MODEL_FILE
@@ -2897,7 +2897,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         save_model(parts, symbols, partial)
         exported = {}
         if exports:
-            import export  # TensorFlow's exporters load only for runs that ask for them
+            from symbol_trainer import export  # TensorFlow's exporters load only for runs that ask for them
             exported = export.export_and_check(
                 partial, parts.model, symbols, geometry, list(exports),
                 [paths[i] for i in val_idx[:8]])

@@ -61,7 +61,7 @@ def _number(kind, minimum: float, inclusive: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import video
+    from symbol_trainer import video
 
     defaults = video.SegmentSettings()
     parser = argparse.ArgumentParser(
@@ -161,15 +161,15 @@ def _output(path: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import dependencies
-    from errors import InputError
+    from symbol_trainer import dependencies
+    from symbol_trainer.errors import InputError
 
     try:  # before the first import of NumPy or PyAV, so a Python without them gets one line
         dependencies.require({**dependencies.REQUIRED, "av": "av"})
     except InputError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
-    import video
+    from symbol_trainer import video
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.heatmaps_all and not args.heatmaps:
         parser.error("--heatmaps-all needs --heatmaps DIR")
     import common
-    import prediction
+    from symbol_trainer import prediction
 
     common.configure_logging(quiet=args.quiet, debug=args.debug)
     log = logging.getLogger("predict")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix = "" if prefix == "./" else prefix
         heatmap_writer = None
         if args.heatmaps:
-            import heatmaps
+            from symbol_trainer import heatmaps
 
             heatmaps.check_directory(
                 args.heatmaps, folders={**{a: "the INPUT folder" for a in args.inputs

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measurements  # noqa: E402
-import settings  # noqa: E402
+from symbol_trainer import settings  # noqa: E402
 from train_speed import SHARED  # noqa: E402
 from unseen_scores import BOOTSTRAP_REPLICATES, METRICS, score_set  # noqa: E402
 

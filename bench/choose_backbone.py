@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import evaluation  # noqa: E402
+from symbol_trainer import evaluation  # noqa: E402
 import keras  # noqa: E402
 
 SHARED_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "weights"

@@ -48,7 +48,7 @@ def augmented_features(parts, paths, geometry, policy: str, seed: int) -> np.nda
     """Pooled features of each image after one random draw of `policy`'s augmentation."""
     import tensorflow as tf
 
-    import augmentation
+    from symbol_trainer import augmentation
     import common
     augmenter = augmentation.augmentation_layers(policy, False, seed)
 

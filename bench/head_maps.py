@@ -27,9 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-import feature_cache  # noqa: E402
-import heads  # noqa: E402
-import settings  # noqa: E402
+from symbol_trainer import feature_cache  # noqa: E402
+from symbol_trainer import heads  # noqa: E402
+from symbol_trainer import settings  # noqa: E402
 
 
 def extraction_rate(parts, images: int, batch: int) -> float:

@@ -34,7 +34,7 @@ def report_sizes(model_dir: Path, image_dir: Path, work: Path) -> dict:
     import pandas as pd
 
     import common
-    import report
+    from symbol_trainer import report
 
     loaded = common.load_model_dir(model_dir)
     table = pd.read_csv(model_dir / common.EVALUATION_FILE, keep_default_na=True)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import build_multi_hot_model  # noqa: E402
 import common  # noqa: E402
-import evaluation  # noqa: E402
+from symbol_trainer import evaluation  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -59,7 +59,7 @@ def main() -> int:
     if not WEIGHTS.is_file():
         parser.error(f"needs the shared ImageNet weights at {WEIGHTS}")
     import common
-    import prediction
+    from symbol_trainer import prediction
 
     common.configure_logging(quiet=True)
     work = Path(args.work)

@@ -55,7 +55,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import evaluation  # noqa: E402
+from symbol_trainer import evaluation  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_0.35_no_top_imagenet.weights.h5"

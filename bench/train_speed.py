@@ -127,7 +127,7 @@ def check_inputs(parser: argparse.ArgumentParser, args) -> None:
 
 
 def macro_ap(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    import evaluation
+    from symbol_trainer import evaluation
     values = [evaluation.average_precision(labels[:, j] == 1, probabilities[:, j])
               for j in range(labels.shape[1]) if (labels[:, j] == 1).any()]
     return float(np.mean(values))

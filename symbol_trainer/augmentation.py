@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import keras
 from keras import ops
 
-from settings import AUGMENT_POLICIES as POLICIES
+from symbol_trainer.settings import AUGMENT_POLICIES as POLICIES
 
 
 @dataclass(frozen=True)

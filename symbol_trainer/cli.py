@@ -12,11 +12,11 @@ import json
 import sys
 from typing import Callable, Mapping
 
-import command
-import dependencies
-import output_dir
-import run_warnings
-import settings
+from symbol_trainer import command
+from symbol_trainer import dependencies
+from symbol_trainer import output_dir
+from symbol_trainer import run_warnings
+from symbol_trainer import settings
 
 
 def print_json_line(record: dict) -> None:

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Callable
 
-from errors import InputError, Terminated, printable
+from symbol_trainer.errors import InputError, Terminated, printable
 
 log = logging.getLogger(__name__)
 

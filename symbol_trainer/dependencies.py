@@ -10,12 +10,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from errors import InputError
+from symbol_trainer.errors import InputError
 
 # Import name -> the package that requirements.txt installs for it.
 REQUIRED = {"numpy": "numpy", "pandas": "pandas", "PIL": "pillow", "tensorflow": "tensorflow",
             "keras": "keras", "matplotlib": "matplotlib"}
-REQUIREMENTS_FILE = Path(__file__).resolve().parent / "requirements.txt"
+# The checkout's requirements.txt (the package lies one folder below it).
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "requirements.txt"
 
 
 def missing_packages(modules: dict[str, str] = REQUIRED) -> list[str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from settings import DEVICES_HELP, DeviceChoice  # noqa: F401  (re-exported)
+from symbol_trainer.settings import DEVICES_HELP, DeviceChoice  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

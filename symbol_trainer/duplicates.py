@@ -25,7 +25,7 @@ from typing import Collection, Sequence
 
 import numpy as np
 
-import errors
+from symbol_trainer import errors
 
 
 @dataclass

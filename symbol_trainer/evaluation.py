@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from settings import ThresholdRule, parse_threshold_rule  # noqa: F401  (re-exported)
+from symbol_trainer.settings import ThresholdRule, parse_threshold_rule  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from errors import InputError, printable
-from output_dir import file_identity
+from symbol_trainer.errors import InputError, printable
+from symbol_trainer.output_dir import file_identity
 
 log = logging.getLogger(__name__)
 

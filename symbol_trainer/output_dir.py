@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from errors import InputError, listing
+from symbol_trainer.errors import InputError, listing
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -91,8 +91,9 @@ def overlap(output: str | os.PathLike, other: str | os.PathLike) -> str | None:
 
 
 def scripts_checkout() -> Path:
-    """The folder that holds this tool's scripts (a checkout, or an installed copy)."""
-    return Path(__file__).resolve().parent
+    """The folder that holds this tool's scripts and its package (a checkout, or an
+    installed copy's site-packages)."""
+    return Path(__file__).resolve().parents[1]
 
 
 def check_outside_inputs(output_dir: str | os.PathLike,

@@ -26,10 +26,10 @@ from typing import Iterable, Iterator, Sequence, TextIO
 import numpy as np
 
 import common
-from output_dir import file_identity, within
-from errors import printable  # noqa: F401  (prediction.printable: what outputs write)
-import heatmaps
-import video
+from symbol_trainer.output_dir import file_identity, within
+from symbol_trainer.errors import printable  # noqa: F401  (prediction.printable: what outputs write)
+from symbol_trainer import heatmaps
+from symbol_trainer import video
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-import evaluation
-import heatmaps
+from symbol_trainer import evaluation
+from symbol_trainer import heatmaps
 
 log = logging.getLogger(__name__)
 

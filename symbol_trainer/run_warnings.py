@@ -23,14 +23,28 @@ T = TypeVar("T")
 _active: list["WarningCollector"] = []
 
 
-_TOOL_FOLDER = os.path.dirname(os.path.realpath(__file__))
+_PACKAGE = __name__.split(".")[0]
+# The folder above the package: in a checkout, its top-level scripts (common.py,
+# build_multi_hot_model.py, ...) log as the tool too; an installed copy has none there.
+_TOOL_FOLDER = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+_IN_CHECKOUT = os.path.isfile(os.path.join(_TOOL_FOLDER, "build_multi_hot_model.py"))
 
 
 @functools.lru_cache(maxsize=None)
 def is_tool_logger(name: str) -> bool:
     """Whether a logger belongs to the tool: its modules log through
-    logging.getLogger(__name__), so the first part of the name is a module in this folder."""
-    return os.path.isfile(os.path.join(_TOOL_FOLDER, name.split(".")[0] + ".py"))
+    logging.getLogger(__name__), so the first part of the name is the package, or a script
+    of the checkout."""
+    first = name.split(".")[0]
+    if first == _PACKAGE:
+        return True
+    return _IN_CHECKOUT and os.path.isfile(os.path.join(_TOOL_FOLDER, first + ".py"))
+
+
+def source_name(name: str) -> str:
+    """A logger's name as the run's warnings show it: the module, without the package
+    (symbol_trainer.report -> report), as when the modules lay flat beside the scripts."""
+    return name[len(_PACKAGE) + 1:] if name.startswith(_PACKAGE + ".") else name
 
 
 class WarningCollector(logging.Handler):
@@ -53,7 +67,7 @@ class WarningCollector(logging.Handler):
         key = (record.levelname, message)
         if key not in self._seen:
             self._seen.add(key)
-            self.records.append({"level": record.levelname, "source": record.name,
+            self.records.append({"level": record.levelname, "source": source_name(record.name),
                                  "message": message})
 
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from errors import InputError
+from symbol_trainer.errors import InputError
 
 RESIZE_METHODS = ("letterbox", "squash", "crop")
 EXPORT_FORMATS = ("saved_model", "tflite")

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 import common
-from errors import listing
+from symbol_trainer.errors import listing
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import accuracy  # noqa: E402
 import measurements  # noqa: E402
 import unseen_scores  # noqa: E402
-import settings  # noqa: E402
+from symbol_trainer import settings  # noqa: E402
 
 
 def test_configuration_flags_reach_the_training_config():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import augmentation
+from symbol_trainer import augmentation
 import build_multi_hot_model
 import common
 from conftest import scene

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import build_multi_hot_model
-import checkpoints
+from symbol_trainer import checkpoints
 import common
 from conftest import (ROOT, listdir, process_environment, run_script, training_command)
 

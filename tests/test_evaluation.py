@@ -13,9 +13,9 @@ from PIL import Image
 from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score,
                              precision_recall_curve, roc_auc_score)
 
-import evaluation
-import report
-from evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
+from symbol_trainer import evaluation
+from symbol_trainer import report
+from symbol_trainer.evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
 
 # Eight frames by descending score; the symbol is in frames 1, 2, 3 and 5.
 LABELS = np.array([1, 1, 1, 0, 1, 0, 0, 0], bool)

@@ -10,7 +10,7 @@ import pytest
 
 import build_multi_hot_model
 import common
-import export
+from symbol_trainer import export
 from conftest import FAST, run_script, write_two_symbol_frames
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import common
 from conftest import scene
-from pixel_store import PixelStore
+from symbol_trainer.pixel_store import PixelStore
 
 SHAPE = (8, 6, 3)
 
@@ -268,7 +268,7 @@ def test_validation_scores_are_the_training_loss_and_the_macro_ap_of_rankable_sy
     assert logs["val_loss"] == pytest.approx(
         fused.evaluate(features, targets, batch_size=30, verbose=0), rel=1e-5)
     probabilities = 1 / (1 + np.exp(-fused(features, training=False).numpy()))
-    from evaluation import average_precision
+    from symbol_trainer.evaluation import average_precision
     expected = np.mean([average_precision(labels[1:, 0] == 1, probabilities[1:, 0]),
                         average_precision(labels[:, 1] == 1, probabilities[:, 1])])
     assert logs["val_ap"] == pytest.approx(expected, rel=1e-6)

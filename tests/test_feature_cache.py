@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, scene
 
 import common
-import feature_cache
+from symbol_trainer import feature_cache
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from conftest import FAST, run_script, scene, write_two_symbol_frames
 
 import build_multi_hot_model
 import common
-import feature_cache
-import heads
-import heatmaps
+from symbol_trainer import feature_cache
+from symbol_trainer import heads
+from symbol_trainer import heatmaps
 
 
 def pooled(pooling: str, maps: np.ndarray) -> np.ndarray:
@@ -286,7 +286,7 @@ def test_large_map_sets_go_to_a_mapped_file(monkeypatch):
 
 
 def test_checkpoint_keeps_feature_maps_as_they_are(tmp_path):
-    import checkpoints
+    from symbol_trainer import checkpoints
     maps = np.random.default_rng(3).normal(size=(5, 2, 3, 8)).astype(np.float16)
     checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoint", {"pooling": "max"})
     checkpoint.directory.mkdir(parents=True)

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 import common
-import evaluation
-import heatmaps
+from symbol_trainer import evaluation
+from symbol_trainer import heatmaps
 import predict
-import report
+from symbol_trainer import report
 from conftest import run_script
 
 SYMBOLS = ["red_square", "blue_circle"]

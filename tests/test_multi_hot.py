@@ -12,7 +12,7 @@ from conftest import FAST, ROOT, listdir, run_script, scene, write_two_symbol_fr
 import build_binary_classifier
 import build_multi_hot_model
 import common
-import evaluation
+from symbol_trainer import evaluation
 
 
 def _error_lines(capsys) -> list[str]:

@@ -10,11 +10,11 @@ import pytest
 
 import build_binary_classifier
 import build_multi_hot_model
-import export
-import output_dir
-import report
+from symbol_trainer import export
+from symbol_trainer import output_dir
+from symbol_trainer import report
 from conftest import FAST, ROOT, listdir, run_script
-from errors import InputError
+from symbol_trainer.errors import InputError
 
 
 def _errors(capsys) -> list[str]:

@@ -17,8 +17,8 @@ import pytest
 import build_multi_hot_model
 import common
 import predict
-import prediction
-import video
+from symbol_trainer import prediction
+from symbol_trainer import video
 from conftest import FAST, run_script, scene, write_two_symbol_frames
 
 SYMBOLS = ["red_square", "blue_circle"]

@@ -19,11 +19,11 @@ import time
 import numpy as np
 import pytest
 
-import checkpoints
+from symbol_trainer import checkpoints
 import common
-import run_lock
+from symbol_trainer import run_lock
 from conftest import ROOT, process_environment, training_command
-from pixel_store import PixelStore
+from symbol_trainer.pixel_store import PixelStore
 
 SHAPE = (8, 6, 3)
 
@@ -57,7 +57,7 @@ def test_a_sigkilled_process_leaves_no_pixel_store_file(tmp_path):
         import sys, time
         import numpy as np
         sys.path.insert(0, {str(ROOT)!r})
-        from pixel_store import PixelStore
+        from symbol_trainer.pixel_store import PixelStore
         store = PixelStore(["a_1", "a_2"], (64, 64, 3),
                            lambda p: np.full((64, 64, 3), 7, np.uint8))
         store.load("a_1"); store.load("a_2")
@@ -145,7 +145,7 @@ def test_the_next_run_removes_temporaries_a_killed_writer_left(tmp_path):
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    import run_lock
+    from symbol_trainer import run_lock
     run_lock.RunLock(sys.argv[2]).acquire()
     print("holding", flush=True)
     time.sleep(120)

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-import evaluation
-from evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
+from symbol_trainer import evaluation
+from symbol_trainer.evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
 
 
 def _sigmoid(x):
