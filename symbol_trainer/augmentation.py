@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import keras
-from keras import ops
+from symbol_trainer.backend import keras  # TensorFlow first, quietly
+from keras import ops  # noqa: E402
 
 from symbol_trainer.settings import AUGMENT_POLICIES as POLICIES
 

@@ -21,9 +21,9 @@ from symbol_trainer import settings
 
 def print_json_line(record: dict) -> None:
     """One line of strict JSON on standard output (NaN written as null)."""
-    if "common" in sys.modules:  # records of a run hold NumPy numbers, which common converts
-        common = sys.modules["common"]
-        text = json.dumps(common.finite_json(record), default=common.json_default)
+    if "symbol_trainer.json_files" in sys.modules:  # a run's records hold NumPy numbers
+        from symbol_trainer.json_files import finite_json, json_default
+        text = json.dumps(finite_json(record), default=json_default)
     else:  # an error found before the library was imported: plain strings and numbers
         text = json.dumps(record, default=str)
     sys.stdout.write(text + "\n")
@@ -66,22 +66,24 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
             if not args.dry_run:  # a dry run only notes an existing model directory
                 output_dir.check_output_dir(args.output_dir, args.overwrite, create_parent=False)
         dependencies.require()
-        import common
+        from symbol_trainer.backend import keras
+        from symbol_trainer.pipeline import CommandOutcome, check_or_train
+        from symbol_trainer.weights_download import download_weights
         if args.json:
             # Keras's progress bar writes to standard output, which --json keeps for its line.
-            common.keras.config.disable_interactive_logging()
+            keras.config.disable_interactive_logging()
         if args.download_weights_only:
-            cache, gained = common.download_weights(config)
+            cache, gained = download_weights(config)
             summary = (f"Downloaded {', '.join(gained)} into {cache}." if gained else
                        f"The weights were already in {cache}; nothing was downloaded.")
             summary += (" Copy that folder to $KERAS_HOME/models (by default ~/.keras/models) "
                         "on the offline machine, or pass one file with --weights PATH.")
-            outcome = common.CommandOutcome(summary, {"status": "ok", "exit_code": 0,
-                                                      "weights_dir": str(cache),
-                                                      "downloaded": gained})
+            outcome = CommandOutcome(summary, {"status": "ok", "exit_code": 0,
+                                               "weights_dir": str(cache),
+                                               "downloaded": gained})
         else:
             images, is_validation = labelled_images()
-            outcome = common.check_or_train(
+            outcome = check_or_train(
                 images, config, args.output_dir, overwrite=args.overwrite, dry_run=args.dry_run,
                 is_validation=is_validation, resume=not args.no_resume, exports=args.export)
         if args.json:

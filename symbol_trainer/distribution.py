@@ -24,7 +24,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-import tensorflow as tf
+from symbol_trainer.backend import tf  # TensorFlow first, quietly
 
 from symbol_trainer.settings import DEVICES_HELP, DeviceChoice  # noqa: F401  (re-exported)
 

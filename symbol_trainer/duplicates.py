@@ -12,7 +12,8 @@ Two kinds of duplicates make a model train on the wrong thing without any error:
   side of the split makes validation score a training frame. `split_groups` keeps copies on
   one side.
 
-No TensorFlow here, and no errors raised: the callers in common.py decide what is an error.
+No TensorFlow here, and no errors raised: the callers (images, labelled_images, preparation)
+decide what is an error.
 """
 
 from __future__ import annotations

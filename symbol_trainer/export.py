@@ -25,9 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
-import common
+from symbol_trainer.backend import keras, tf
+from symbol_trainer.errors import SymbolTrainerError
+from symbol_trainer.images import ImageGeometry, load_image_array
 
-tf, keras = common.tf, common.keras
 log = logging.getLogger(__name__)
 
 SAVED_MODEL_FOLDER = "saved_model"
@@ -40,11 +41,11 @@ PIXELS_TOLERANCE = 1e-3
 DECODING_TOLERANCE = 2.0
 
 
-class ExportCheckError(common.SymbolTrainerError):
+class ExportCheckError(SymbolTrainerError):
     """An export does not give the Keras model's predictions."""
 
 
-def _decode_and_resize(image_bytes: tf.Tensor, geometry: common.ImageGeometry) -> tf.Tensor:
+def _decode_and_resize(image_bytes: tf.Tensor, geometry: ImageGeometry) -> tf.Tensor:
     """One encoded image -> the (height, width, 3) uint8 model input, as resize_to_geometry."""
     height, width = geometry.height, geometry.width
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
@@ -65,7 +66,7 @@ def _decode_and_resize(image_bytes: tf.Tensor, geometry: common.ImageGeometry) -
 
 
 def write_saved_model(model: keras.Model, symbols: Sequence[str],
-                      geometry: common.ImageGeometry, path: Path) -> None:
+                      geometry: ImageGeometry, path: Path) -> None:
     """A SavedModel with the `serving_default` (encoded bytes) and `serve_pixels` signatures."""
     shape = (geometry.height, geometry.width, 3)
 
@@ -123,11 +124,11 @@ def _check(name: str, difference: float, tolerance: float) -> None:
 
 
 def export_and_check(directory: Path, model: keras.Model, symbols: Sequence[str],
-                     geometry: common.ImageGeometry, formats: Sequence[str],
+                     geometry: ImageGeometry, formats: Sequence[str],
                      sample_paths: Sequence[str]) -> dict[str, Path]:
     """Write each of `formats` ('saved_model', 'tflite') into `directory`, load it back and
     compare its probabilities with `model`'s on `sample_paths`; returns format -> path."""
-    pixels = np.stack([common.load_image_array(p, geometry) for p in sample_paths])
+    pixels = np.stack([load_image_array(p, geometry) for p in sample_paths])
     expected = {s: np.ravel(v) for s, v in model(pixels, training=False).items()}
     written = {}
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:

@@ -31,8 +31,8 @@ The poolings, on one symbol's per-location logits x (h x w = N locations):
 A `max` model is made of standard Keras layers only. `lse` and `topk` pool with the small
 layers below, registered with Keras (package "symbol_trainer") and computing with keras.ops:
 their saved models load in Keras safe mode in any process that has imported this module
-(common imports it). Standard library, NumPy and Keras only: this module imports nothing of
-the tool's own.
+(model imports it, and model_dir through model). Standard library, NumPy and Keras only:
+this module imports nothing of the tool's own but backend (TensorFlow and Keras).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ import math
 import tempfile
 from typing import Sequence
 
-import keras
 import numpy as np
+
+from symbol_trainer.backend import keras  # TensorFlow first, quietly
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def attention_conv(filters: int, name: str) -> keras.layers.Conv2D:
 def fused_spatial_head(head: keras.Model, pooling: str, dropout: float,
                        map_shape: tuple[int, int, int]) -> keras.Model:
     """A training twin of a SpatialHead's model `head`, feature map -> logits (batch, symbols)
-    in one model output (see common.fused_head for why), starting from its weights."""
+    in one model output (see training.fused_head for why), starting from its weights."""
     score_map = head.get_layer("score_map")
     inputs = keras.Input(shape=tuple(map_shape), name="features")
     x = keras.layers.Dropout(dropout, dtype="float32")(inputs)

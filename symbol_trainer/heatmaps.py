@@ -13,8 +13,9 @@ A heatmap covers the model input. `frame_heatmap` maps it onto the frame the inp
 from, undoing the resize of `metadata["input"]`: the bars of 'letterbox' are cut off, and the
 parts of the frame that 'crop' cut away are NaN (the model never saw them).
 
-This module sits below common.py (which imports it): it imports no module of this tool at
-load time; only `heatmaps` and `frame_heatmaps`, given image paths, read them with common.
+This module sits below report.py and prediction.py (which import it): it imports no module of
+this tool at load time; only `heatmaps` and `frame_heatmaps`, given image paths, read them
+with images.read_image.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class Placement:
 
 def placement(frame_size: tuple[int, int], height: int, width: int, resize: str) -> Placement:
     """The frame of `frame_size` (width, height) on an input of `width` x `height` resized by
-    `resize`, with the arithmetic of common.resize_to_geometry."""
+    `resize`, with the arithmetic of images.resize_to_geometry."""
     fw, fh = frame_size
     if resize == "squash" or (fw, fh) == (width, height):
         return Placement(0, 0, width, height)
@@ -164,7 +165,7 @@ def frame_heatmap(heatmap: np.ndarray, geometry, frame_size: tuple[int, int],
     """One map (h, w) over the model input, bilinearly resampled onto the frame that was
     resized to the input: `frame_size` (width, height) as it was resized, `size` (width,
     height) the output's size (default `frame_size`; a reduced copy of the frame gets the same
-    map at its size). `geometry` has `height`, `width` and `resize` (common.ImageGeometry).
+    map at its size). `geometry` has `height`, `width` and `resize` (images.ImageGeometry).
     Returns (height, width) float64, NaN where 'crop' cut the frame away."""
     heatmap = np.asarray(heatmap, dtype=np.float64)
     out_w, out_h = size or frame_size
@@ -208,22 +209,22 @@ class _FrameMaps(dict):
 
 
 def _geometry(metadata: Mapping):
-    import common  # here: common imports this module
+    from symbol_trainer.images import ImageGeometry  # here: no TensorFlow at load time
 
-    return common.ImageGeometry.from_json(metadata["input"])
+    return ImageGeometry.from_json(metadata["input"])
 
 
 def _read(path, geometry) -> tuple[Image.Image, np.ndarray]:
-    import common  # here: common imports this module
+    from symbol_trainer.images import read_image, resize_to_geometry
 
-    image = common.read_image(path, (geometry.width, geometry.height))
-    return image, common.resize_to_geometry(image, geometry)
+    image = read_image(path, (geometry.width, geometry.height))
+    return image, resize_to_geometry(image, geometry)
 
 
 def _call(model, batch: np.ndarray):
     with warnings.catch_warnings():
         # A loaded model's one input is the list ['image'] to Keras, and a bare batch means
-        # the same (as in common.compiled_inference).
+        # the same (as in datasets.compiled_inference).
         warnings.filterwarnings("ignore", message="The structure of `inputs`")
         return model(batch, training=False)
 
@@ -231,8 +232,8 @@ def _call(model, batch: np.ndarray):
 def heatmaps(loaded_model, images: Sequence, *, batch_size: int = 32) -> np.ndarray:
     """Per-location probabilities (the sigmoid of the per-location logits) of every symbol for
     each image, over the model input: (images, h, w, symbols), symbols in the order of
-    metadata["symbols"]. `loaded_model` is a common.LoadedModel (model and metadata);
-    `images` are paths, or model inputs (height, width, 3) uint8 as common.load_image_array
+    metadata["symbols"]. `loaded_model` is a model_dir.LoadedModel (model and metadata);
+    `images` are paths, or model inputs (height, width, 3) uint8 as images.load_image_array
     makes them. Map one onto its frame with `frame_heatmap`."""
     model, metadata = loaded_model
     geometry = _geometry(metadata)
@@ -252,7 +253,7 @@ def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *,
     """For each image path, its frame reduced to fit in `max_size` (width, height), the
     model's probabilities and each symbol's heatmap on that reduced frame; None for an image
     that cannot be read (it is logged)."""
-    import common  # here: common imports this module
+    from symbol_trainer.errors import ImageReadError
 
     symbols = list(metadata["symbols"])
     geometry = _geometry(metadata)
@@ -263,7 +264,7 @@ def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *,
         for path in paths[start:start + batch_size]:
             try:
                 image, inputs = _read(path, geometry)
-            except common.ImageReadError as error:
+            except ImageReadError as error:
                 log.info("No heatmap of %s: %s", printable(str(path)), error.reason)
                 frames.append(None)
                 continue

@@ -13,15 +13,18 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-import common
+from symbol_trainer.errors import InputError
+from symbol_trainer.model_format import MODEL_FORMAT_VERSION
+from symbol_trainer.output_dir import METADATA_FILE, MODEL_FILE
+from symbol_trainer.settings import RESIZE_METHODS
 
 RESTORE = ("Restore the model directory from a backup or copy it again, or train the model "
            "again")
 
 
-def _problem(path: Path, field: str | None, what: str) -> common.InputError:
+def _problem(path: Path, field: str | None, what: str) -> InputError:
     where = f"{path}: field {field!r}" if field else str(path)
-    return common.InputError(f"{where} {what}. {RESTORE}.")
+    return InputError(f"{where} {what}. {RESTORE}.")
 
 
 def _is_number(value) -> bool:
@@ -37,7 +40,7 @@ def read_metadata(path: Path) -> dict:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise common.InputError(f"{path}: cannot be read ({error.strerror or error}).") from None
+        raise InputError(f"{path}: cannot be read ({error.strerror or error}).") from None
     if not data.strip():
         raise _problem(path, None, f"is empty ({len(data)} bytes), so it is not the model's "
                                    "description; the copy was probably interrupted")
@@ -59,11 +62,11 @@ def read_metadata(path: Path) -> dict:
 
 def _check_fields(metadata: dict, path: Path) -> None:
     version = metadata.get("format_version")
-    if isinstance(version, bool) or version != common.MODEL_FORMAT_VERSION:
-        raise common.InputError(
+    if isinstance(version, bool) or version != MODEL_FORMAT_VERSION:
+        raise InputError(
             f"{path}: model directory format version {version!r} (field 'format_version') is "
             f"not supported by this version of the tool (it reads version "
-            f"{common.MODEL_FORMAT_VERSION}). Use the version of the tool that trained the "
+            f"{MODEL_FORMAT_VERSION}). Use the version of the tool that trained the "
             "model, or train it again.")
     symbols = metadata.get("symbols")
     if (not isinstance(symbols, list) or not symbols
@@ -82,9 +85,9 @@ def _check_fields(metadata: dict, path: Path) -> None:
             raise _problem(path, f"input.{side}", f"must be a whole number of pixels, 1 or "
                                                   f"more; found {geometry.get(side)!r}")
     resize = geometry.get("resize", "squash")  # older model directories had only 'squash'
-    if resize not in common.RESIZE_METHODS:
+    if resize not in RESIZE_METHODS:
         raise _problem(path, "input.resize", f"must be one of "
-                                             f"{', '.join(common.RESIZE_METHODS)}; found {resize!r}")
+                                             f"{', '.join(RESIZE_METHODS)}; found {resize!r}")
     training = metadata.get("training")
     config = training.get("config") if isinstance(training, dict) else None
     trained_with = config.get("resize") if isinstance(config, dict) else None
@@ -129,7 +132,7 @@ def check_model_file(path: Path) -> None:
         with open(path, "rb"):
             pass
     except OSError as error:
-        raise common.InputError(f"{path}: cannot be read ({error.strerror or error}).") from None
+        raise InputError(f"{path}: cannot be read ({error.strerror or error}).") from None
     if size == 0:
         raise _problem(path, None, "is empty (0 bytes); the copy or the training that wrote "
                                    "it was probably interrupted")
@@ -153,14 +156,14 @@ def check_against_model(metadata: dict, path: Path, outputs: Sequence[str],
     names and input shapes, or whose thresholds are not one per symbol."""
     symbols = metadata["symbols"]
     if sorted(outputs) != sorted(symbols):
-        raise _problem(path, "symbols", f"is {symbols}, but the model in {common.MODEL_FILE} "
+        raise _problem(path, "symbols", f"is {symbols}, but the model in {MODEL_FILE} "
                                         f"has the outputs {list(outputs)}; they do not match the "
-                                        f"symbols in {common.METADATA_FILE}, so the two files do "
+                                        f"symbols in {METADATA_FILE}, so the two files do "
                                         "not belong to the same model")
     _check_threshold_names(metadata, path)
     if len(input_shapes) != 1 or len(input_shapes[0]) != 4:
-        raise common.InputError(
-            f"{path.parent / common.MODEL_FILE}: the model takes inputs of shapes "
+        raise InputError(
+            f"{path.parent / MODEL_FILE}: the model takes inputs of shapes "
             f"{[tuple(s) for s in input_shapes]}, not one batch of images; it was not written by "
             f"this tool. {RESTORE}.")
     _, height, width, channels = input_shapes[0]
@@ -168,10 +171,10 @@ def check_against_model(metadata: dict, path: Path, outputs: Sequence[str],
                 "input.width": (width, metadata["input"]["width"])}
     for field, (model_value, stored) in expected.items():
         if model_value is not None and model_value != stored:
-            raise _problem(path, field, f"is {stored}, but the model in {common.MODEL_FILE} "
+            raise _problem(path, field, f"is {stored}, but the model in {MODEL_FILE} "
                                         f"takes images of {height}x{width} pixels (height x "
                                         "width)")
     if channels is not None and channels != 3:
-        raise common.InputError(
-            f"{path.parent / common.MODEL_FILE}: the model takes images with {channels} "
+        raise InputError(
+            f"{path.parent / MODEL_FILE}: the model takes images with {channels} "
             f"channels, not 3 (RGB); it was not written by this tool. {RESTORE}.")

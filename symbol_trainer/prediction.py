@@ -25,7 +25,13 @@ from typing import Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
-import common
+from symbol_trainer.csv_rows import read_csv_rows
+from symbol_trainer.datasets import compiled_inference
+from symbol_trainer.errors import ImageReadError, InputError
+from symbol_trainer.images import (
+    IMAGE_EXTENSIONS, ImageGeometry, find_images, read_image, resize_to_geometry)
+from symbol_trainer.labels_csv import VISIBLE_SUFFIX
+from symbol_trainer.model_dir import LoadedModel, decision_thresholds
 from symbol_trainer.output_dir import file_identity, within
 from symbol_trainer.errors import printable  # noqa: F401  (prediction.printable: what outputs write)
 from symbol_trainer import heatmaps
@@ -95,7 +101,7 @@ def _name_for(path: Path, base: Path | None, given: str) -> str:
 def _listed_paths(list_path: Path) -> list[str]:
     """The image paths a .txt (one per line, # comments) or .csv (a `filename` column) lists."""
     if list_path.suffix.lower() == ".csv":
-        header, rows, _ = common.read_csv_rows(list_path)
+        header, rows, _ = read_csv_rows(list_path)
         columns = [h.strip().lower() for h in header]
         if "filename" not in columns:
             raise _input_error(
@@ -121,9 +127,9 @@ def unescaped(name: str) -> str:
     return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), name)
 
 
-def _input_error(message: str) -> common.InputError:
+def _input_error(message: str) -> InputError:
     """An InputError whose message names files as the output does (see `printable`)."""
-    return common.InputError(printable(message))
+    return InputError(printable(message))
 
 
 def _listed_file(root: Path, name: str) -> str:
@@ -164,12 +170,12 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
         path = Path(argument)
         suffix = path.suffix.lower()
         if path.is_dir():
-            found = common.find_images(path)
+            found = find_images(path)
             if not found:
                 raise _input_error(f"INPUT {argument}: no images found in this folder "
-                                        f"(looked for {', '.join(sorted(common.IMAGE_EXTENSIONS))}).")
+                                        f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
             inputs.add_images([ImageInput(str(p), _name_for(p, base or path, str(p))) for p in found])
-        elif path.is_file() and suffix in common.IMAGE_EXTENSIONS:
+        elif path.is_file() and suffix in IMAGE_EXTENSIONS:
             inputs.add_images([ImageInput(str(path), _name_for(path, base, argument))])
         elif path.is_file() and suffix in video.VIDEO_EXTENSIONS:
             inputs.add_video(VideoInput(str(path), path.stem))
@@ -182,12 +188,12 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
                                           if base else _posix(p)) for p in listed])
         elif path.is_file():
             raise _input_error(
-                f"INPUT {argument}: not an image ({', '.join(sorted(common.IMAGE_EXTENSIONS))}), "
+                f"INPUT {argument}: not an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
                 f"a video ({', '.join(sorted(video.VIDEO_EXTENSIONS))}) or a list of paths "
                 "(.txt, .csv).")
         elif GLOB_CHARACTERS & set(argument):
             matches = [m for m in sorted(Path(m) for m in glob.glob(argument, recursive=True))
-                       if m.is_file() and m.suffix.lower() in common.IMAGE_EXTENSIONS | video.VIDEO_EXTENSIONS]
+                       if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS | video.VIDEO_EXTENSIONS]
             if not matches:
                 raise _input_error(f"INPUT {argument}: the pattern matches no image or video.")
             for match in matches:
@@ -285,13 +291,13 @@ class Frame:
     shown: object = None           # for heatmaps: (the frame reduced, its size as decoded)
 
 
-def _load_image(item: ImageInput, geometry: common.ImageGeometry,
+def _load_image(item: ImageInput, geometry: ImageGeometry,
                 keep: tuple[int, int] | None = None) -> Frame:
     try:
-        image = common.read_image(item.path, (geometry.width, geometry.height))
-        return Frame(item.filename, common.resize_to_geometry(image, geometry),
+        image = read_image(item.path, (geometry.width, geometry.height))
+        return Frame(item.filename, resize_to_geometry(image, geometry),
                      shown=_shown(image, keep))
-    except common.ImageReadError as error:
+    except ImageReadError as error:
         return Frame(item.filename, None, printable(str(error)))
 
 
@@ -300,7 +306,7 @@ def _shown(image, keep: tuple[int, int] | None):
     return None if keep is None else (heatmaps.reduced(image, keep), image.size)
 
 
-def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
+def _image_frames(items: Iterable[ImageInput], geometry: ImageGeometry,
                   pool: concurrent.futures.Executor, ahead: int,
                   keep: tuple[int, int] | None = None) -> Iterator[Frame]:
     """Decode in the pool, at most `ahead` images in flight, yielding in input order."""
@@ -314,7 +320,7 @@ def _image_frames(items: Iterable[ImageInput], geometry: common.ImageGeometry,
         yield pending.popleft().result()
 
 
-def _video_frames(item: VideoInput, geometry: common.ImageGeometry, fps: float | None,
+def _video_frames(item: VideoInput, geometry: ImageGeometry, fps: float | None,
                   save_dir: Path | None, prefix: str,
                   keep: tuple[int, int] | None = None) -> Iterator[Frame]:
     try:
@@ -325,7 +331,7 @@ def _video_frames(item: VideoInput, geometry: common.ImageGeometry, fps: float |
                 target = save_dir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 frame.image.save(target, quality=SAVED_FRAME_QUALITY)
-            yield Frame(prefix + name, common.resize_to_geometry(frame.image, geometry),
+            yield Frame(prefix + name, resize_to_geometry(frame.image, geometry),
                         video=item.name, frame_index=frame.index, timestamp=frame.timestamp,
                         shown=_shown(frame.image, keep))
     except video.VideoReadError as error:
@@ -338,7 +344,7 @@ def frame_filename(video_name: str, index: int) -> str:
     return f"{video_name}/{video_name}_frame{index:07d}.jpg"
 
 
-def frame_stream(inputs: Inputs, geometry: common.ImageGeometry, batch_size: int,
+def frame_stream(inputs: Inputs, geometry: ImageGeometry, batch_size: int,
                  fps: float | None, save_dir: Path | None = None, frame_prefix: str = "",
                  workers: int | None = None, keep: tuple[int, int] | None = None) -> Iterator[Frame]:
     """Every frame of every input, in input order, decoded by a pool of threads ahead of the
@@ -428,7 +434,7 @@ def output_columns(symbols: Sequence[str], with_video: bool) -> list[str]:
     if with_video:
         columns += ["video", "frame_index", "timestamp", "timecode"]
     for symbol in symbols:
-        columns += [f"{symbol}_probability", f"{symbol}{common.VISIBLE_SUFFIX}"]
+        columns += [f"{symbol}_probability", f"{symbol}{VISIBLE_SUFFIX}"]
     return columns + ["error"]
 
 
@@ -476,7 +482,7 @@ class PredictionSummary:
     segments: int = 0
 
 
-def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter, *,
+def predict_inputs(loaded: LoadedModel, inputs: Inputs, writer: RowWriter, *,
                    batch_size: int = 32, thresholds: float | dict | None = None,
                    fps: float | None = 1.0, skip_errors: bool = False,
                    save_frames: Path | None = None, frame_prefix: str = "",
@@ -491,9 +497,9 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
     too (in the same pass). Returns what happened; never raises for an unreadable image or
     video."""
     symbols = loaded.metadata["symbols"]
-    geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
-    cut = common.decision_thresholds(loaded.metadata, thresholds)
-    infer = common.compiled_inference(loaded.model if heatmap_writer is None else
+    geometry = ImageGeometry.from_json(loaded.metadata["input"])
+    cut = decision_thresholds(loaded.metadata, thresholds)
+    infer = compiled_inference(loaded.model if heatmap_writer is None else
                                       heatmaps.with_probabilities(loaded.model, symbols))
     summary = PredictionSummary()
     started = time.monotonic()
@@ -547,7 +553,7 @@ def predict_inputs(loaded: common.LoadedModel, inputs: Inputs, writer: RowWriter
             probabilities = next(values)  # readable frames' rows, in batch order
             for j, symbol in enumerate(symbols):
                 row[f"{symbol}_probability"] = round(float(probabilities[j]), 6)
-                row[f"{symbol}{common.VISIBLE_SUFFIX}"] = int(probabilities[j] >= cut[symbol])
+                row[f"{symbol}{VISIBLE_SUFFIX}"] = int(probabilities[j] >= cut[symbol])
             if frame.video:
                 timestamps.append(frame.timestamp)
                 video_rows.append(probabilities)

@@ -71,7 +71,7 @@ def _png(figure) -> bytes:
 
 
 def kept_epoch(history: pd.DataFrame, phase: str) -> int | None:
-    """The epoch of `phase` whose weights the run kept, by the rule of `common.fit_phase`:
+    """The epoch of `phase` whose weights the run kept, by the rule of `training.fit_phase`:
     the highest validation AP, or the lowest validation loss where no AP was computed; 0 when
     fine-tuning kept the head phase's weights because none of its epochs beat them (only in
     histories with a val_ap column: earlier versions kept the best fine-tuning epoch

@@ -18,7 +18,9 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-import common
+from symbol_trainer.csv_rows import read_csv_rows, spreadsheet_rows
+from symbol_trainer.errors import InputError
+from symbol_trainer.labelled_images import TABLE_COLUMNS
 from symbol_trainer.errors import listing
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ SHOWN = 5  # frames or rows named in a message, before "and N more"
 def _examples(names: Sequence[str], rows: Sequence[int] | None) -> str:
     """'rows 3 ('a.jpg'), 9 ('b.jpg') and 4 more' with row numbers, else the names alone."""
     if rows is not None:
-        return common.spreadsheet_rows(rows, SHOWN, values=names)
+        return spreadsheet_rows(rows, SHOWN, values=names)
     return listing([repr(name) for name in names], SHOWN)
 
 
@@ -38,29 +40,29 @@ def _group_column(header: list[str], csv_path: str, group_by: str | None) -> str
     """The column that holds the groups: the only one besides `filename`, or the one that
     --group-by names."""
     if "filename" not in header:
-        raise common.InputError(
+        raise InputError(
             f"{FLAG} {csv_path}: no 'filename' column (the header has: {', '.join(header) or 'nothing'}). "
             "It needs a filename column naming each frame, and one column with its group, "
             "e.g. filename,episode.")
     repeated = sorted({c for c in header if c and header.count(c) > 1})
     if repeated:
-        raise common.InputError(f"{FLAG} {csv_path}: the header names {', '.join(map(repr, repeated))} "
+        raise InputError(f"{FLAG} {csv_path}: the header names {', '.join(map(repr, repeated))} "
                                 "more than once; every column needs its own name.")
     others = [c for c in header if c and c != "filename"]
     if group_by is not None and group_by in others:
         return group_by
     if group_by is not None:
-        raise common.InputError(
+        raise InputError(
             f"--group-by {group_by!r}: not a column of {FLAG} {csv_path} (its columns besides "
             f"filename: {', '.join(others) or 'none'}). With {FLAG}, --group-by names the column "
             "of that file that groups the split" + (", or is left out." if len(others) == 1 else "."))
     if len(others) == 1:
         return others[0]
     if not others:
-        raise common.InputError(
+        raise InputError(
             f"{FLAG} {csv_path}: no column besides filename; add one that holds each frame's "
             "group (e.g. its episode or source photo).")
-    raise common.InputError(
+    raise InputError(
         f"{FLAG} {csv_path}: {len(others)} columns besides filename ({', '.join(others)}); say "
         "which one groups the split with --group-by COLUMN.")
 
@@ -76,11 +78,11 @@ def add_groups(table: pd.DataFrame, groups_csv: str | os.PathLike, group_by: str
     (for messages), and `rows` are the frames' row numbers in a labels CSV, if any.
     `group_by` names the column when the file has several. Every frame needs one non-empty
     group; rows for other files are ignored (and counted in the log)."""
-    header, body, fmt = common.read_csv_rows(groups_csv, role=FLAG, example_header="filename,episode")
+    header, body, fmt = read_csv_rows(groups_csv, role=FLAG, example_header="filename,episode")
     column = _group_column(header, str(groups_csv), group_by)
-    taken = set(table.columns) | common.TABLE_COLUMNS
+    taken = set(table.columns) | TABLE_COLUMNS
     if column in taken:
-        raise common.InputError(
+        raise InputError(
             f"{FLAG} {groups_csv}: its column {column!r} has the name of a column that the "
             f"labels ({labels_from}) or the tool itself already use; rename it in one of the files.")
     name_at, group_at = header.index("filename"), header.index(column)
@@ -108,7 +110,7 @@ def add_groups(table: pd.DataFrame, groups_csv: str | os.PathLike, group_by: str
                         f"{listing(conflicts, SHOWN, '; ')}. "
                         "A frame belongs to one group; keep one row per file.")
     if empty_names:
-        problems.append(f"column filename: empty in {common.spreadsheet_rows(empty_names, SHOWN)}; "
+        problems.append(f"column filename: empty in {spreadsheet_rows(empty_names, SHOWN)}; "
                         "every row needs the frame's file name.")
     missing = [i for i, key in enumerate(keys) if key not in group_of]
     if missing:
@@ -126,10 +128,10 @@ def add_groups(table: pd.DataFrame, groups_csv: str | os.PathLike, group_by: str
     if blank:
         problems.append(
             f"column {column}: empty for {len(blank):,} labelled frame(s), in "
-            f"{common.spreadsheet_rows([group_of[keys[i]][0] for i in blank], SHOWN)}; every "
+            f"{spreadsheet_rows([group_of[keys[i]][0] for i in blank], SHOWN)}; every "
             "labelled frame needs a group.")
     if problems:
-        raise common.InputError(
+        raise InputError(
             f"{FLAG} {groups_csv} ({fmt.describe()}): {len(problems)} problem(s); fix them and "
             "run again:\n  - " + "\n  - ".join(problems))
 

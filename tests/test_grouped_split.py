@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from conftest import scene
 
-import common
+from symbol_trainer import (errors, image_folders, labels_csv,
+                            model_dir, model_format, preparation, splitting)
+from symbol_trainer.settings import TrainingConfig
 
 
 @pytest.fixture
@@ -32,8 +34,8 @@ def episodes(tmp_path):
 
 
 def prepared_with(root, csv_path, **settings):
-    config = common.TrainingConfig(weights="none", image_size=32, **settings)
-    return common.prepare_training_data(common.images_from_csv(root, csv_path), config)
+    config = TrainingConfig(weights="none", image_size=32, **settings)
+    return preparation.prepare_training_data(labels_csv.images_from_csv(root, csv_path), config)
 
 
 def assert_groups_stay_together(prepared, expected_groups):
@@ -53,7 +55,7 @@ def test_an_episode_column_groups_the_split_automatically(episodes, caplog):
     counts = prepared.counts
     assert counts["train"]["groups"] + counts["validation"]["groups"] == 6
     assert counts["validation"]["positives"]["square"] >= 1
-    summary = common.format_data_summary(prepared)
+    summary = preparation.format_data_summary(prepared)
     assert "Grouped by the column 'Episode'" in summary and "no group is in both" in summary
 
 
@@ -82,14 +84,14 @@ def test_group_by_none_splits_frames_and_reports_near_duplicates(episodes, caplo
     assert duplicated >= 0.5 * prepared.counts["validation"]["images"]
     assert f"{duplicated:,} of {prepared.counts['validation']['images']:,} validation frames" in caplog.text
     assert "--group-by" in caplog.text
-    assert "look nearly identical" in common.format_data_summary(prepared)
+    assert "look nearly identical" in preparation.format_data_summary(prepared)
 
 
 def test_binary_folders_group_the_same_episode_of_both_classes(binary_dirs):
-    images = common.images_from_directories(*binary_dirs)
+    images = image_folders.images_from_directories(*binary_dirs)
     assert set(images.table["folder"]) == {"ep0", "ep1", "ep2"}
-    config = common.TrainingConfig(weights="none", image_size=32, group_by="folder")
-    prepared = common.prepare_training_data(images, config)
+    config = TrainingConfig(weights="none", image_size=32, group_by="folder")
+    prepared = preparation.prepare_training_data(images, config)
     assert_groups_stay_together(prepared, prepared.images.table["folder"])
 
 
@@ -102,7 +104,7 @@ def test_binary_folders_group_the_same_episode_of_both_classes(binary_dirs):
     (r"(season)\d", ["every frame is in the same group ('season')"]),
 ])
 def test_bad_group_by_names_the_value_and_the_fix(episodes, group_by, fragments):
-    with pytest.raises(common.InputError) as error:
+    with pytest.raises(errors.InputError) as error:
         prepared_with(*episodes, group_by=group_by)
     for fragment in fragments:
         assert fragment in str(error.value), str(error.value)
@@ -132,9 +134,9 @@ def test_too_few_groups_for_a_split_is_an_error(episodes):
 def test_near_duplicates_counts_hash_neighbours():
     hashes = [0b0, 0b1111, 0b1, (1 << 63) | (0b111111 << 20), 0b1 << 40]
     is_validation = np.array([False, False, True, True, True])
-    np.testing.assert_array_equal(common.near_duplicates(hashes, is_validation, max_bits=4),
+    np.testing.assert_array_equal(splitting.near_duplicates(hashes, is_validation, max_bits=4),
                                   [True, False, True])
-    assert not common.near_duplicates(hashes, np.ones(5, bool)).any()  # no training frames
+    assert not splitting.near_duplicates(hashes, np.ones(5, bool)).any()  # no training frames
 
 
 def test_a_validation_csv_replaces_the_split(episodes, tmp_path, capsys):
@@ -201,8 +203,8 @@ def scene_of(name: str) -> str:
 
 
 def groups_error(root, csv_path, groups_csv, group_by=None) -> str:
-    with pytest.raises(common.InputError) as error:
-        common.images_from_csv(root, csv_path, group_by=group_by, groups_csv=groups_csv)
+    with pytest.raises(errors.InputError) as error:
+        labels_csv.images_from_csv(root, csv_path, group_by=group_by, groups_csv=groups_csv)
     return str(error.value)
 
 
@@ -216,7 +218,7 @@ def test_a_groups_csv_groups_the_split_by_its_column(episodes, tmp_path, caplog)
     rows += [("season0/not_labelled.png", "S99"), (names[0], scene_of(names[0]))]
     groups_csv = write_groups(tmp_path / "splits.csv", rows, "filename;scene", ";")
     caplog.set_level(logging.INFO)
-    images = common.images_from_csv(root, csv_path, groups_csv=groups_csv)
+    images = labels_csv.images_from_csv(root, csv_path, groups_csv=groups_csv)
     assert images.table["scene"].tolist() == [scene_of(n) for n in names]
     assert images.details["groups_csv"] == {"path": str(groups_csv), "column": "scene"}
     assert (f"--groups-csv {groups_csv}: 1 of its files are not labelled in {csv_path}; their rows "
@@ -224,8 +226,8 @@ def test_a_groups_csv_groups_the_split_by_its_column(episodes, tmp_path, caplog)
     # The labels' Episode column no longer groups the split, so it is reported as ignored.
     assert "Ignoring columns: Episode, note" in caplog.text
 
-    config = common.TrainingConfig(weights="none", image_size=32)
-    prepared = common.prepare_training_data(images, config)
+    config = TrainingConfig(weights="none", image_size=32)
+    prepared = preparation.prepare_training_data(images, config)
     assert_groups_stay_together(prepared, [scene_of(n) for n in names])
     assert prepared.counts["grouping"] == f"the column 'scene' of --groups-csv {groups_csv}"
     assert prepared.counts["train"]["groups"] + prepared.counts["validation"]["groups"] == 30
@@ -234,14 +236,14 @@ def test_a_groups_csv_groups_the_split_by_its_column(episodes, tmp_path, caplog)
 def test_the_column_that_groups_the_split_is_not_reported_as_ignored(episodes, caplog):
     root, csv_path = episodes
     caplog.set_level(logging.INFO)
-    images = common.images_from_csv(root, csv_path)  # Episode groups automatically
+    images = labels_csv.images_from_csv(root, csv_path)  # Episode groups automatically
     assert "Ignoring columns: note (kept" in caplog.text
     assert images.details["ignored_columns"] == ["note"]
     caplog.clear()
-    common.images_from_csv(root, csv_path, group_by="note")
+    labels_csv.images_from_csv(root, csv_path, group_by="note")
     assert "Ignoring columns: Episode (kept" in caplog.text
     caplog.clear()
-    common.images_from_csv(root, csv_path, group_by="none")
+    labels_csv.images_from_csv(root, csv_path, group_by="none")
     assert "Ignoring columns: Episode, note (kept" in caplog.text
 
 
@@ -260,13 +262,13 @@ def test_groups_csv_training_writes_a_split_that_keeps_each_group_on_one_side(sm
     assert run_script(build_multi_hot_model, command) == 2  # two columns: which one?
     assert not out.exists()
     assert run_script(build_multi_hot_model, [*command, "--group-by", "source_image"]) == 0
-    split = pd.read_csv(out / common.SPLIT_FILE, dtype=str)
+    split = pd.read_csv(out / model_format.SPLIT_FILE, dtype=str)
     assert split["group"].tolist() == [scene_of(n) for n in split["filename"]]
     per_group = split.groupby("group")["split"].nunique()
     assert (per_group == 1).all(), per_group[per_group > 1]
     assert set(split["split"]) == {"train", "validation"}
     assert split["group"].nunique() == 16  # by source_image, not by the labels' 4 episodes
-    data = common.load_model_dir(out).metadata["data"]
+    data = model_dir.load_model_dir(out).metadata["data"]
     assert data["details"]["groups_csv"]["column"] == "source_image"
 
 
@@ -322,9 +324,9 @@ def test_binary_groups_csv_names_images_relative_to_its_folder(binary_dirs, tmp_
     images = sorted(p.relative_to(frames).as_posix() for p in frames.rglob("*.png"))
     pair = {name: f"P{int(name[-7:-4]) // 2}" for name in images}  # one with, one without
     groups_csv = write_groups(frames / "groups.csv", [(n, pair[n]) for n in images], "filename,pair")
-    loaded = common.images_from_directories(with_dir, without_dir, groups_csv=groups_csv)
-    config = common.TrainingConfig(weights="none", image_size=32)
-    prepared = common.prepare_training_data(loaded, config)
+    loaded = image_folders.images_from_directories(with_dir, without_dir, groups_csv=groups_csv)
+    config = TrainingConfig(weights="none", image_size=32)
+    prepared = preparation.prepare_training_data(loaded, config)
     expected = [pair[Path(p).relative_to(frames).as_posix()] for p in prepared.images.table["path"]]
     assert_groups_stay_together(prepared, expected)
 

@@ -25,6 +25,9 @@ def _build_tools_missing() -> str | None:
             __import__(module)
         except ImportError:
             return f"this Python ({sys.executable}) has no {module}"
+    import setuptools
+    if int(setuptools.__version__.split(".")[0]) < 64:  # pyproject.toml's build requirement
+        return f"setuptools {setuptools.__version__} is older than 64, which pyproject.toml needs"
     return None
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
+from symbol_trainer import errors, model_dir, model_format, output_dir
 import predict
 from conftest import run_script
 
@@ -35,12 +35,12 @@ def tiny_model(tmp_path_factory):
     pixels = keras.Input((HEIGHT, WIDTH, 3), dtype="uint8")
     features = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
     outputs = {s: keras.layers.Dense(1, activation="sigmoid", name=s)(features) for s in SYMBOLS}
-    keras.Model(pixels, outputs).save(directory / common.MODEL_FILE)
-    metadata = {"format_version": common.MODEL_FORMAT_VERSION, "symbols": SYMBOLS,
+    keras.Model(pixels, outputs).save(directory / output_dir.MODEL_FILE)
+    metadata = {"format_version": model_format.MODEL_FORMAT_VERSION, "symbols": SYMBOLS,
                 "input": {"height": HEIGHT, "width": WIDTH, "resize": "letterbox"},
                 "training": {"config": {"resize": "letterbox", "image_size": HEIGHT}},
                 "thresholds": {"red_square": 0.5, "blue_circle": 0.25}}
-    (directory / common.METADATA_FILE).write_text(json.dumps(metadata))
+    (directory / output_dir.METADATA_FILE).write_text(json.dumps(metadata))
     frames = root / "frames"
     frames.mkdir()
     rng = np.random.default_rng(0)
@@ -82,18 +82,18 @@ def test_the_undamaged_model_directory_predicts(tiny_model, tmp_path):
 def test_empty_or_truncated_model_keras_exits_2_naming_the_file(model_copy, tmp_path, capsys,
                                                                damage, reason):
     model, frames = model_copy
-    path = model / common.MODEL_FILE
+    path = model / output_dir.MODEL_FILE
     path.write_bytes(damage(path.read_bytes()))
     err = _predict_refused(model, frames, tmp_path, capsys)
     assert re.search(reason, err) and str(path) in err and ADVICE in err
     assert "File not found" not in err
-    with pytest.raises(common.InputError, match=reason):
-        common.load_model_dir(model)
+    with pytest.raises(errors.InputError, match=reason):
+        model_dir.load_model_dir(model)
 
 
 def test_model_keras_with_a_damaged_member_fails_its_checksum(model_copy, tmp_path, capsys):
     model, frames = model_copy
-    path = model / common.MODEL_FILE
+    path = model / output_dir.MODEL_FILE
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo("config.json")
@@ -106,10 +106,10 @@ def test_model_keras_with_a_damaged_member_fails_its_checksum(model_copy, tmp_pa
 
 def test_model_keras_that_keras_cannot_rebuild_exits_2(model_copy, tmp_path, capsys):
     model, frames = model_copy
-    with zipfile.ZipFile(model / common.MODEL_FILE, "w") as archive:
+    with zipfile.ZipFile(model / output_dir.MODEL_FILE, "w") as archive:
         archive.writestr("config.json", "{not a model")
     err = _predict_refused(model, frames, tmp_path, capsys)
-    assert f"{model / common.MODEL_FILE}: cannot be loaded as a Keras model" in err and ADVICE in err
+    assert f"{model / output_dir.MODEL_FILE}: cannot be loaded as a Keras model" in err and ADVICE in err
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -120,7 +120,7 @@ def test_model_keras_that_keras_cannot_rebuild_exits_2(model_copy, tmp_path, cap
 ])
 def test_metadata_that_is_not_a_json_object_exits_2(model_copy, tmp_path, capsys, text, reason):
     model, frames = model_copy
-    path = model / common.METADATA_FILE
+    path = model / output_dir.METADATA_FILE
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     err = _predict_refused(model, frames, tmp_path, capsys)
     assert re.search(f"{re.escape(str(path))} {reason}", err) and ADVICE in err
@@ -173,7 +173,7 @@ def _set(path, value, *more):
 def test_each_invalid_or_disagreeing_metadata_field_exits_2_naming_it(model_copy, tmp_path, capsys,
                                                                        change, field, says):
     model, frames = model_copy
-    path = model / common.METADATA_FILE
+    path = model / output_dir.METADATA_FILE
     metadata = json.loads(path.read_text())
     change(metadata)
     path.write_text(json.dumps(metadata))
@@ -185,7 +185,7 @@ def test_each_invalid_or_disagreeing_metadata_field_exits_2_naming_it(model_copy
 def test_a_nan_threshold_exits_2_naming_it(model_copy, tmp_path, capsys):
     """json.loads reads NaN, which no strict JSON writer (nor this tool) writes."""
     model, frames = model_copy
-    path = model / common.METADATA_FILE
+    path = model / output_dir.METADATA_FILE
     path.write_text(path.read_text().replace('"blue_circle": 0.25', '"blue_circle": NaN'))
     err = _predict_refused(model, frames, tmp_path, capsys)
     assert f"{path}: field 'thresholds.blue_circle' must be a probability between 0 and 1; found nan" in err
@@ -193,7 +193,7 @@ def test_a_nan_threshold_exits_2_naming_it(model_copy, tmp_path, capsys):
 
 def test_an_unsupported_format_version_names_the_field(model_copy, tmp_path, capsys):
     model, frames = model_copy
-    path = model / common.METADATA_FILE
+    path = model / output_dir.METADATA_FILE
     metadata = json.loads(path.read_text())
     metadata["format_version"] = True  # equal to 1 in Python, but not the version number 1
     path.write_text(json.dumps(metadata))
@@ -208,9 +208,9 @@ def test_a_model_directory_that_is_not_there_exits_2(tmp_path, capsys, tiny_mode
 
 
 def test_a_bad_threshold_override_from_python_is_an_input_error(tiny_model):
-    loaded = common.load_model_dir(tiny_model[0])
-    assert common.decision_thresholds(loaded.metadata, {"red_square": np.float32(0.75)}) == {
+    loaded = model_dir.load_model_dir(tiny_model[0])
+    assert model_dir.decision_thresholds(loaded.metadata, {"red_square": np.float32(0.75)}) == {
         "red_square": 0.75, "blue_circle": 0.25}
     for value in ("high", None, float("nan"), 2):
-        with pytest.raises(common.InputError, match="a threshold is a probability between 0 and 1"):
-            common.decision_thresholds(loaded.metadata, {"red_square": value})
+        with pytest.raises(errors.InputError, match="a threshold is a probability between 0 and 1"):
+            model_dir.decision_thresholds(loaded.metadata, {"red_square": value})

@@ -14,7 +14,7 @@ from symbol_trainer import run_warnings
 
 
 def test_collects_the_tools_warnings_once_each_and_not_other_libraries():
-    tool = logging.getLogger("common")
+    tool = logging.getLogger("symbol_trainer.images")
     with run_warnings.collecting() as collector:
         tool.info("an info line")
         tool.warning("Skipping %s: %s", "a.png", "truncated")
@@ -25,7 +25,7 @@ def test_collects_the_tools_warnings_once_each_and_not_other_libraries():
             logging.getLogger("symbol_trainer.report").warning("inside")
         assert inner is collector and run_warnings.current() is collector.records
     assert collector.records == [
-        {"level": "WARNING", "source": "common", "message": "Skipping a.png: truncated"},
+        {"level": "WARNING", "source": "images", "message": "Skipping a.png: truncated"},
         {"level": "ERROR", "source": "evaluation", "message": "an error"},
         {"level": "WARNING", "source": "report", "message": "inside"}]
     tool.warning("after the block")

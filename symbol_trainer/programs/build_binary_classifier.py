@@ -60,16 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def labelled_images():
-        import common
+        from symbol_trainer.image_folders import images_from_directories
+        from symbol_trainer.labelled_images import with_validation_set
 
         grouping = {"group_by": args.group_by, "groups_csv": args.groups_csv}
-        images = common.images_from_directories(args.with_dir, args.without_dir, args.symbol,
-                                                **grouping)
+        images = images_from_directories(args.with_dir, args.without_dir, args.symbol,
+                                         **grouping)
         if not args.validation_dirs:
             return images, None
-        validation = common.images_from_directories(*args.validation_dirs, images.symbols[0],
-                                                    **grouping)
-        return common.with_validation_set(
+        validation = images_from_directories(*args.validation_dirs, images.symbols[0],
+                                             **grouping)
+        return with_validation_set(
             images, validation, "--validation-dirs " + " ".join(args.validation_dirs))
 
     validation = args.validation_dirs or (None, None)

@@ -65,18 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def labelled_images():
-        import common
+        from symbol_trainer.labelled_images import with_validation_set
+        from symbol_trainer.labels_csv import images_from_csv
 
         grouping = {"group_by": args.group_by, "groups_csv": args.groups_csv}
-        images = common.images_from_csv(args.image_dir, args.labels_csv, args.symbols, **grouping)
+        images = images_from_csv(args.image_dir, args.labels_csv, args.symbols, **grouping)
         if not args.validation_csv:
             return images, None
-        validation = common.images_from_csv(
+        validation = images_from_csv(
             args.image_dir, args.validation_csv, images.symbols,
             symbols_from=f"--validation-csv needs every trained symbol ({args.labels_csv})",
             **grouping)
-        return common.with_validation_set(images, validation,
-                                          f"--validation-csv {args.validation_csv}")
+        return with_validation_set(images, validation,
+                                   f"--validation-csv {args.validation_csv}")
 
     return cli.training_main(
         parser, args, labelled_images, POSITIONALS, inputs={"IMAGE_DIR": args.image_dir},

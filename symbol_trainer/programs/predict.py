@@ -178,17 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--segments needs a video INPUT")
     if args.heatmaps_all and not args.heatmaps:
         parser.error("--heatmaps-all needs --heatmaps DIR")
-    import common
+    from symbol_trainer.command import configure_logging, run_command
+    from symbol_trainer.model_dir import decision_thresholds, load_model_dir
     from symbol_trainer import prediction
 
-    common.configure_logging(quiet=args.quiet, debug=args.debug)
+    configure_logging(quiet=args.quiet, debug=args.debug)
     log = logging.getLogger("predict")
 
     def run() -> int:
         inputs = prediction.collect_inputs(args.inputs, args.image_dir)
         prediction.check_outputs([("-o", args.output), ("--segments", args.segments)],
                                  args.inputs, inputs, args.model_dir, args.save_frames)
-        loaded = common.load_model_dir(args.model_dir)
+        loaded = load_model_dir(args.model_dir)
         cut = _thresholds(loaded.metadata, args.threshold)
         columns = prediction.output_columns(loaded.metadata["symbols"], bool(inputs.videos))
         settings = video.SegmentSettings(args.hysteresis, args.merge_gap, args.min_duration)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 prefix = save.resolve().relative_to(Path(args.image_dir).resolve()).as_posix() + "/"
             except ValueError:
-                raise common.InputError(
+                raise InputError(
                     f"--save-frames {args.save_frames} is not inside --image-dir "
                     f"{args.image_dir}; save the frames into a folder below it.") from None
             prefix = "" if prefix == "./" else prefix
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         if isinstance(source, list) for item in source],
                 videos=[prefix + v.name for v in inputs.videos])
             heatmap_writer = heatmaps.HeatmapWriter(
-                args.heatmaps, common.decision_thresholds(loaded.metadata, cut),
+                args.heatmaps, decision_thresholds(loaded.metadata, cut),
                 every_symbol=args.heatmaps_all)
         with _output(args.output) as handle, _output(args.segments) if args.segments \
                 else contextlib.nullcontext() as segments_handle, \
@@ -254,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
 
-    return common.run_command(run_to_a_closed_pipe, debug=args.debug,
-                              interrupted="Interrupted; no output file was completed.")
+    return run_command(run_to_a_closed_pipe, debug=args.debug,
+                       interrupted="Interrupted; no output file was completed.")
 
 
 def _thresholds(metadata: dict, given) -> dict | None:
-    """--threshold values as common.decision_thresholds takes them: the last bare value for
+    """--threshold values as model_dir.decision_thresholds takes them: the last bare value for
     every symbol, then symbol=value for single symbols."""
     if not given:
         return None
