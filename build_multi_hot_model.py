@@ -7,7 +7,9 @@ this script runs it from a checkout, as the console command does from an install
 
 import sys
 
-from symbol_trainer.programs.build_multi_hot_model import build_parser, main  # noqa: F401  (tests use both)
+from symbol_trainer.programs.build_multi_hot_model import build_parser, main
+
+__all__ = ["build_parser", "main"]  # tests use both
 
 if __name__ == "__main__":
     sys.exit(main())
