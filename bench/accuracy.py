@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measurements  # noqa: E402
-import settings  # noqa: E402
+from symbol_trainer import settings  # noqa: E402
 from train_speed import SHARED  # noqa: E402
 from unseen_scores import BOOTSTRAP_REPLICATES, METRICS, score_set  # noqa: E402
 
@@ -160,7 +160,7 @@ def differing_settings(config: settings.TrainingConfig,
 class DataSet:
     name: str
     description: str
-    train: object               # common.LabelledImages
+    train: object               # labelled_images.LabelledImages
     test_paths: list[str]
     test_labels: np.ndarray     # frames x symbols, 0/1
     test_groups: np.ndarray     # what the bootstrap resamples
@@ -197,18 +197,18 @@ SHOT_IN_NAME = r"_shot(\d+)_"
 
 
 def load_frames(args, layout: str) -> DataSet:
-    import common
+    from symbol_trainer import image_folders, labels_csv
     train_dir = frames_folder(args, layout, "a", args.n_frames)
     test_dir = frames_folder(args, layout, "b", args.n_unseen)
     if layout == "multi":
-        train = common.images_from_csv(train_dir / "images", train_dir / "labels.csv",
+        train = labels_csv.images_from_csv(train_dir / "images", train_dir / "labels.csv",
                                        group_by="episode")
-        test = common.images_from_csv(test_dir / "images", test_dir / "labels.csv").table
+        test = labels_csv.images_from_csv(test_dir / "images", test_dir / "labels.csv").table
         group_by = "episode"
     else:
-        train = common.images_from_directories(train_dir / "with_star", train_dir / "without_star",
+        train = image_folders.images_from_directories(train_dir / "with_star", train_dir / "without_star",
                                                "star")
-        test = common.images_from_directories(test_dir / "with_star", test_dir / "without_star",
+        test = image_folders.images_from_directories(test_dir / "with_star", test_dir / "without_star",
                                               "star").table
         group_by = EPISODE_IN_NAME
     # The generator draws every shot (background crop, symbols, distractors) independently;
@@ -223,9 +223,9 @@ def load_frames(args, layout: str) -> DataSet:
 
 def held_out(images, unseen: np.ndarray, name: str, description: str, group_column: str,
              group_by: str | None, group_name: str) -> DataSet:
-    import common
+    from symbol_trainer import labelled_images
     table = images.table
-    train = common.LabelledImages(table[~unseen].reset_index(drop=True), images.symbols,
+    train = labelled_images.LabelledImages(table[~unseen].reset_index(drop=True), images.symbols,
                                   images.source)
     test = table[unseen]
     return DataSet(name, description, train, test["path"].tolist(),
@@ -234,9 +234,9 @@ def held_out(images, unseen: np.ndarray, name: str, description: str, group_colu
 
 
 def load_adidas(args) -> DataSet:
-    import common
+    from symbol_trainer import labels_csv
     base = DATA / "adidas_puma_logos"
-    images = common.images_from_csv(base / "images", base / "labels.csv",
+    images = labels_csv.images_from_csv(base / "images", base / "labels.csv",
                                     group_by="source_image", groups_csv=base / "splits.csv")
     photos = np.random.default_rng(0).permutation(sorted(set(images.table["source_image"])))
     unseen_photos = set(photos[: round(len(photos) / 4)])
@@ -251,7 +251,7 @@ def load_adidas(args) -> DataSet:
 def load_gtsrb(args) -> DataSet:
     import pandas as pd
 
-    import common
+    from symbol_trainer import labels_csv
     base = DATA / "gtsrb_subset"
     splits = pd.read_csv(base / "splits.csv", dtype={"track_id": str})
     symbol = re.sub(r"\W+", "_", args.gtsrb_positive).strip("_").lower() or "positive"
@@ -264,7 +264,7 @@ def load_gtsrb(args) -> DataSet:
     csv_path = Path(args.work) / "gtsrb_labels.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     labels.to_csv(csv_path, index=False)
-    images = common.images_from_csv(base / "images", csv_path, group_by="track")
+    images = labels_csv.images_from_csv(base / "images", csv_path, group_by="track")
     last_track = splits.groupby("class_id")["track_id"].transform("max")
     unseen = (splits["track_id"] == last_track).to_numpy()
     classes = sorted(set(splits.loc[positive, "class_name"]))
@@ -277,9 +277,9 @@ def load_gtsrb(args) -> DataSet:
 def load_logodet(args) -> DataSet:
     import pandas as pd
 
-    import common
+    from symbol_trainer import labels_csv
     base = DATA / "logodet3k_clothes"
-    images = common.images_from_csv(base / "images", base / "labels.csv", group_by="none")
+    images = labels_csv.images_from_csv(base / "images", base / "labels.csv", group_by="none")
     original = pd.read_csv(base / "splits.csv").set_index("filename")["original_split"]
     unseen = (images.table["filename"].map(original) == "test").to_numpy()
     return held_out(images, unseen, "logodet",
@@ -310,18 +310,19 @@ def run_key(args, set_name: str, flags: str, seed: int) -> dict:
 def train_and_score(args) -> dict:
     """The --job process: train one configuration on one set with one seed, predict the unseen
     images, store the probabilities, and return what the parent reports."""
-    import common
-    common.configure_logging(quiet=True)
+    from symbol_trainer import image_predictions, model_dir, pipeline
+    from symbol_trainer.command import configure_logging
+    configure_logging(quiet=True)
     data = LOADERS[args.job_set](args)
     flags = args.job_flags
     config = training_config(flags, weights=args.weights, seed=args.job_seed,
                              group_by=data.group_by, quick=args.quick)
     directory = Path(args.job_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    result = common.train_and_save(data.train, config, directory / "model", overwrite=True,
+    result = pipeline.train_and_save(data.train, config, directory / "model", overwrite=True,
                                    resume=False)
-    loaded = common.load_model_dir(directory / "model")
-    predicted = common.predict_images(loaded, data.test_paths)
+    loaded = model_dir.load_model_dir(directory / "model")
+    predicted = image_predictions.predict_images(loaded, data.test_paths)
     probabilities = predicted[[f"{s}_probability" for s in data.train.symbols]].to_numpy()
     np.save(directory / "unseen_probabilities.npy", probabilities)
     shutil.rmtree(directory / "model")  # the probabilities are what the report needs
@@ -436,8 +437,8 @@ def report_markdown(results: dict) -> str:
               f"{results['replicates']:,} bootstrap resamples of whole unseen groups, the same "
               "resamples for every run of a set. Validation AP: the macro average precision the "
               "run reported on its own validation split (metrics.json); unseen: the saved model "
-              "(common.load_model_dir, common.predict_images) on groups training never saw; gap: "
-              "validation AP - unseen macro AP; training, s: common.train_and_save's wall time.",
+              "(model_dir.load_model_dir, image_predictions.predict_images) on groups training never saw; gap: "
+              "validation AP - unseen macro AP; training, s: pipeline.train_and_save's wall time.",
               ""]
     for name, s in results["sets"].items():
         lines += set_markdown(name, s["description"], s)
@@ -537,8 +538,8 @@ def main(argv=None) -> int:
         return 0
     started = datetime.datetime.now(datetime.timezone.utc)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    import common
-    common.configure_logging(quiet=True)
+    from symbol_trainer.command import configure_logging
+    configure_logging(quiet=True)
     results = {"configs": config_summary(args), "seeds": args.seed_list, "quick": args.quick,
                "weights": args.weights, "replicates": args.replicates, "sets": {}}
     # The commit and date of this command; runs reused from --work say when they finished.

@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import evaluation  # noqa: E402
+from symbol_trainer import (command, datasets, image_folders,
+                            model, settings, splitting, training)  # noqa: E402
+from symbol_trainer.features import extract_features
+from symbol_trainer.images import ImageGeometry
+from symbol_trainer import evaluation  # noqa: E402
 import keras  # noqa: E402
 
 SHARED_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -48,14 +51,14 @@ def speed(batch_size=32, size=224, repeats=3):
     batch = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3)).astype("float32")
     labels = {"s": np.zeros((batch_size, 1), "float32")}
     for name, alpha in SPEED_BACKBONES:
-        config = common.TrainingConfig(backbone=name, alpha=alpha, weights="none", image_size=size)
-        parts = common.build_model(["s"], config, common.ImageGeometry(size, size))
-        infer = common.compiled_inference(parts.features)
+        config = settings.TrainingConfig(backbone=name, alpha=alpha, weights="none", image_size=size)
+        parts = model.build_model(["s"], config, ImageGeometry(size, size))
+        infer = datasets.compiled_inference(parts.features)
         features = rate(lambda b: infer(b).numpy(), batch, repeats)
-        common.unfreeze_top(parts.backbone, config.fine_tune_fraction)
+        model.unfreeze_top(parts.backbone, config.fine_tune_fraction)
         parts.model.compile(optimizer="adam", loss={"s": "binary_crossentropy"})
         train = rate(lambda b: parts.model.train_on_batch(b, labels), batch, repeats)
-        label = f"{name} (alpha {alpha})" if common.BACKBONES[name].alphas else name
+        label = f"{name} (alpha {alpha})" if settings.BACKBONES[name].alphas else name
         print(f"{label:<22}{parts.model.count_params() / 1e6:>11.1f}{features:>16.1f}{train:>17.1f}",
               flush=True)
         keras.backend.clear_session()
@@ -65,23 +68,23 @@ def accuracy(frames_dir, sizes=(128, 160, 224, 288), symbol="star"):
     if not SHARED_WEIGHTS.is_file():
         print(f"accuracy: skipped, {SHARED_WEIGHTS} is missing")
         return
-    images = common.images_from_directories(Path(frames_dir) / f"with_{symbol}",
+    images = image_folders.images_from_directories(Path(frames_dir) / f"with_{symbol}",
                                             Path(frames_dir) / f"without_{symbol}")
     labels = images.labels()
-    validation = common.split_train_validation(labels, 0.2, seed=0)
+    validation = splitting.split_train_validation(labels, 0.2, seed=0)
     print(f"\nAccuracy of MobileNetV2-0.35 (ImageNet), head phase only, {len(labels)} frames, "
           f"{validation.sum()} validated")
     print(f"{'size':>6}{'features s':>12}{'ROC-AUC':>9}{'AP':>7}")
     for size in sizes:
-        config = common.TrainingConfig(alpha=0.35, weights=str(SHARED_WEIGHTS), image_size=size)
-        geometry = common.ImageGeometry(size, size)
+        config = settings.TrainingConfig(alpha=0.35, weights=str(SHARED_WEIGHTS), image_size=size)
+        geometry = ImageGeometry(size, size)
         keras.utils.set_random_seed(0)
-        parts = common.build_model([symbol], config, geometry)
+        parts = model.build_model([symbol], config, geometry)
         start = time.perf_counter()
-        features = common.extract_features(parts, images.table["path"].tolist(), geometry, 32)
+        features = extract_features(parts, images.table["path"].tolist(), geometry, 32)
         seconds = time.perf_counter() - start
-        weights = common.sample_weights(labels, common.positive_weights(labels[~validation], "balanced"))
-        common.train_head(parts, [symbol], config,
+        weights = training.sample_weights(labels, training.positive_weights(labels[~validation], "balanced"))
+        training.train_head(parts, [symbol], config,
                           (features[~validation], labels[~validation], weights[~validation]),
                           (features[validation], labels[validation], weights[validation]), [])
         p = parts.head.predict(features[validation], verbose=0)[symbol][:, 0]
@@ -96,7 +99,7 @@ if __name__ == "__main__":
     parser.add_argument("frames_dir")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
-    common.configure_logging(quiet=True)
+    command.configure_logging(quiet=True)
     if not args.skip_speed:
         speed()
     accuracy(args.frames_dir)

@@ -11,7 +11,7 @@ bench/train_speed.py (MobileNetV2-0.35 with the shared ImageNet weights):
 - the cost: seconds to compute the plain features of the training images, and of each
   augmented view (the default augmentation policy, --augment default, applied to the
   decoded batch before the backbone, as fine-tuning applies it);
-- the gain: held-out macro AP of the head phase (common.train_head, our default settings)
+- the gain: held-out macro AP of the head phase (training.train_head, our default settings)
   trained on the plain features alone, and on the plain features plus 1 and plus --views
   augmented views, each over --seeds seeds (initialisation, dropout and batch order); the
   same seeds for every variant, so the differences are paired.
@@ -48,8 +48,8 @@ def augmented_features(parts, paths, geometry, policy: str, seed: int) -> np.nda
     """Pooled features of each image after one random draw of `policy`'s augmentation."""
     import tensorflow as tf
 
-    import augmentation
-    import common
+    from symbol_trainer import augmentation
+    from symbol_trainer.features import FEATURE_CHUNK_BATCHES, decoded_chunks
     augmenter = augmentation.augmentation_layers(policy, False, seed)
 
     @tf.function(reduce_retracing=True)
@@ -57,8 +57,8 @@ def augmented_features(parts, paths, geometry, policy: str, seed: int) -> np.nda
         return parts.features(augmenter(images, training=True), training=False)
 
     chunks = []
-    with contextlib.closing(common.decoded_chunks(
-            paths, geometry, common.FEATURE_CHUNK_BATCHES * BATCH)) as decoded:
+    with contextlib.closing(decoded_chunks(
+            paths, geometry, FEATURE_CHUNK_BATCHES * BATCH)) as decoded:
         for images in decoded:
             for first in range(0, len(images), BATCH):
                 chunks.append(infer(images[first:first + BATCH]).numpy())
@@ -71,14 +71,14 @@ def head_ap(parts, symbols, config, train, validation, test_features, test_label
     and its epochs."""
     import keras
 
-    import common
+    from symbol_trainer import training
     keras.utils.set_random_seed(seed)
     for symbol in symbols:
         layer = parts.head.get_layer(symbol)
         layer.kernel.assign(layer.kernel_initializer(layer.kernel.shape))
         layer.bias.assign(np.zeros(layer.bias.shape, np.float32))
     rows: list[dict] = []
-    common.train_head(parts, symbols, dataclasses.replace(config, seed=seed), train, validation,
+    training.train_head(parts, symbols, dataclasses.replace(config, seed=seed), train, validation,
                       rows)
     outputs = parts.head.predict(test_features, batch_size=1024, verbose=0)
     probabilities = np.concatenate([outputs[s] for s in symbols], axis=1)
@@ -104,7 +104,7 @@ def compare_views(parts, symbols, config, features, views, labels, variants, siz
     plain copies) trains on the plain features plus that many augmented views of them, or
     on the plain features repeated that many times over (the same number of steps as the
     views without their augmentation, which tells the two effects apart)."""
-    import common
+    from symbol_trainer import training
     results = {variant: [] for variant in variants}
     for seed in range(seeds):
         rng = np.random.default_rng(10_000 + seed)
@@ -114,10 +114,10 @@ def compare_views(parts, symbols, config, features, views, labels, variants, siz
         val_rows = (np.sort(rng.choice(held, validation_size(size, labels), replace=False))
                     if size < whole else np.arange(held))
         train_labels = labels["train"][rows]
-        positive = common.positive_weights(train_labels, config.positive_weighting)
-        train_weights = common.sample_weights(train_labels, positive)
+        positive = training.positive_weights(train_labels, config.positive_weighting)
+        train_weights = training.sample_weights(train_labels, positive)
         validation = (features["validation"][val_rows], labels["validation"][val_rows],
-                      common.sample_weights(labels["validation"][val_rows], positive))
+                      training.sample_weights(labels["validation"][val_rows], positive))
         for variant in variants:
             count, copies = variant
             parts_of_train = [features["train"][rows]] * copies + [v[rows] for v in views[:count]]
@@ -143,11 +143,11 @@ def variant_label(variant: tuple[int, int]) -> str:
 def compute_features(parts, parts_of, geometry, args):
     """Plain features of every split, --views augmented views of the training split, and
     the seconds each took."""
-    import common
+    from symbol_trainer.features import extract_features
     seconds, features = {}, {}
     for name, part in parts_of.items():
         start = time.monotonic()
-        features[name] = common.extract_features(parts, part["path"].tolist(), geometry, BATCH)
+        features[name] = extract_features(parts, part["path"].tolist(), geometry, BATCH)
         seconds[name] = time.monotonic() - start
     train_paths = parts_of["train"]["path"].tolist()
     views, view_seconds = [], []
@@ -186,13 +186,14 @@ def main() -> int:
         parser.error(f"--train-sizes must each be at least 10; got {args.train_sizes!r}")
     logging.basicConfig(level=logging.WARNING)
 
-    import common
+    from symbol_trainer import model, settings
+    from symbol_trainer.images import ImageGeometry
     table, symbols = load_data(args)
     height, width, resize = input_shape(args)
-    geometry = common.ImageGeometry(height, width, resize)
-    config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
+    geometry = ImageGeometry(height, width, resize)
+    config = settings.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
                                    batch_size=BATCH, resize=resize)
-    parts = common.build_model(list(symbols), config, geometry)
+    parts = model.build_model(list(symbols), config, geometry)
     parts_of = {name: table[table.split == name] for name in ("train", "validation", "test")}
     print(f"Split: {len(parts_of['train']):,} train, {len(parts_of['validation']):,} validation, "
           f"{len(parts_of['test']):,} test images, input {height}x{width}", flush=True)

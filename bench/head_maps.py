@@ -4,7 +4,7 @@ memory and disk per image, feature extraction rate, and head-phase time per epoc
 
 The backbone runs with random weights (speed and sizes do not depend on them) on random
 pixels; the head phase trains on random features of the right shape and dtype, as
-common.train_head trains it in a real run (the fused head, one compiled call per epoch).
+training.train_head trains it in a real run (the fused head, one compiled call per epoch).
 
     python bench/head_maps.py                      # MobileNetV2 alpha 1.0 at 224x384
     python bench/head_maps.py --alpha 0.35 --frames 5000
@@ -25,20 +25,23 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from symbol_trainer import datasets, model, training  # noqa: E402
+from symbol_trainer.features import feature_array
+from symbol_trainer.images import ImageGeometry
+from symbol_trainer.settings import TrainingConfig
+from symbol_trainer import feature_cache  # noqa: E402
+from symbol_trainer import heads  # noqa: E402
+from symbol_trainer import settings  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import feature_cache  # noqa: E402
-import heads  # noqa: E402
 import measurements  # noqa: E402
-import settings  # noqa: E402
 
 
 def extraction_rate(parts, images: int, batch: int) -> float:
-    infer = common.compiled_inference(parts.features)
+    infer = datasets.compiled_inference(parts.features)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, *parts.model.input_shape[1:]))
     pixels = pixels.astype(np.float32)
     infer(pixels).numpy()  # trace
-    out = common.feature_array(parts, images)
+    out = feature_array(parts, images)
     start = time.perf_counter()
     for first in range(0, images, batch):
         result = infer(pixels).numpy()[:images - first]
@@ -49,7 +52,7 @@ def extraction_rate(parts, images: int, batch: int) -> float:
 def head_epoch_seconds(parts, symbols, config, frames: int) -> float:
     rng = np.random.default_rng(1)
     shape = tuple(parts.features.output_shape[1:])
-    features = common.feature_array(parts, frames)
+    features = feature_array(parts, frames)
     for first in range(0, frames, 512):  # ReLU6 features: non-negative, a few units
         chunk = rng.uniform(0, 6, (min(512, frames - first), *shape))
         features[first:first + len(chunk)] = chunk
@@ -57,7 +60,7 @@ def head_epoch_seconds(parts, symbols, config, frames: int) -> float:
     weights = np.ones_like(labels)
     split = int(frames * 0.8)
     rows: list[dict] = []
-    common.train_head(parts, symbols, config, (features[:split], labels[:split], weights[:split]),
+    training.train_head(parts, symbols, config, (features[:split], labels[:split], weights[:split]),
                       (features[split:], labels[split:], weights[split:]), rows)
     # The median epoch: the first also traces and compiles the step.
     return float(np.median([row["seconds"] for row in rows])), len(rows)
@@ -85,14 +88,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(ROOT / "docs" / "measurements" / "head_maps.md"))
     args = parser.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
-    geometry = common.ImageGeometry(args.height, args.width)
+    geometry = ImageGeometry(args.height, args.width)
     symbols = [f"s{i}" for i in range(args.symbols)]
     lines, rows = [], []
     for pooling in settings.POOLINGS:
-        config = common.TrainingConfig(alpha=args.alpha, weights="none", image_size=args.height,
+        config = TrainingConfig(alpha=args.alpha, weights="none", image_size=args.height,
                                        pooling=pooling, epochs=args.epochs, patience=args.epochs,
                                        seed=0)
-        parts = common.build_model(symbols, config, geometry)
+        parts = model.build_model(symbols, config, geometry)
         shape = tuple(parts.features.output_shape[1:])
         dtype = heads.MAP_DTYPE if parts.spatial else np.float32
         memory = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
         "below at most: the whole set, and its training rows gathered for the phase). "
         "Disk: one --cache-dir entry (.npy with its header). Extraction: images/s of the "
         "backbone with the copy into that array, random pixels. Head epoch: seconds per "
-        "epoch of common.train_head (fused head, training and validation), over the epochs "
+        "epoch of training.train_head (fused head, training and validation), over the epochs "
         "run (in brackets).",
         "",
         "| --pooling | feature per image | memory KiB/image | disk KiB/image | memory MB, all frames "

@@ -36,14 +36,15 @@ import measurements  # noqa: E402
 def report_sizes(model_dir: Path, image_dir: Path, work: Path) -> dict:
     import pandas as pd
 
-    import common
-    import report
+    from symbol_trainer import model_format
+    from symbol_trainer.model_dir import load_model_dir
+    from symbol_trainer import report
 
-    loaded = common.load_model_dir(model_dir)
-    table = pd.read_csv(model_dir / common.EVALUATION_FILE, keep_default_na=True)
+    loaded = load_model_dir(model_dir)
+    table = pd.read_csv(model_dir / model_format.EVALUATION_FILE, keep_default_na=True)
     arguments = dict(model_name=model_dir.name, metadata=loaded.metadata,
-                     metrics=json.loads((model_dir / common.METRICS_FILE).read_text()),
-                     history=pd.read_csv(model_dir / common.HISTORY_FILE), table=table,
+                     metrics=json.loads((model_dir / model_format.METRICS_FILE).read_text()),
+                     history=pd.read_csv(model_dir / model_format.HISTORY_FILE), table=table,
                      paths=[str(image_dir / f) for f in table["filename"]])
     results = {}
     for name, model in (("plain", None), ("heatmaps", loaded.model)):

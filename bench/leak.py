@@ -54,10 +54,10 @@ def load_data(args):
     """(LabelledImages of every frame, bool per row: in the unseen test set)."""
     import pandas as pd
 
-    import common
+    from symbol_trainer import labels_csv
     if args.data == "frames":
         base = Path(args.frames_dir)
-        images = common.images_from_csv(base / "images", base / "labels.csv")
+        images = labels_csv.images_from_csv(base / "images", base / "labels.csv")
         episodes = images.table["episode"].astype(str).to_numpy()
         unique = np.random.default_rng(0).permutation(sorted(set(episodes)))
         unseen = set(unique[: max(1, round(0.2 * len(unique)))])
@@ -70,25 +70,27 @@ def load_data(args):
         labels[f"{name}_visible"] = (splits["class_name"] == name).astype(int)
     csv_path = Path(args.work) / "gtsrb_labels.csv"
     labels.to_csv(csv_path, index=False)
-    images = common.images_from_csv(GTSRB / "images", csv_path)
+    images = labels_csv.images_from_csv(GTSRB / "images", csv_path)
     last_track = splits.groupby("class_id")["track_id"].transform("max")
     unseen = (splits["track_id"] == last_track).to_numpy()
     return images, unseen
 
 
 def train_variant(args) -> dict:
-    import common
-    common.configure_logging(quiet=True)
+    from symbol_trainer import image_predictions, labelled_images, pipeline
+    from symbol_trainer.command import configure_logging
+    from symbol_trainer.settings import TrainingConfig
+    configure_logging(quiet=True)
     images, unseen = load_data(args)
-    seen = common.LabelledImages(images.table[~unseen].reset_index(drop=True),
+    seen = labelled_images.LabelledImages(images.table[~unseen].reset_index(drop=True),
                                  images.symbols, images.source)
     test = images.table[unseen]
     settings = {"group_by": GROUP_COLUMN[args.data], **VARIANTS[args.variant]}
-    config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=args.image_size,
+    config = TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=args.image_size,
                                    seed=args.seed, **settings)
     output = Path(args.work) / f"model_{args.variant}"
-    result = common.train_and_save(seen, config, output, overwrite=True)
-    probabilities = common.predict_images(output, test["path"].tolist())
+    result = pipeline.train_and_save(seen, config, output, overwrite=True)
+    probabilities = image_predictions.predict_images(output, test["path"].tolist())
     columns = [f"{s}_probability" for s in images.symbols]
     validation = result.counts["validation"]
     return {
@@ -96,7 +98,7 @@ def train_variant(args) -> dict:
         "train_images": result.counts["train"]["images"],
         "validation_images": validation["images"],
         "validation_groups": validation["groups"],
-        # Only counted for frame-by-frame splits (see common.prepare_training_data).
+        # Only counted for frame-by-frame splits (see preparation.prepare_training_data).
         "validation_near_duplicates": validation.get("near_duplicates_in_train"),
         "unseen_images": len(test),
         "validation_macro_ap": result.metrics["macro"]["average_precision"],

@@ -31,15 +31,15 @@ sys.path.insert(0, str(ROOT))
 def train(args) -> dict:
     import numpy as np
 
-    import common
-    common.configure_logging(quiet=True)
+    from symbol_trainer import command, labelled_images, labels_csv, pipeline, settings
+    command.configure_logging(quiet=True)
     base = Path(args.frames_dir)
-    images = common.images_from_csv(base / "images", base / "labels.csv")
-    subset = common.LabelledImages(images.table.head(args.size).reset_index(drop=True),
+    images = labels_csv.images_from_csv(base / "images", base / "labels.csv")
+    subset = labelled_images.LabelledImages(images.table.head(args.size).reset_index(drop=True),
                                    images.symbols, images.source)
-    config = common.TrainingConfig(alpha=0.35, weights=str(WEIGHTS), resize="squash",
+    config = settings.TrainingConfig(alpha=0.35, weights=str(WEIGHTS), resize="squash",
                                    fine_tune_epochs=args.fine_tune_epochs)
-    result = common.train_and_save(subset, config, Path(args.work) / f"model_{args.size}",
+    result = pipeline.train_and_save(subset, config, Path(args.work) / f"model_{args.size}",
                                    overwrite=True)
     features = len(subset.table) * 1280 * 4 / 2**20
     return {"frames": len(subset.table), "seconds": result.seconds,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 import tempfile
 import time
@@ -27,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_multi_hot_model  # noqa: E402
-import common  # noqa: E402
-import evaluation  # noqa: E402
+from symbol_trainer import image_predictions, model_dir, model_format  # noqa: E402
+from symbol_trainer import evaluation  # noqa: E402
 import measurements  # noqa: E402
 
 
@@ -57,9 +58,9 @@ def main(argv=None) -> int:
         seconds = time.monotonic() - start
         if code != 0:
             raise SystemExit(f"training with --pooling {pooling} failed (exit {code})")
-        loaded = common.load_model_dir(out)
+        loaded = model_dir.load_model_dir(out)
         symbols = loaded.metadata["symbols"]
-        table = common.predict_images(loaded, [str(args.test_dir / "images" / f)
+        table = image_predictions.predict_images(loaded, [str(args.test_dir / "images" / f)
                                                for f in test["filename"]])
         per_symbol = {}
         for symbol in symbols:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
             scores = table[f"{symbol}_probability"].to_numpy(float)
             per_symbol[symbol] = (evaluation.roc_auc(labels, scores),
                                   evaluation.average_precision(labels, scores))
-        validation = common.json.loads((out / common.METRICS_FILE).read_text())
+        validation = json.loads((out / model_format.METRICS_FILE).read_text())
         rows.append({"pooling": pooling, "seconds": seconds, "per_symbol": per_symbol,
                      "validation_ap": validation.get("macro", {}).get("average_precision")})
         print(pooling, rows[-1], flush=True)

@@ -58,24 +58,27 @@ def main() -> int:
     args = parser.parse_args()
     if not WEIGHTS.is_file():
         parser.error(f"needs the shared ImageNet weights at {WEIGHTS}")
-    import common
-    import prediction
+    from symbol_trainer import command, datasets, labels_csv, settings
+    from symbol_trainer.images import ImageGeometry
+    from symbol_trainer.model_dir import load_model_dir
+    from symbol_trainer.pipeline import train_and_save
+    from symbol_trainer import prediction
 
-    common.configure_logging(quiet=True)
+    command.configure_logging(quiet=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = Path(args.frames_dir)
-    images = common.images_from_csv(base / "images", base / "labels.csv")
+    images = labels_csv.images_from_csv(base / "images", base / "labels.csv")
     paths = images.table["path"].tolist()
     with Image.open(paths[0]) as first:
         size = first.size
     model_dir = work / "model"
     if not (model_dir / "metadata.json").is_file():
-        config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), fine_tune_epochs=0,
+        config = settings.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), fine_tune_epochs=0,
                                        batch_size=BATCH)
-        common.train_and_save(images, config, model_dir, overwrite=True)
-    loaded = common.load_model_dir(model_dir)
-    geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
+        train_and_save(images, config, model_dir, overwrite=True)
+    loaded = load_model_dir(model_dir)
+    geometry = ImageGeometry.from_json(loaded.metadata["input"])
     clip = work / "episode.mp4"
     codec = make_video([Path(p) for p in paths], clip)
 
@@ -87,7 +90,7 @@ def main() -> int:
                                                 batch_size=BATCH, fps=fps)
         return summary.frames / summary.seconds, summary.frames
 
-    infer = common.compiled_inference(loaded.model)
+    infer = datasets.compiled_inference(loaded.model)
     batch = np.random.default_rng(0).integers(0, 256, (BATCH, geometry.height, geometry.width, 3),
                                              dtype=np.uint8)
     infer(batch)

@@ -55,7 +55,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import evaluation  # noqa: E402
+from symbol_trainer import evaluation  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_0.35_no_top_imagenet.weights.h5"
@@ -79,16 +79,16 @@ def features(name: str, cache_dir: Path | None) -> tuple[np.ndarray, pd.DataFram
     if cached is not None and cached.is_file():
         values = np.load(cached)
     else:
-        import common
+        from symbol_trainer import images
         import keras
-        geometry = common.input_geometry(IMAGE_SIZE, "squash", [(1, 1)])
+        geometry = images.input_geometry(IMAGE_SIZE, "squash", [(1, 1)])
         backbone = keras.applications.MobileNetV2(
             alpha=0.35, include_top=False, weights=str(WEIGHTS), pooling="avg",
             input_shape=(geometry.height, geometry.width, 3))
         paths = [str(base / "images" / f) for f in labels["filename"]]
         chunks = []
         for start in range(0, len(paths), 64):
-            batch = np.stack([common.load_image_array(p, geometry) for p in paths[start:start + 64]])
+            batch = np.stack([images.load_image_array(p, geometry) for p in paths[start:start + 64]])
             chunks.append(backbone.predict(keras.applications.mobilenet_v2.preprocess_input(
                 batch.astype("float32")), verbose=0))
         values = np.concatenate(chunks)

@@ -10,7 +10,7 @@ fresh process, so that each peak RSS is its own:
    symbol, Adam(1e-3) for --baseline-head-epochs, then the whole backbone unfrozen at
    Adam(1e-5) for --baseline-fine-tune-epochs; images read and decoded (tf.io.decode_image,
    tf.image.resize) every epoch by a standard tf.data pipeline with AUTOTUNE and prefetch.
-2. ours: common.train_and_save with the default TrainingConfig (but the backbone above), on the
+2. ours: pipeline.train_and_save with the default TrainingConfig (but the backbone above), on the
    same training and validation images, with the test images scored after the head phase
    and after every fine-tuning epoch (not timed), so that the report can say when the run
    first held a model as good as the recipe's; ours_head, the same run stopped after the head
@@ -82,23 +82,23 @@ def peak_rss_mb() -> float:
 def load_data(args):
     import pandas as pd
 
-    import common
+    from symbol_trainer import labels_csv, splitting
     if args.data == "logodet":
         base = SHARED / "data" / "logodet3k_clothes"
-        images = common.images_from_csv(base / "images", base / "labels.csv")
+        images = labels_csv.images_from_csv(base / "images", base / "labels.csv")
         original = pd.read_csv(base / "splits.csv").set_index("filename")["original_split"]
         split = images.table["filename"].map(original).map(
             {"train": "train", "valid": "validation", "test": "test"}).to_numpy()
     else:
         base = Path(args.frames_dir)
-        images = common.images_from_csv(base / "images", base / "labels.csv")
+        images = labels_csv.images_from_csv(base / "images", base / "labels.csv")
         episodes = images.table["episode"].astype(str).to_numpy()
         rng = np.random.default_rng(0)
         unique = rng.permutation(sorted(set(episodes)))
         test_episodes = set(unique[: max(1, round(0.2 * len(unique)))])
         split = np.where(np.isin(episodes, list(test_episodes)), "test", "train").astype(object)
         rest = np.flatnonzero(split == "train")
-        is_validation = common.split_train_validation(images.labels()[rest], 0.2, 0, episodes[rest])
+        is_validation = splitting.split_train_validation(images.labels()[rest], 0.2, 0, episodes[rest])
         split[rest[is_validation]] = "validation"
     table = images.table.assign(split=split)
     if args.limit:
@@ -127,7 +127,7 @@ def check_inputs(parser: argparse.ArgumentParser, args) -> None:
 
 
 def macro_ap(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    import evaluation
+    from symbol_trainer import evaluation
     values = [evaluation.average_precision(labels[:, j] == 1, probabilities[:, j])
               for j in range(labels.shape[1]) if (labels[:, j] == 1).any()]
     return float(np.mean(values))
@@ -192,12 +192,12 @@ def stage_baseline(table, symbols, args) -> dict:
 class EpochTestScores:
     """Scores the test images after the head phase and after every fine-tuning epoch of our
     run, so that the report can say when the run first held a model as good as the recipe's
-    final one, not only at the end. Installed as common.EpochLog in the stage's process (the
+    final one, not only at the end. Installed as callbacks.EpochLog in the stage's process (the
     training loop makes one per phase); the time it takes is counted and taken off the run's
     times, so the run is timed as if it had not been watched.
 
     The model the run would have written had it stopped after epoch k is the one with the
-    best validation AP so far, the head phase's included (the rule of common.fit_phase), so
+    best validation AP so far, the head phase's included (the rule of training.fit_phase), so
     each point reports the test AP of those weights."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
@@ -207,14 +207,14 @@ class EpochTestScores:
         self.points = []  # (fine-tuning epoch, 0 for the head's weights; seconds; val_ap; test AP)
 
     def epoch_log_class(self):
-        import common
+        from symbol_trainer import callbacks, datasets
         watcher = self
 
-        class ScoringEpochLog(common.EpochLog):
+        class ScoringEpochLog(callbacks.EpochLog):
             def on_train_begin(self, logs=None):
                 if self.phase == "fine_tune":
                     # One trace of the fine-tuning model for all of the phase's scoring.
-                    self.infer = common.compiled_inference(self.model)
+                    self.infer = datasets.compiled_inference(self.model)
                     head = [r["val_ap"] for r in self.rows if r["phase"] == "head"]
                     watcher.score(self.infer, 0, max(head) if head else float("nan"))
 
@@ -227,10 +227,10 @@ class EpochTestScores:
         return ScoringEpochLog
 
     def score(self, infer, epoch: int, val_ap: float) -> None:
-        """Scores the test images with `infer` (from common.compiled_inference)."""
-        import common
+        """Scores the test images with `infer` (from datasets.compiled_inference)."""
+        from symbol_trainer import datasets
         now = time.monotonic()
-        logits = common.run_inference(infer, (self.images[i:i + BATCH]
+        logits = datasets.run_inference(infer, (self.images[i:i + BATCH]
                                               for i in range(0, len(self.images), BATCH)))
         test_ap = macro_ap(self.labels, 1 / (1 + np.exp(-logits.astype(np.float64))))
         self.points.append((epoch, now - self.start - self.overhead, val_ap, test_ap))
@@ -252,22 +252,24 @@ class EpochTestScores:
 def stage_ours(table, symbols, args, score_every_epoch: bool = False, **settings) -> dict:
     import pandas as pd
 
-    import common
+    from symbol_trainer import callbacks, image_predictions, labelled_images, pipeline
+    from symbol_trainer.images import ImageGeometry, load_image_array
+    from symbol_trainer.settings import TrainingConfig
     trainval = table[table.split != "test"].reset_index(drop=True)
     test = table[table.split == "test"]
-    images = common.LabelledImages(trainval.drop(columns="split"), list(symbols), "benchmark")
+    images = labelled_images.LabelledImages(trainval.drop(columns="split"), list(symbols), "benchmark")
     # The recipe's input size (see input_shape): this compares speed at one input size.
-    config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
+    config = TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
                                    batch_size=BATCH, resize=input_shape(args)[2], **settings)
     output = Path(args.work) / f"{args.stage}_model"
     watcher = None
     if score_every_epoch:
-        geometry = common.ImageGeometry(*input_shape(args))
+        geometry = ImageGeometry(*input_shape(args))
         # Decoded before the run starts, so that scoring costs the run no decoding.
-        watcher = EpochTestScores(np.stack([common.load_image_array(p, geometry)
+        watcher = EpochTestScores(np.stack([load_image_array(p, geometry)
                                             for p in test["path"]]), test[symbols].to_numpy())
-        common.EpochLog = watcher.epoch_log_class()
-    result = common.train_and_save(images, config, output, overwrite=True,
+        callbacks.EpochLog = watcher.epoch_log_class()
+    result = pipeline.train_and_save(images, config, output, overwrite=True,
                                    is_validation=(trainval.split == "validation").to_numpy())
     overhead = watcher.overhead if watcher else 0.0
     metadata = json.loads((output / "metadata.json").read_text())
@@ -279,7 +281,7 @@ def stage_ours(table, symbols, args, score_every_epoch: bool = False, **settings
     fine_step_seconds = float(history.loc[history.phase == "fine_tune", "train_seconds"].sum())
     head_epochs = int((history.phase == "head").sum())
     train_images = result.counts["train"]["images"]
-    probabilities = common.predict_images(output, test["path"].tolist())
+    probabilities = image_predictions.predict_images(output, test["path"].tolist())
     columns = [f"{s}_probability" for s in symbols]
     save_test_probabilities(args, args.stage, probabilities[columns].to_numpy())
     fine_seconds = phases.get("fine_tune", 0.0) - overhead
@@ -307,21 +309,24 @@ def stage_raw(table, symbols, args) -> dict:
 
     import keras
 
-    import common
+    from symbol_trainer import datasets, training
+    from symbol_trainer.images import ImageGeometry
+    from symbol_trainer.model import build_model, unfreeze_top
+    from symbol_trainer.settings import TrainingConfig
     height, width, resize = input_shape(args)
-    config = common.TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
+    config = TrainingConfig(alpha=ALPHA, weights=str(WEIGHTS), image_size=SIZE,
                                    batch_size=BATCH, resize=resize)
-    parts = common.build_model(list(symbols), config, common.ImageGeometry(height, width, resize))
+    parts = build_model(list(symbols), config, ImageGeometry(height, width, resize))
     batch = np.random.default_rng(0).integers(0, 256, (BATCH, height, width, 3)).astype(np.uint8)
-    infer = common.compiled_inference(parts.features)
-    common.unfreeze_top(parts.backbone, config.fine_tune_fraction)
-    targets = common.fused_targets(np.zeros((BATCH, len(symbols)), np.float32),
+    infer = datasets.compiled_inference(parts.features)
+    unfreeze_top(parts.backbone, config.fine_tune_fraction)
+    targets = training.fused_targets(np.zeros((BATCH, len(symbols)), np.float32),
                                    np.ones((BATCH, len(symbols)), np.float32))
 
     def fused_step(settings: dict, xla: str = "off"):
-        model = common.training_model(parts, common.fused_head(parts, list(symbols), config.dropout),
+        model = training.training_model(parts, training.fused_head(parts, list(symbols), config.dropout),
                                       dataclasses.replace(config, **settings))
-        common.compile_fused(model, config.fine_tune_learning_rate, xla)
+        training.compile_fused(model, config.fine_tune_learning_rate, xla)
         return lambda: model.train_on_batch(batch, targets)
 
     # The saved model's form, one named output and loss per symbol: what fusing saves.
@@ -380,10 +385,10 @@ def stage_speed(table, symbols, args) -> dict:
     weights, 224 px, batch 32) on one in-memory batch, over SPEED_SECONDS."""
     import keras
 
-    import common
+    from symbol_trainer import datasets
     model = keras.applications.MobileNetV2(alpha=ALPHA, include_top=False, weights=None,
                                            input_shape=(SIZE, SIZE, 3), pooling="avg")
-    infer = common.compiled_inference(model)
+    infer = datasets.compiled_inference(model)
     batch = np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3)).astype(np.float32)
     infer(batch).numpy()
     infer(batch).numpy()
@@ -575,16 +580,16 @@ def main() -> int:
     import pandas as pd
     split_file = Path(args.work) / "split.pkl"
     if args.stage:
-        import common
-        common.configure_logging(quiet=True)
+        from symbol_trainer.command import configure_logging
+        configure_logging(quiet=True)
         table, symbols = pd.read_pickle(split_file)
         result = STAGES[args.stage](table, symbols, args)
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return 0
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    import common
-    common.configure_logging(quiet=True)
+    from symbol_trainer.command import configure_logging
+    configure_logging(quiet=True)
     table, symbols = load_data(args)
     pd.to_pickle((table, symbols), split_file)
     counts = table.split.value_counts()

@@ -21,7 +21,7 @@ METRICS = ("average_precision", "roc_auc")
 def group_resamples(groups: np.ndarray, replicates: int, seed: int = 0) -> list[np.ndarray]:
     """Row indices of each bootstrap resample: whole groups drawn with replacement, as many as
     there are groups (evaluation._bootstrap_weights), each drawn group's rows repeated."""
-    import evaluation
+    from symbol_trainer import evaluation
     rows = np.arange(len(groups))
     return [np.repeat(rows, counts.astype(int))
             for chunk in evaluation._bootstrap_weights(np.asarray(groups), replicates, seed)
@@ -31,7 +31,7 @@ def group_resamples(groups: np.ndarray, replicates: int, seed: int = 0) -> list[
 def symbol_metrics(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     """(metrics x symbols): average precision and ROC-AUC per symbol; NaN where a symbol has
     no positive (AP) or lacks a class (ROC-AUC)."""
-    import evaluation
+    from symbol_trainer import evaluation
     y = np.asarray(labels) == 1
     return np.array([[evaluation.average_precision(y[:, j], probabilities[:, j])
                       for j in range(y.shape[1])],
@@ -53,7 +53,7 @@ def macro(values: np.ndarray) -> np.ndarray:
 def interval(values: np.ndarray) -> list[float] | None:
     """95 % percentile interval of the finite replicate values (evaluation._interval: none when
     fewer than half the replicates are finite)."""
-    import evaluation
+    from symbol_trainer import evaluation
     return evaluation._interval(np.asarray(values, np.float64))
 
 

@@ -26,8 +26,7 @@ OUTPUT = DOCS / "reference.md"
 
 
 # ==============================================================================================
-# THE MODULES THE PARSERS COME FROM: the one place to change when they move (for example to
-# symbol_trainer.settings and symbol_trainer.programs.*). Each entry: the file name a user runs
+# THE MODULES THE PARSERS COME FROM: the one place to change when they move. Each entry: the file name a user runs
 # from a checkout, the console command `pip install .` installs, and the parser.
 
 
@@ -35,10 +34,8 @@ def programs():
     """[(script, console command, parser)], and the module holding add_training_arguments and
     BACKBONES."""
     sys.path.insert(0, str(ROOT))
-    import build_binary_classifier
-    import build_multi_hot_model
-    import predict
-    import settings
+    from symbol_trainer import settings
+    from symbol_trainer.programs import build_binary_classifier, build_multi_hot_model, predict
 
     return [("build_binary_classifier.py", "build-binary-classifier",
              build_binary_classifier.build_parser()),
@@ -64,6 +61,9 @@ SEE_ALSO = {
     "--epochs": "training.md#early-stopping-on-validation-average-precision",
     "--fine-tune-epochs": "training.md#how-training-works",
     "--fine-tune-fraction": "training.md#how-training-works",
+    "--fine-tune-schedule": "fine-tuning.md",
+    "--fine-tune-warmup": "fine-tuning.md",
+    "--refit": "refit.md",
     "--augment": "training.md#augmentation",
     "--flip": "training.md#augmentation",
     "--pooling": "training.md#the-head---pooling",

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import accuracy  # noqa: E402
 import measurements  # noqa: E402
 import unseen_scores  # noqa: E402
-import settings  # noqa: E402
+from symbol_trainer import settings  # noqa: E402
 
 
 def test_configuration_flags_reach_the_training_config():
@@ -183,12 +183,12 @@ def test_a_stored_run_with_the_same_settings_is_reused(tmp_path):
 
 
 def test_one_run_trains_through_the_library_and_scores_unseen_frames(tmp_path, monkeypatch):
-    import common
+    from symbol_trainer import labels_csv
     train_table = write_two_symbol_frames(tmp_path / "train", 32, 4, seed=0)
     train_table.to_csv(tmp_path / "train.csv", index=False)
     test_table = write_two_symbol_frames(tmp_path / "test", 12, 3, seed=1)
     symbols = ["red_square", "blue_circle"]
-    train = common.images_from_csv(tmp_path / "train", tmp_path / "train.csv")
+    train = labels_csv.images_from_csv(tmp_path / "train", tmp_path / "train.csv")
     data = accuracy.DataSet("tiny", "tiny", train,
                             [str(tmp_path / "test" / f) for f in test_table["filename"]],
                             test_table[[f"{s}_visible" for s in symbols]].to_numpy(),

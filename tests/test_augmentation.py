@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import augmentation
+from symbol_trainer import augmentation
 import build_multi_hot_model
-import common
+from symbol_trainer import errors, settings
 from conftest import scene
 
 
@@ -70,12 +70,12 @@ def test_each_stage_of_the_layer_does_what_it_says(batch):
 def test_augment_and_flip_flags(tmp_path, capsys):
     parser = build_multi_hot_model.build_parser()
     args = parser.parse_args(["d", "l.csv", "o", "--augment", "heavy", "--flip"])
-    config = common.config_from_args(args)
+    config = settings.config_from_args(args)
     assert (config.augment, config.flip) == ("heavy", True)
-    defaults = common.config_from_args(parser.parse_args(["d", "l.csv", "o"]))
+    defaults = settings.config_from_args(parser.parse_args(["d", "l.csv", "o"]))
     assert (defaults.augment, defaults.flip) == ("default", False)
     with pytest.raises(SystemExit):
         parser.parse_args(["d", "l.csv", "o", "--augment", "strong"])
     assert "argument --augment: invalid choice: 'strong'" in capsys.readouterr().err
-    with pytest.raises(common.InputError, match="--augment choose one of none, light, default, heavy"):
-        common.TrainingConfig(augment="strong")
+    with pytest.raises(errors.InputError, match="--augment choose one of none, light, default, heavy"):
+        settings.TrainingConfig(augment="strong")

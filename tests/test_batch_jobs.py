@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 import build_multi_hot_model
-import checkpoints
-import common
+from symbol_trainer import checkpoints
+from symbol_trainer import model_format, pipeline
 from conftest import (ROOT, listdir, process_environment, run_script, training_command)
 
 # Long enough to be interrupted mid-phase: 6 head and 3 fine-tuning epochs, with patience so
@@ -99,7 +99,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(frames, tmp_path,
     assert "Resuming from the checkpoint" in resumed.stderr
     assert "head phase done, fine-tuning epoch" in resumed.stderr
     assert listdir(tmp_path) == ["frames", "model", "whole"]
-    assert not (out / common.CHECKPOINT_FOLDER).exists()
+    assert not (out / model_format.CHECKPOINT_FOLDER).exists()
 
     pd.testing.assert_frame_equal(_history_without_timings(out), _history_without_timings(whole))
     assert (out / "split.csv").read_text() == (whole / "split.csv").read_text()
@@ -139,7 +139,7 @@ def test_json_line_and_exit_codes_0_1_2(frames, tmp_path, monkeypatch, capsys):
 
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(common, "train_and_save", crash)
+    monkeypatch.setattr(pipeline, "train_and_save", crash)  # where check_or_train finds it
     assert run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m3", *fast]) == 1
     record = _json_line(capsys)
     assert record == {"status": "error", "exit_code": 1, "error": "RuntimeError: out of memory "

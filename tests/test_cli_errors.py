@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import build_binary_classifier
-import common
+from symbol_trainer import labelled_images
 from conftest import FAST, ROOT, listdir, run_script
 
 
@@ -90,9 +90,9 @@ def test_invalid_symbol_name_is_refused(binary_dirs, tmp_path, capsys):
 
 
 def test_symbol_name_comes_from_the_folder():
-    assert common.symbol_from_directory("frames/with_pentagram") == "pentagram"
-    assert common.symbol_from_directory("frames/pentagram/") == "pentagram"
-    assert common.symbol_from_directory("With-Red Star") == "Red_Star"
+    assert labelled_images.symbol_from_directory("frames/with_pentagram") == "pentagram"
+    assert labelled_images.symbol_from_directory("frames/pentagram/") == "pentagram"
+    assert labelled_images.symbol_from_directory("With-Red Star") == "Red_Star"
 
 
 def test_existing_output_is_refused_without_overwrite_and_left_untouched(binary_dirs, tmp_path, capsys):

@@ -13,9 +13,9 @@ from PIL import Image
 from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score,
                              precision_recall_curve, roc_auc_score)
 
-import evaluation
-import report
-from evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
+from symbol_trainer import evaluation
+from symbol_trainer import report
+from symbol_trainer.evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
 
 # Eight frames by descending score; the symbol is in frames 1, 2, 3 and 5.
 LABELS = np.array([1, 1, 1, 0, 1, 0, 0, 0], bool)
@@ -51,7 +51,7 @@ def test_unreachable_precision_falls_back_to_best_f1_and_says_so(caplog):
     choice = choose_threshold(labels, scores, parse_threshold_rule("precision=0.9"))
     assert not choice.reached and choice.threshold == 0.6  # F1 0.67 there, 0.4 at 0.7
     assert "precision 0.9 is not reached" in choice.note and "at most 0.500" in choice.note
-    with caplog.at_level(logging.WARNING, logger="evaluation"):
+    with caplog.at_level(logging.WARNING, logger="symbol_trainer.evaluation"):
         choices = evaluation.choose_thresholds(np.c_[labels, labels].astype(float),
                                                np.c_[scores, scores], ["star", "logo"],
                                                parse_threshold_rule("precision=0.9"))

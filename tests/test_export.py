@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import build_multi_hot_model
-import common
-import export
+from symbol_trainer import backend, images, model_dir
+from symbol_trainer import export
 from conftest import FAST, run_script, write_two_symbol_frames
 
 
@@ -28,13 +28,13 @@ def exported(tmp_path):
 
 
 def test_exports_predict_what_the_keras_model_predicts(exported):
-    tf = common.tf
+    tf = backend.tf
     out, frames = exported
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["exports"] == {"saved_model": "saved_model", "tflite": "model.tflite"}
-    loaded = common.load_model_dir(out)
-    geometry = common.ImageGeometry.from_json(metadata["input"])
-    pixels = np.stack([common.load_image_array(p, geometry) for p in frames[:5]])
+    loaded = model_dir.load_model_dir(out)
+    geometry = images.ImageGeometry.from_json(metadata["input"])
+    pixels = np.stack([images.load_image_array(p, geometry) for p in frames[:5]])
     keras_out = loaded.model(pixels)
 
     serving = tf.saved_model.load(str(out / "saved_model"))
@@ -58,8 +58,8 @@ def test_exports_predict_what_the_keras_model_predicts(exported):
 def test_an_export_that_disagrees_fails(tmp_path, monkeypatch):
     """A broken export must not pass as a success: here the TFLite file is swapped for one of
     another model, and the check raises (the command then exits 1 without a model directory)."""
-    keras = common.keras
-    geometry = common.ImageGeometry(32, 32, "letterbox")
+    keras = backend.keras
+    geometry = images.ImageGeometry(32, 32, "letterbox")
     symbols = ["red_square", "blue_circle"]
 
     def model(seed):

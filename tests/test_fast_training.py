@@ -11,9 +11,14 @@ import keras
 import numpy as np
 import pytest
 
-import common
+from symbol_trainer import callbacks, datasets, precision, training
+from symbol_trainer.errors import ImageReadError, InputError
+from symbol_trainer.features import decoded_chunks, decoded_image_store, feature_description
+from symbol_trainer.images import ImageGeometry, load_image_array
+from symbol_trainer.model import build_model, unfreeze_top
+from symbol_trainer.settings import TrainingConfig
 from conftest import scene
-from pixel_store import PixelStore
+from symbol_trainer.pixel_store import PixelStore
 
 SHAPE = (8, 6, 3)
 
@@ -32,21 +37,21 @@ def test_decoded_chunks_keep_order_fill_the_store_and_name_an_unreadable_file(tm
         path = tmp_path / f"frame_{i}.png"
         Image.new("RGB", (12, 10), (i * 30, 0, 0)).save(path)
         paths.append(str(path))
-    geometry = common.ImageGeometry(10, 12, "letterbox")
+    geometry = ImageGeometry(10, 12, "letterbox")
     calls = []
     store = PixelStore(paths, (10, 12, 3), lambda p: (calls.append(p),
-                       common.load_image_array(p, geometry))[1], tmp_path)
-    chunks = list(common.decoded_chunks(paths, geometry, 3, store))
+                       load_image_array(p, geometry))[1], tmp_path)
+    chunks = list(decoded_chunks(paths, geometry, 3, store))
     assert [len(c) for c in chunks] == [3, 3, 1]
     assert [int(image[0, 0, 0]) for c in chunks for image in c] == [i * 30 for i in range(7)]
     assert store.filled == 7 and sorted(calls) == sorted(paths)
-    list(common.decoded_chunks(paths, geometry, 3, store))
+    list(decoded_chunks(paths, geometry, 3, store))
     assert len(calls) == 7  # the second pass reads the store
     (tmp_path / "frame_4.png").write_bytes(b"not an image")
-    with pytest.raises(common.ImageReadError, match="frame_4.png"):
-        list(common.decoded_chunks(paths, geometry, 3))
+    with pytest.raises(ImageReadError, match="frame_4.png"):
+        list(decoded_chunks(paths, geometry, 3))
     with pytest.raises(ValueError, match="chunk_size"):
-        list(common.decoded_chunks(paths, geometry, 0))
+        list(decoded_chunks(paths, geometry, 0))
 
 
 def test_compiled_inference_traces_once_for_batches_of_any_length():
@@ -57,7 +62,7 @@ def test_compiled_inference_traces_once_for_batches_of_any_length():
         keras.layers.Rescaling(1 / 255)(inputs)))
     model = keras.Model(inputs, {"a": keras.layers.Dense(1, name="a")(x),
                                  "b": keras.layers.Dense(1, name="b")(x)})
-    infer = common.compiled_inference(model)
+    infer = datasets.compiled_inference(model)
     images = np.random.default_rng(0).integers(0, 256, (5, 6, 8, 3)).astype(np.uint8)
     for length in (5, 3, 1, 5):
         got = infer(images[:length])
@@ -127,26 +132,26 @@ def test_a_full_disk_turns_the_store_off_without_failing(tmp_path, monkeypatch, 
 
 
 def test_decoded_image_store_only_when_it_is_used_and_fits(tmp_path, caplog):
-    geometry = common.ImageGeometry(224, 224)
+    geometry = ImageGeometry(224, 224)
     paths = [str(tmp_path / f"{i}.jpg") for i in range(1000)]  # 0.15 GB when decoded
     caplog.set_level(logging.INFO)
-    assert common.decoded_image_store(paths, geometry, common.TrainingConfig(
+    assert decoded_image_store(paths, geometry, TrainingConfig(
         fine_tune_epochs=0)) is None
-    assert common.decoded_image_store(paths, geometry, common.TrainingConfig(
+    assert decoded_image_store(paths, geometry, TrainingConfig(
         decoded_cache_gb=0)) is None
-    assert common.decoded_image_store(paths, geometry, common.TrainingConfig(
+    assert decoded_image_store(paths, geometry, TrainingConfig(
         decoded_cache_gb=0.1)) is None
     assert "would take 0.2 GB, more than --decoded-cache-gb 0.1" in caplog.text
-    store = common.decoded_image_store(paths, geometry, common.TrainingConfig())
+    store = decoded_image_store(paths, geometry, TrainingConfig())
     assert store is not None and len(store) == 1000
     store.close()
-    with pytest.raises(common.InputError, match=r"--decoded-cache-gb must be a number of GB, 0 or more; got -1"):
-        common.TrainingConfig(decoded_cache_gb=-1)
+    with pytest.raises(InputError, match=r"--decoded-cache-gb must be a number of GB, 0 or more; got -1"):
+        TrainingConfig(decoded_cache_gb=-1)
 
 
 def _random_parts(symbols, **settings):
-    config = common.TrainingConfig(alpha=0.35, image_size=32, weights="none", **settings)
-    return common.build_model(symbols, config, common.ImageGeometry(32, 32)), config
+    config = TrainingConfig(alpha=0.35, image_size=32, weights="none", **settings)
+    return build_model(symbols, config, ImageGeometry(32, 32)), config
 
 
 def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
@@ -157,16 +162,16 @@ def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
     features = rng.normal(size=(40, parts.features.output_shape[-1])).astype(np.float32)
     labels = (rng.random((40, 3)) < 0.3).astype(np.float32)
     labels[3, 1] = np.nan  # not annotated: weight 0
-    weights = common.sample_weights(labels, np.array([2.0, 5.0, 1.0], np.float32))
+    weights = training.sample_weights(labels, np.array([2.0, 5.0, 1.0], np.float32))
 
     parts.head.compile(loss={s: keras.losses.BinaryCrossentropy() for s in symbols})
     per_output = parts.head.evaluate(features,
                                      {s: np.nan_to_num(labels[:, i:i + 1]) for i, s in enumerate(symbols)},
                                      sample_weight={s: weights[:, i] for i, s in enumerate(symbols)},
                                      batch_size=40, verbose=0, return_dict=True)["loss"]
-    fused = common.fused_head(parts, symbols, 0.0)
-    common.compile_fused(fused, 1e-3)
-    loss = fused.evaluate(features, common.fused_targets(labels, weights), batch_size=40, verbose=0)
+    fused = training.fused_head(parts, symbols, 0.0)
+    training.compile_fused(fused, 1e-3)
+    loss = fused.evaluate(features, training.fused_targets(labels, weights), batch_size=40, verbose=0)
     assert loss == pytest.approx(per_output, rel=1e-5)
     # By hand: the not-annotated label adds nothing; frame 3's other labels still count.
     p = 1 / (1 + np.exp(-fused(features, training=False).numpy().astype(np.float64)))
@@ -177,7 +182,7 @@ def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
 
     fused.get_layer("logits").set_weights(
         [rng.normal(size=(features.shape[1], 3)).astype(np.float32), np.array([0.1, -2, 3], np.float32)])
-    common._copy_fused_head(fused, parts, symbols)
+    training._copy_fused_head(fused, parts, symbols)
     probabilities = parts.head(features, training=False)
     logits = fused(features, training=False).numpy()
     for i, s in enumerate(symbols):
@@ -191,18 +196,18 @@ def test_fine_tuning_trains_the_saved_models_backbone_and_named_outputs():
     symbols = ["a", "b"]
     keras.utils.set_random_seed(2)
     parts, config = _random_parts(symbols, augment="none", dropout=0.0)
-    common.unfreeze_top(parts.backbone, config.fine_tune_fraction)
-    fused = common.fused_head(parts, symbols, config.dropout)
-    model = common.training_model(parts, fused, config)
-    common.compile_fused(model, 1e-2)
+    unfreeze_top(parts.backbone, config.fine_tune_fraction)
+    fused = training.fused_head(parts, symbols, config.dropout)
+    model = training.training_model(parts, fused, config)
+    training.compile_fused(model, 1e-2)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
-    targets = common.fused_targets((rng.random((16, 2)) < 0.5).astype(np.float32),
+    targets = training.fused_targets((rng.random((16, 2)) < 0.5).astype(np.float32),
                                    np.ones((16, 2), np.float32))
     backbone_before = [w.numpy().copy() for w in parts.backbone.trainable_weights]
     before = parts.model(images, training=False)
     model.train_on_batch(images, targets)
-    common._copy_fused_head(fused, parts, symbols)
+    training._copy_fused_head(fused, parts, symbols)
     after = parts.model(images, training=False)
     logits = model(images, training=False).numpy()
     assert any(not np.array_equal(b, w.numpy())
@@ -214,23 +219,23 @@ def test_fine_tuning_trains_the_saved_models_backbone_and_named_outputs():
 
 
 def test_mixed_precision_is_off_on_cpu_and_the_saved_twin_computes_in_float32():
-    assert common.mixed_precision_enabled("auto") is False  # CI and this test have no GPU
-    assert common.mixed_precision_enabled("on") is True
-    assert common.mixed_precision_enabled("off") is False
-    with common.dtype_policy("mixed_float16"):
+    assert precision.mixed_precision_enabled("auto") is False  # CI and this test have no GPU
+    assert precision.mixed_precision_enabled("on") is True
+    assert precision.mixed_precision_enabled("off") is False
+    with precision.dtype_policy("mixed_float16"):
         parts, config = _random_parts(["a", "b"])
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
     assert parts.features.compute_dtype == "float16"
     assert parts.model.get_layer("a").compute_dtype == "float32"
-    twin = common.float32_twin(parts, ["a", "b"], config, common.ImageGeometry(32, 32))
+    twin = precision.float32_twin(parts, ["a", "b"], config, ImageGeometry(32, 32))
     assert {layer.compute_dtype for layer in twin.backbone.layers} == {"float32"}
     pixels = np.stack([np.asarray(scene(np.random.default_rng(i), True, False, (32, 32)))
                        for i in range(4)])
     half = parts.model(pixels, training=False)["a"].numpy()
     full = twin.model(pixels, training=False)["a"].numpy()
     np.testing.assert_allclose(full, half, atol=2e-2)
-    assert common.feature_description(config, common.ImageGeometry(32, 32), "float16") \
-        != common.feature_description(config, common.ImageGeometry(32, 32))
+    assert feature_description(config, ImageGeometry(32, 32), "float16") \
+        != feature_description(config, ImageGeometry(32, 32))
 
 
 @pytest.mark.parametrize("flag,value", [("--mixed-precision", "fp16"), ("--xla", "yes")])
@@ -254,13 +259,13 @@ def test_validation_scores_are_the_training_loss_and_the_macro_ap_of_rankable_sy
     labels[:, 3] = 1
     labels[5, 3] = np.nan  # only positives once the unannotated frame is left out: not counted
     labels[6, 3] = 0
-    weights = common.sample_weights(labels, np.array([3.0, 2.0, 1.0, 1.0], np.float32))
+    weights = training.sample_weights(labels, np.array([3.0, 2.0, 1.0, 1.0], np.float32))
     weights[6, 3] = 0  # d's only negative is not annotated either
-    targets = common.fused_targets(labels, weights)
-    fused = common.fused_head(parts, symbols, 0.0)
-    common.compile_fused(fused, 1e-3)
+    targets = training.fused_targets(labels, weights)
+    fused = training.fused_head(parts, symbols, 0.0)
+    training.compile_fused(fused, 1e-3)
 
-    scores = common.ValidationScores(lambda: (features[i:i + 8] for i in range(0, 30, 8)), targets)
+    scores = callbacks.ValidationScores(lambda: (features[i:i + 8] for i in range(0, 30, 8)), targets)
     scores.set_model(fused)
     scores.on_train_begin()
     logs = {"loss": 1.0}
@@ -268,14 +273,14 @@ def test_validation_scores_are_the_training_loss_and_the_macro_ap_of_rankable_sy
     assert logs["val_loss"] == pytest.approx(
         fused.evaluate(features, targets, batch_size=30, verbose=0), rel=1e-5)
     probabilities = 1 / (1 + np.exp(-fused(features, training=False).numpy()))
-    from evaluation import average_precision
+    from symbol_trainer.evaluation import average_precision
     expected = np.mean([average_precision(labels[1:, 0] == 1, probabilities[1:, 0]),
                         average_precision(labels[:, 1] == 1, probabilities[:, 1])])
     assert logs["val_ap"] == pytest.approx(expected, rel=1e-6)
     assert scores.monitor() == "val_ap" and scores.seconds > 0
 
-    nothing_to_rank = common.fused_targets(np.zeros((30, 4), np.float32), np.ones((30, 4), np.float32))
-    assert common.ValidationScores(lambda: [features], nothing_to_rank).monitor() == "val_loss"
+    nothing_to_rank = training.fused_targets(np.zeros((30, 4), np.float32), np.ones((30, 4), np.float32))
+    assert callbacks.ValidationScores(lambda: [features], nothing_to_rank).monitor() == "val_loss"
 
 
 def test_the_head_keeps_the_epoch_with_the_highest_validation_ap(caplog):
@@ -288,17 +293,17 @@ def test_the_head_keeps_the_epoch_with_the_highest_validation_ap(caplog):
     size = parts.features.output_shape[-1]
     x = rng.normal(size=(120, size)).astype(np.float32)
     y = (x[:, :2] + rng.normal(scale=2.0, size=(120, 2)) > 0.8).astype(np.float32)
-    w = common.sample_weights(y, common.positive_weights(y[:80], "balanced"))
+    w = training.sample_weights(y, training.positive_weights(y[:80], "balanced"))
     rows = []
-    with caplog.at_level(logging.INFO, logger="common"):
-        common.train_head(parts, symbols, config, (x[:80], y[:80], w[:80]),
+    with caplog.at_level(logging.INFO, logger="symbol_trainer"):
+        training.train_head(parts, symbols, config, (x[:80], y[:80], w[:80]),
                           (x[80:], y[80:], w[80:]), rows)
     assert len(rows) == 8 and all("val_ap" in row and "val_loss" in row for row in rows)
     assert "val_ap" in caplog.text
     kept = parts.head(x[80:], training=False)
     probabilities = np.concatenate([kept[s].numpy() for s in symbols], axis=1)
     best = max(row["val_ap"] for row in rows)
-    assert common.validation_macro_ap(y[80:], w[80:], probabilities) == pytest.approx(best, abs=1e-6)
+    assert callbacks.validation_macro_ap(y[80:], w[80:], probabilities) == pytest.approx(best, abs=1e-6)
 
 
 def test_without_rankable_validation_symbols_early_stopping_watches_the_loss(caplog):
@@ -310,8 +315,8 @@ def test_without_rankable_validation_symbols_early_stopping_watches_the_loss(cap
     y[:5] = 1
     w = np.ones_like(y)
     rows = []
-    with caplog.at_level(logging.WARNING, logger="common"):
-        common.train_head(parts, symbols, config, (x[:10], y[:10], w[:10]),
+    with caplog.at_level(logging.WARNING, logger="symbol_trainer"):
+        training.train_head(parts, symbols, config, (x[:10], y[:10], w[:10]),
                           (x[10:], y[10:], w[10:]), rows)
     assert "watches the validation loss" in caplog.text
     assert len(rows) == 2 and np.isnan(rows[0]["val_ap"])
@@ -339,8 +344,8 @@ def test_fine_tuning_keeps_the_head_phase_weights_unless_an_epoch_beats_them(
     weights = np.ones_like(labels)
     before = [w.copy() for w in parts.model.get_weights()]
     rows = [{"phase": "head", "epoch": 1, "val_ap": head_val_ap, "val_loss": 1.0}]
-    with caplog.at_level(logging.INFO, logger="common"):
-        common.fine_tune(parts, symbols, config, common.ImageGeometry(32, 32),
+    with caplog.at_level(logging.INFO, logger="symbol_trainer"):
+        training.fine_tune(parts, symbols, config, ImageGeometry(32, 32),
                          (paths[:16], labels[:16], weights[:16]),
                          (paths[16:], labels[16:], weights[16:]), rows)
     after = parts.model.get_weights()

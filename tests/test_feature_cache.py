@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 from conftest import ROOT, scene
 
-import common
-import feature_cache
+from symbol_trainer import errors, labelled_images, labels_csv, model, settings
+from symbol_trainer.features import backbone_features, extract_features
+from symbol_trainer.images import ImageGeometry, scan_images
+from symbol_trainer import feature_cache
+from symbol_trainer import features as features_module
 
 
 @pytest.fixture(scope="module")
@@ -43,34 +46,34 @@ def frames(tmp_path):
 
 
 def scanned_table(root, csv_path) -> pd.DataFrame:
-    images = common.images_from_csv(root, csv_path)
-    return common.drop_unreadable(images, common.scan_images(images.table["path"].tolist()), 0).table
+    images = labels_csv.images_from_csv(root, csv_path)
+    return labelled_images.drop_unreadable(images, scan_images(images.table["path"].tolist()), 0).table
 
 
 @pytest.fixture
 def computed(monkeypatch):
     """Records how many images each call of extract_features computes."""
     calls: list[int] = []
-    original = common.extract_features
+    original = extract_features
 
     def spy(parts, paths, geometry, batch_size, store=None):
         calls.append(len(paths))
         return original(parts, paths, geometry, batch_size, store)
 
-    monkeypatch.setattr(common, "extract_features", spy)
+    monkeypatch.setattr(features_module, "extract_features", spy)  # where backbone_features finds it
     return calls
 
 
 def features_with(config, table):
-    geometry = common.ImageGeometry(config.image_size, config.image_size)
-    parts = common.build_model(["square"], config, geometry)
-    return common.backbone_features(parts, table, geometry, config)
+    geometry = ImageGeometry(config.image_size, config.image_size)
+    parts = model.build_model(["square"], config, geometry)
+    return backbone_features(parts, table, geometry, config)
 
 
 def test_second_run_reuses_every_feature_and_a_changed_image_misses_alone(frames, tmp_path, weights_file,
                                                                           computed, caplog):
     caplog.set_level("INFO")
-    config = common.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=32,
+    config = settings.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=32,
                                    cache_dir=str(tmp_path / "cache"))
     first = features_with(config, scanned_table(*frames))
     assert computed == [12]
@@ -88,20 +91,20 @@ def test_second_run_reuses_every_feature_and_a_changed_image_misses_alone(frames
 def test_another_backbone_geometry_or_weights_file_misses(frames, tmp_path, weights_file, computed):
     table = scanned_table(*frames)
     base = dict(alpha=0.35, weights=str(weights_file), image_size=32, cache_dir=str(tmp_path / "cache"))
-    features_with(common.TrainingConfig(**base), table)
-    features_with(common.TrainingConfig(**{**base, "image_size": 48}), table)
+    features_with(settings.TrainingConfig(**base), table)
+    features_with(settings.TrainingConfig(**{**base, "image_size": 48}), table)
     other = tmp_path / "other.weights.h5"
     other.write_bytes(weights_file.read_bytes())
-    features_with(common.TrainingConfig(**{**base, "weights": str(other)}), table)  # same content: hit
+    features_with(settings.TrainingConfig(**{**base, "weights": str(other)}), table)  # same content: hit
     with open(other, "r+b") as handle:  # same name, different content: miss
         handle.seek(-64, os.SEEK_END)
         handle.write(bytes(64))
-    features_with(common.TrainingConfig(**{**base, "weights": str(other)}), table)
+    features_with(settings.TrainingConfig(**{**base, "weights": str(other)}), table)
     # Another backbone (MobileNet v1) on the same images and input: a miss, under its own key.
     v1 = tmp_path / "mnv1_025.weights.h5"
     keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
                                  input_shape=(32, 32, 3)).save_weights(v1)
-    v1_features = features_with(common.TrainingConfig(
+    v1_features = features_with(settings.TrainingConfig(
         **{**base, "backbone": "mobilenet", "alpha": 0.25, "weights": str(v1)}), table)
     assert v1_features.shape == (12, 256)
     assert computed == [12, 12, 12, 12]
@@ -110,7 +113,7 @@ def test_another_backbone_geometry_or_weights_file_misses(frames, tmp_path, weig
 
 
 def test_corrupt_entry_is_recomputed_and_rewritten(frames, tmp_path, weights_file, computed, caplog):
-    config = common.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=32,
+    config = settings.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=32,
                                    cache_dir=str(tmp_path / "cache"))
     table = scanned_table(*frames)
     first = features_with(config, table)
@@ -132,11 +135,11 @@ def test_corrupt_entry_is_recomputed_and_rewritten(frames, tmp_path, weights_fil
 def test_unusable_cache_dir_is_an_input_error(frames, tmp_path, weights_file):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(common.InputError, match="--cache-dir .* is a file"):
-        common.TrainingConfig(alpha=0.35, weights=str(weights_file), cache_dir=str(blocker))
-    config = common.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=32,
+    with pytest.raises(errors.InputError, match="--cache-dir .* is a file"):
+        settings.TrainingConfig(alpha=0.35, weights=str(weights_file), cache_dir=str(blocker))
+    config = settings.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=32,
                                    cache_dir=str(blocker / "sub"))
-    with pytest.raises(common.InputError, match="--cache-dir .*cannot be used"):
+    with pytest.raises(errors.InputError, match="--cache-dir .*cannot be used"):
         features_with(config, scanned_table(*frames))
 
 

@@ -13,10 +13,14 @@ import pytest
 from conftest import FAST, run_script, scene, write_two_symbol_frames
 
 import build_multi_hot_model
-import common
-import feature_cache
-import heads
-import heatmaps
+from symbol_trainer import (datasets, errors, image_predictions, labelled_images,
+                            labels_csv, model_dir, pipeline, precision, settings, training)
+from symbol_trainer.features import backbone_features
+from symbol_trainer.images import ImageGeometry, load_image_array, scan_images
+from symbol_trainer.model import build_model
+from symbol_trainer import feature_cache
+from symbol_trainer import heads
+from symbol_trainer import heatmaps
 
 
 def pooled(pooling: str, maps: np.ndarray) -> np.ndarray:
@@ -121,27 +125,27 @@ def test_feature_dataset_gathers_maps_by_index():
     targets = np.arange(6, dtype=np.float32)[:, None]
     import tensorflow as tf
     order = tf.data.Dataset.from_tensor_slices(np.array([[4, 1], [0, 5]], np.int64))
-    batches = list(common.feature_dataset(maps, targets, 2, order))
+    batches = list(datasets.feature_dataset(maps, targets, 2, order))
     np.testing.assert_array_equal(batches[0][0].numpy(), maps[[4, 1]])
     np.testing.assert_array_equal(batches[1][1].numpy(), targets[[0, 5]])
     assert batches[0][0].dtype == tf.float16
 
 
 def test_pooling_is_a_checked_setting_in_the_run_key():
-    assert common.TrainingConfig().pooling == "avg"
-    with pytest.raises(common.InputError,
+    assert settings.TrainingConfig().pooling == "avg"
+    with pytest.raises(errors.InputError,
                        match="--pooling choose one of avg, max, lse, topk, attention"):
-        common.TrainingConfig(pooling="mean")
-    assert "pooling" not in common.SETTINGS_NOT_IN_RUN_KEY  # maps and vectors never resume each other
+        settings.TrainingConfig(pooling="mean")
+    assert "pooling" not in pipeline.SETTINGS_NOT_IN_RUN_KEY  # maps and vectors never resume each other
     from types import SimpleNamespace
     table = pd.DataFrame({"image_sha1": ["ab", "cd"], "s": [1.0, 0.0]})
     keys = {}
     for pooling in ("avg", "max", "lse"):
-        prepared = SimpleNamespace(config=common.TrainingConfig(pooling=pooling),
+        prepared = SimpleNamespace(config=settings.TrainingConfig(pooling=pooling),
                                    split_table=lambda: table,
                                    images=SimpleNamespace(symbols=["s"], table=table))
-        keys[pooling] = common.run_key(prepared, common.ImageGeometry(32, 32), False,
-                                       common.single_device_run().placement)
+        keys[pooling] = pipeline.run_key(prepared, ImageGeometry(32, 32), False,
+                                       training.single_device_run().placement)
     # avg keys are those of runs before --pooling existed, so their checkpoints still resume.
     assert "pooling" not in keys["avg"]["settings"]
     assert keys["max"]["settings"]["pooling"] == "max" and keys["max"] != keys["lse"]
@@ -154,19 +158,19 @@ def test_pooling_is_a_checked_setting_in_the_run_key():
 
 
 def test_spatial_model_and_its_float32_twin(tmp_path):
-    config = common.TrainingConfig(alpha=0.35, weights="none", image_size=64, pooling="lse")
-    geometry = common.ImageGeometry(64, 96)
-    with common.dtype_policy("mixed_float16"):
-        parts = common.build_model(["a", "b", "c"], config, geometry)
+    config = settings.TrainingConfig(alpha=0.35, weights="none", image_size=64, pooling="lse")
+    geometry = ImageGeometry(64, 96)
+    with precision.dtype_policy("mixed_float16"):
+        parts = build_model(["a", "b", "c"], config, geometry)
     assert parts.spatial and parts.features.output_shape == (None, 2, 3, 1280)
     assert parts.model.get_layer("score_map").dtype_policy.compute_dtype == "float32"
-    twin = common.float32_twin(parts, ["a", "b", "c"], config, geometry)
+    twin = precision.float32_twin(parts, ["a", "b", "c"], config, geometry)
     pixels = np.random.default_rng(1).integers(0, 256, (2, 64, 96, 3)).astype(np.float32)
     ours, theirs = parts.model(pixels), twin.model(pixels)
     for symbol in "abc":
         np.testing.assert_allclose(ours[symbol], theirs[symbol], atol=2e-2)
     # The fused training twin computes the same logits, and copying back is exact.
-    fused = common.fused_head(parts, ["a", "b", "c"], 0.0)
+    fused = training.fused_head(parts, ["a", "b", "c"], 0.0)
     maps = np.asarray(parts.features(pixels), np.float32)
     probabilities = 1 / (1 + np.exp(-np.asarray(fused(maps))))
     head = parts.head(maps)
@@ -188,11 +192,11 @@ def test_each_pooling_trains_saves_loads_and_predicts(frames, tmp_path, pooling)
                                               "--image-size", "64", "--weights", "none",
                                               "--pooling", pooling])
     assert code == 0
-    loaded = common.load_model_dir(out)  # safe mode
+    loaded = model_dir.load_model_dir(out)  # safe mode
     assert set(loaded.model.output) == {"red_square", "blue_circle"}
     assert loaded.metadata["training"]["config"]["pooling"] == pooling
     images = sorted(frames.glob("ep*/*.png"))[:5]
-    table = common.predict_images(loaded, images)
+    table = image_predictions.predict_images(loaded, images)
     probabilities = table[["red_square_probability", "blue_circle_probability"]].to_numpy()
     assert probabilities.shape == (5, 2) and np.all((probabilities >= 0) & (probabilities <= 1))
     names = [layer.name for layer in loaded.model.layers]
@@ -202,7 +206,7 @@ def test_each_pooling_trains_saves_loads_and_predicts(frames, tmp_path, pooling)
     if pooling == "max":  # standard Keras layers only: loads without this tool's code
         assert all(type(layer).__module__.startswith("keras.") for layer in loaded.model.layers)
     score_map = keras.Model(loaded.model.inputs, loaded.model.get_layer("score_map").output)
-    pixels = np.stack([common.load_image_array(p, common.ImageGeometry.from_json(
+    pixels = np.stack([load_image_array(p, ImageGeometry.from_json(
         loaded.metadata["input"])) for p in images[:2]]).astype(np.float32)
     logits = np.asarray(score_map(pixels))
     assert logits.shape == (2, 2, 3, 2) and logits.dtype == np.float32  # 64x96 input
@@ -241,15 +245,15 @@ def test_feature_maps_are_cached_apart_from_vectors(tmp_path, weights_file, capl
         scene(rng, index % 2 == 0, False, size=(64, 64)).save(root / f"f{index}.png")
     pd.DataFrame({"filename": [f"f{i}.png" for i in range(6)],
                   "square_visible": [1, 0] * 3}).to_csv(tmp_path / "labels.csv", index=False)
-    images = common.images_from_csv(root, tmp_path / "labels.csv")
-    table = common.drop_unreadable(images, common.scan_images(images.table["path"].tolist()), 0).table
-    geometry = common.ImageGeometry(64, 64)
+    images = labels_csv.images_from_csv(root, tmp_path / "labels.csv")
+    table = labelled_images.drop_unreadable(images, scan_images(images.table["path"].tolist()), 0).table
+    geometry = ImageGeometry(64, 64)
     results = {}
     for pooling in ("avg", "max", "topk"):
-        config = common.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=64,
+        config = settings.TrainingConfig(alpha=0.35, weights=str(weights_file), image_size=64,
                                        cache_dir=str(tmp_path / "cache"), pooling=pooling)
-        parts = common.build_model(["square"], config, geometry)
-        results[pooling] = common.backbone_features(parts, table, geometry, config)
+        parts = build_model(["square"], config, geometry)
+        results[pooling] = backbone_features(parts, table, geometry, config)
     assert results["avg"].shape == (6, 1280) and results["avg"].dtype == np.float32
     assert results["max"].shape == (6, 2, 2, 1280) and results["max"].dtype == np.float16
     # The third run (topk) found every map the second (max) stored: spatial poolings share maps.
@@ -286,7 +290,7 @@ def test_large_map_sets_go_to_a_mapped_file(monkeypatch):
 
 
 def test_checkpoint_keeps_feature_maps_as_they_are(tmp_path):
-    import checkpoints
+    from symbol_trainer import checkpoints
     maps = np.random.default_rng(3).normal(size=(5, 2, 3, 8)).astype(np.float16)
     checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoint", {"pooling": "max"})
     checkpoint.directory.mkdir(parents=True)

@@ -12,11 +12,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import common
-import evaluation
-import heatmaps
+from symbol_trainer import errors, image_predictions, model_format, output_dir, settings
+from symbol_trainer.images import ImageGeometry, load_image_array, resize_to_geometry
+from symbol_trainer.model import build_model
+from symbol_trainer.model_dir import load_model_dir, save_model
+from symbol_trainer import evaluation
+from symbol_trainer import heatmaps
 import predict
-import report
+from symbol_trainer import report
 from conftest import run_script
 
 SYMBOLS = ["red_square", "blue_circle"]
@@ -50,12 +53,12 @@ def _score_map_model(height=HEIGHT, width=WIDTH):
 
 def _save_model_dir(model, directory, resize="letterbox", height=HEIGHT, width=WIDTH):
     directory.mkdir(parents=True)
-    model.save(directory / common.MODEL_FILE)
-    metadata = {"format_version": common.MODEL_FORMAT_VERSION, "symbols": SYMBOLS,
+    model.save(directory / output_dir.MODEL_FILE)
+    metadata = {"format_version": model_format.MODEL_FORMAT_VERSION, "symbols": SYMBOLS,
                 "input": {"height": height, "width": width, "resize": resize},
                 "training": {"config": {"resize": resize, "image_size": height}},
                 "thresholds": {"red_square": 0.5, "blue_circle": 0.5}}
-    (directory / common.METADATA_FILE).write_text(json.dumps(metadata))
+    (directory / output_dir.METADATA_FILE).write_text(json.dumps(metadata))
     return directory
 
 
@@ -75,7 +78,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_heatmaps_have_the_score_maps_shape_and_are_probabilities(model_dir, tmp_path):
-    loaded = common.load_model_dir(model_dir)
+    loaded = load_model_dir(model_dir)
     paths = []
     for index, at in enumerate([(4, 4), (60, 30), None]):
         paths.append(tmp_path / f"f{index}.png")
@@ -84,13 +87,13 @@ def test_heatmaps_have_the_score_maps_shape_and_are_probabilities(model_dir, tmp
     assert maps.shape == (3, HEIGHT // CELL, WIDTH // CELL, len(SYMBOLS))
     assert ((maps > 0) & (maps < 1)).all()
     # The model max-pools its score map: each frame's probability is its heatmap's maximum.
-    probabilities = common.predict_images(loaded, paths)
+    probabilities = image_predictions.predict_images(loaded, paths)
     for j, symbol in enumerate(SYMBOLS):
         np.testing.assert_allclose(maps[..., j].max(axis=(1, 2)),
                                    probabilities[f"{symbol}_probability"], rtol=1e-5)
     # Model inputs give the same maps as the paths they were made from.
-    geometry = common.ImageGeometry(HEIGHT, WIDTH, "letterbox")
-    inputs = [common.load_image_array(p, geometry) for p in paths]
+    geometry = ImageGeometry(HEIGHT, WIDTH, "letterbox")
+    inputs = [load_image_array(p, geometry) for p in paths]
     np.testing.assert_allclose(heatmaps.heatmaps(loaded, inputs), maps)
     # heatmap_model is the documented recipe: the score_map layer's output.
     import keras
@@ -101,7 +104,7 @@ def test_heatmaps_have_the_score_maps_shape_and_are_probabilities(model_dir, tmp
 def test_a_square_is_found_where_it_is_on_a_letterboxed_frame(model_dir, tmp_path):
     """A tall frame is letterboxed into the wide input with bars left and right; its red
     square's heatmap peaks over the square on the frame, and the bars are cut off."""
-    loaded = common.load_model_dir(model_dir)
+    loaded = load_model_dir(model_dir)
     path = tmp_path / "tall.png"
     _frame((64, 128), square_at=(40, 90), side=24).save(path)   # scale 1/4: 16 x 32 input px
     (frame,) = heatmaps.frame_heatmaps(loaded.model, loaded.metadata, [path], max_size=(128, 128))
@@ -116,7 +119,7 @@ def test_a_square_is_found_where_it_is_on_a_letterboxed_frame(model_dir, tmp_pat
 
 def test_one_hot_cell_maps_onto_the_right_part_of_the_frame():
     """A synthetic score map with one hot cell, through each resize method."""
-    geometry = common.ImageGeometry(64, 64, "letterbox")
+    geometry = ImageGeometry(64, 64, "letterbox")
     heat = np.zeros((4, 4))
     heat[1, 3] = 1.0   # input rows 16-32, columns 48-64
     # A 128 x 64 frame letterboxes to 64 x 32 at rows 16-48 (bars above and below): the
@@ -131,11 +134,11 @@ def test_one_hot_cell_maps_onto_the_right_part_of_the_frame():
     y, x = np.unravel_index(np.argmax(small), small.shape)
     assert 24 <= x < 32 and 0 <= y < 8
     # Squash: the frame fills the input; the cell is the frame's second row of four.
-    squashed = heatmaps.frame_heatmap(heat, common.ImageGeometry(64, 64, "squash"), (128, 64))
+    squashed = heatmaps.frame_heatmap(heat, ImageGeometry(64, 64, "squash"), (128, 64))
     y, x = np.unravel_index(np.argmax(squashed), squashed.shape)
     assert 96 <= x < 128 and 16 <= y < 32
     # Crop: the input shows the frame's middle 64 x 64; the sides the model never saw are NaN.
-    cropped = heatmaps.frame_heatmap(heat, common.ImageGeometry(64, 64, "crop"), (128, 64))
+    cropped = heatmaps.frame_heatmap(heat, ImageGeometry(64, 64, "crop"), (128, 64))
     assert np.isnan(cropped[:, :32]).all() and np.isnan(cropped[:, 96:]).all()
     assert not np.isnan(cropped[:, 32:96]).any()
     y, x = np.unravel_index(np.nanargmax(cropped), cropped.shape)
@@ -145,10 +148,10 @@ def test_one_hot_cell_maps_onto_the_right_part_of_the_frame():
 @pytest.mark.parametrize("resize", ["letterbox", "crop", "squash"])
 @pytest.mark.parametrize("size", [(97, 41), (41, 97), (64, 64), (300, 200)])
 def test_placement_is_where_resize_to_geometry_puts_the_frame(resize, size):
-    """heatmaps.placement repeats common.resize_to_geometry's arithmetic: a white frame
+    """heatmaps.placement repeats resize_to_geometry's arithmetic: a white frame
     resized onto a black input is white exactly inside the placement."""
-    geometry = common.ImageGeometry(48, 80, resize)
-    pixels = common.resize_to_geometry(Image.new("RGB", size, (255, 255, 255)), geometry)
+    geometry = ImageGeometry(48, 80, resize)
+    pixels = resize_to_geometry(Image.new("RGB", size, (255, 255, 255)), geometry)
     where = heatmaps.placement(size, geometry.height, geometry.width, resize)
     rows = np.flatnonzero(pixels[:, :, 0].max(axis=1) > 128)
     columns = np.flatnonzero(pixels[:, :, 0].max(axis=0) > 128)
@@ -157,12 +160,12 @@ def test_placement_is_where_resize_to_geometry_puts_the_frame(resize, size):
 
 
 def test_class_activation_maps_of_an_earlier_versions_model_average_to_its_logit(tmp_path):
-    """A model of common.build_model's architecture (no score_map layer): its class-activation
+    """A model of build_model's architecture (no score_map layer): its class-activation
     maps, averaged over the locations, are the logit of its probability."""
-    config = common.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights="none",
+    config = settings.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights="none",
                                    image_size=64)
-    geometry = common.ImageGeometry(64, 96, "letterbox")
-    parts = common.build_model(SYMBOLS, config, geometry)
+    geometry = ImageGeometry(64, 96, "letterbox")
+    parts = build_model(SYMBOLS, config, geometry)
     rng = np.random.default_rng(0)
     for symbol in SYMBOLS:
         kernel, bias = parts.model.get_layer(symbol).get_weights()
@@ -170,12 +173,12 @@ def test_class_activation_maps_of_an_earlier_versions_model_average_to_its_logit
             [rng.normal(0, 0.3, kernel.shape).astype(np.float32), np.float32([0.2])])
     directory = tmp_path / "model"
     directory.mkdir()
-    common.save_model(parts, SYMBOLS, directory)
-    (directory / common.METADATA_FILE).write_text(json.dumps({
-        "format_version": common.MODEL_FORMAT_VERSION, "symbols": SYMBOLS,
+    save_model(parts, SYMBOLS, directory)
+    (directory / output_dir.METADATA_FILE).write_text(json.dumps({
+        "format_version": model_format.MODEL_FORMAT_VERSION, "symbols": SYMBOLS,
         "input": geometry.to_json(), "training": {"config": {"resize": "letterbox"}},
         "thresholds": {s: 0.5 for s in SYMBOLS}}))
-    loaded = common.load_model_dir(directory)
+    loaded = load_model_dir(directory)
     images = rng.integers(0, 256, (3, 64, 96, 3), dtype=np.uint8)
     maps = heatmaps.heatmap_model(loaded.model, SYMBOLS)(images)
     assert tuple(maps.shape) == (3, 2, 3, 2)
@@ -192,7 +195,7 @@ def test_a_model_without_score_map_or_average_pooling_is_refused():
     pixels = keras.Input((16, 16, 3))
     pooled = keras.layers.GlobalMaxPooling2D(name="pooling")(keras.layers.Conv2D(4, 3)(pixels))
     model = keras.Model(pixels, {"star": keras.layers.Dense(1, name="star")(pooled)})
-    with pytest.raises(common.InputError, match="no 'score_map' layer.*Train it again"):
+    with pytest.raises(errors.InputError, match="no 'score_map' layer.*Train it again"):
         heatmaps.heatmap_model(model)
 
 
@@ -221,7 +224,7 @@ def test_heatmap_names_mirror_the_filename_inside_the_folder():
 def _report_inputs(directory, tmp_path):
     """A validation table of 24 frames in 6 groups, scored by the model in `directory`, and the
     metadata that report.write_report reads."""
-    loaded = common.load_model_dir(directory)
+    loaded = load_model_dir(directory)
     rng = np.random.default_rng(1)
     names, groups, paths, labels = [], [], [], []
     for index in range(24):
@@ -237,7 +240,7 @@ def _report_inputs(directory, tmp_path):
         # Some labels wrong, so that every sheet has frames.
         labels.append([float(square != (index % 7 == 0)), float(circle != (index % 5 == 0))])
     labels = np.array(labels)
-    predicted = common.predict_images(loaded, paths)
+    predicted = image_predictions.predict_images(loaded, paths)
     probabilities = predicted[[f"{s}_probability" for s in SYMBOLS]].to_numpy()
     thresholds = evaluation.choose_thresholds(labels, probabilities, SYMBOLS,
                                               evaluation.ThresholdRule())

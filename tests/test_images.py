@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
+from symbol_trainer import errors, images
 
 
 def test_find_images_is_recursive_case_insensitive_and_skips_hidden_and_other_files(tmp_path):
@@ -20,20 +20,20 @@ def test_find_images_is_recursive_case_insensitive_and_skips_hidden_and_other_fi
                  "g.tif", "h.TIFF", ".hidden.jpg", ".cache/i.jpg", "notes.txt", "j.jpg.txt",
                  "Thumbs.db"]:
         (tmp_path / name).write_bytes(b"x")
-    found = [p.relative_to(tmp_path).as_posix() for p in common.find_images(tmp_path)]
+    found = [p.relative_to(tmp_path).as_posix() for p in images.find_images(tmp_path)]
     assert found == ["a.jpg", "d.bmp", "e.gif", "f.webp", "g.tif", "h.TIFF",
                      "ep1/b.JPEG", "ep1/deeper/c.Png"]
 
 
 def test_find_images_names_a_missing_directory(tmp_path):
-    with pytest.raises(common.InputError, match="nope: no such directory"):
-        common.find_images(tmp_path / "nope")
+    with pytest.raises(errors.InputError, match="nope: no such directory"):
+        images.find_images(tmp_path / "nope")
 
 
 def _decoded(image: Image.Image, fmt: str, **save) -> np.ndarray:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **save)
-    return np.asarray(common.read_image(buffer.getvalue()))
+    return np.asarray(images.read_image(buffer.getvalue()))
 
 
 @pytest.mark.parametrize("mode, fmt, value, expected", [
@@ -65,7 +65,7 @@ def test_transparency_is_composited_on_white():
     assert tuple(pixels[0, 0]) == (255, 0, 0)
     assert tuple(pixels[2, 2]) == (255, 255, 255)
     assert tuple(_decoded(Image.new("LA", (4, 4), (0, 0)), "PNG")[1, 1]) == (255, 255, 255)
-    assert common.ALPHA_BACKGROUND == "white"
+    assert images.ALPHA_BACKGROUND == "white"
 
 
 def _png16_gray(values: np.ndarray) -> bytes:
@@ -84,7 +84,7 @@ def _png16_gray(values: np.ndarray) -> bytes:
 
 def test_sixteen_bit_png_is_scaled_not_clipped():
     data = _png16_gray(np.array([[0, 32896, 65535]], dtype=np.uint16))
-    pixels = np.asarray(common.read_image(data))
+    pixels = np.asarray(images.read_image(data))
     assert pixels.shape == (1, 3, 3)
     assert list(pixels[0, :, 0]) == [0, 128, 255]
 
@@ -108,9 +108,9 @@ def test_exif_orientation_is_honoured():
 def test_jpeg_is_decoded_at_reduced_scale_when_much_larger_than_needed():
     buffer = io.BytesIO()
     Image.new("RGB", (1280, 720), (90, 90, 90)).save(buffer, "JPEG")
-    assert common.read_image(buffer.getvalue(), (160, 160)).size == (320, 180)
-    geometry = common.ImageGeometry(64, 96)
-    assert common.resize_to_geometry(common.read_image(buffer.getvalue(), (96, 64)), geometry).shape == (64, 96, 3)
+    assert images.read_image(buffer.getvalue(), (160, 160)).size == (320, 180)
+    geometry = images.ImageGeometry(64, 96)
+    assert images.resize_to_geometry(images.read_image(buffer.getvalue(), (96, 64)), geometry).shape == (64, 96, 3)
 
 
 def test_truncated_and_garbage_files_raise_image_read_error_naming_the_file(tmp_path):
@@ -121,8 +121,8 @@ def test_truncated_and_garbage_files_raise_image_read_error_naming_the_file(tmp_
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"this is not an image")
     for path in (truncated, garbage):
-        with pytest.raises(common.ImageReadError) as caught:
-            common.read_image(path)
+        with pytest.raises(errors.ImageReadError) as caught:
+            images.read_image(path)
         assert caught.value.path == str(path) and str(path) in str(caught.value)
 
 
@@ -144,14 +144,14 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path, side, message)
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header_only(side, side))
     assert bomb.stat().st_size < 100
-    with pytest.raises(common.ImageReadError, match=message):
-        common.read_image(bomb)
+    with pytest.raises(errors.ImageReadError, match=message):
+        images.read_image(bomb)
 
 
 def test_scan_reports_bad_files_and_keeps_going(tmp_path):
     Image.new("RGB", (20, 10), (5, 5, 5)).save(tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
-    scan = common.scan_images([tmp_path / "good.png", tmp_path / "bad.jpg", tmp_path / "gone.png"])
+    scan = images.scan_images([tmp_path / "good.png", tmp_path / "bad.jpg", tmp_path / "gone.png"])
     assert scan.readable.tolist() == [True, False, False]
     assert scan.size[0] == (20, 10) and len(scan.sha1[0]) == 40
     assert [p for p, _ in scan.errors] == [str(tmp_path / "bad.jpg"), str(tmp_path / "gone.png")]
@@ -166,22 +166,22 @@ def _frame(width, height):
 
 
 def test_letterbox_keeps_the_aspect_ratio_on_black_bars():
-    out = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 64, "letterbox"))
+    out = images.resize_to_geometry(_frame(160, 90), images.ImageGeometry(64, 64, "letterbox"))
     assert out.shape == (64, 64, 3)
     rows = np.flatnonzero(out.max(axis=(1, 2)) > 0)
     assert (rows[0], rows[-1]) == (14, 49)  # 36 rows of picture (64 * 9/16), centred
     assert out[:14].max() == 0 and out[50:].max() == 0
-    wide = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 96, "letterbox"))
+    wide = images.resize_to_geometry(_frame(160, 90), images.ImageGeometry(64, 96, "letterbox"))
     assert wide.shape == (64, 96, 3) and wide[:4].max() == 0  # 16:9 in 3:2: still wider
-    tall = common.resize_to_geometry(_frame(90, 160), common.ImageGeometry(64, 96, "letterbox"))
+    tall = images.resize_to_geometry(_frame(90, 160), images.ImageGeometry(64, 96, "letterbox"))
     assert tall[:, :20].max() == 0 and tall[:, -20:].max() == 0  # portrait: bars at the sides
 
 
 def test_crop_covers_and_squash_stretches():
-    crop = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 64, "crop"))
+    crop = images.resize_to_geometry(_frame(160, 90), images.ImageGeometry(64, 64, "crop"))
     assert crop.shape == (64, 64, 3)
     assert crop[32, 0].mean() < 200 and crop[0, 32].mean() > 200  # sides cut, top border kept
-    squash = common.resize_to_geometry(_frame(160, 90), common.ImageGeometry(64, 64, "squash"))
+    squash = images.resize_to_geometry(_frame(160, 90), images.ImageGeometry(64, 64, "squash"))
     assert squash[32, 0].mean() > 200 and squash[0, 32].mean() > 200
 
 
@@ -193,5 +193,5 @@ def test_crop_covers_and_squash_stretches():
     ("squash", [(1280, 720)], (224, 224)),
 ])
 def test_input_geometry_follows_the_most_common_aspect_ratio(resize, sizes, expected):
-    geometry = common.input_geometry(224, resize, sizes)
+    geometry = images.input_geometry(224, resize, sizes)
     assert (geometry.height, geometry.width, geometry.resize) == (*expected, resize)

@@ -17,7 +17,11 @@ import pytest
 from conftest import FAST, run_script, scene
 
 import build_binary_classifier
-import common
+from symbol_trainer import (duplicates, image_folders, labelled_images,
+                            model_format, output_dir, preparation, settings)
+from symbol_trainer.errors import InputError
+from symbol_trainer.images import find_images, scan_images
+from symbol_trainer.labels_csv import images_from_csv
 
 
 def write_frames(folder, count, seed, square, prefix="frame"):
@@ -46,7 +50,7 @@ def test_a_link_loop_counts_each_image_once(tmp_path, capsys, caplog):
     without_dir = write_frames(tmp_path / "without_square", 20, 2, False)
 
     with caplog.at_level(logging.WARNING):
-        found = common.find_images(with_dir)
+        found = find_images(with_dir)
     assert len(found) == 20 and len(set(found)) == 20
     assert all(path.parent == with_dir for path in found)
     assert ("1 folder link(s) lead to a folder searched already (for example 'loop' leads back "
@@ -74,7 +78,7 @@ def test_links_and_hard_links_to_one_file_list_it_once_by_its_plain_path(tmp_pat
     (root / "gone.png").symlink_to(tmp_path / "nowhere.png")  # dangling: the scan reports it
 
     with caplog.at_level(logging.WARNING):
-        found = [p.relative_to(root).as_posix() for p in common.find_images(root)]
+        found = [p.relative_to(root).as_posix() for p in find_images(root)]
     assert found == ["b.png", "c.png", "gone.png", "out/e.png", "sub/d.png"]
     assert "2 folder link(s) lead to a folder searched already (for example 'sub/up' leads " \
            "back to '.', a loop)" in caplog.text
@@ -125,9 +129,9 @@ def test_many_conflicting_pictures_are_shown_as_a_few_and_a_count(tmp_path):
     without_dir = write_frames(tmp_path / "without_square", 2, 2, False)
     for index in range(8):
         shutil.copy(with_dir / f"frame{index:02d}.png", without_dir / f"copy{index}.png")
-    images = common.images_from_directories(with_dir, without_dir)
-    with pytest.raises(common.InputError, match=r"^8 picture\(s\) .*; and 3 more\. Delete"):
-        common.prepare_training_data(images, common.TrainingConfig(weights="none"))
+    images = image_folders.images_from_directories(with_dir, without_dir)
+    with pytest.raises(InputError, match=r"^8 picture\(s\) .*; and 3 more\. Delete"):
+        preparation.prepare_training_data(images, settings.TrainingConfig(weights="none"))
 
 
 def labels_csv(root, rows):
@@ -142,9 +146,9 @@ def test_csv_rows_of_one_picture_with_different_labels_are_a_warning_per_symbol(
     rows = [{"filename": f"frame{i:02d}.png", "a_visible": i % 2, "b_visible": i // 2 % 2}
             for i in range(12)]
     rows.append({"filename": "copy_of_00.png", "a_visible": 1, "b_visible": 0})  # a disagrees
-    images = common.images_from_csv(root, labels_csv(root, rows))
+    images = images_from_csv(root, labels_csv(root, rows))
     with caplog.at_level(logging.WARNING):
-        prepared = common.prepare_training_data(images, common.TrainingConfig(weights="none"))
+        prepared = preparation.prepare_training_data(images, settings.TrainingConfig(weights="none"))
     assert ("1 set(s) of frames with identical content (copies) have different labels for a: "
             "'copy_of_00.png' (1) = 'frame00.png' (0). They train against each other" in caplog.text)
     assert "labels for b" not in caplog.text
@@ -159,12 +163,12 @@ def test_copies_with_the_same_labels_are_reported_and_kept_on_one_side_of_the_sp
     for i in range(20):  # every frame twice: a frame-by-frame split would part most pairs
         shutil.copy(root / f"frame{i:02d}.png", root / f"copy{i:02d}.png")
         rows.append({"filename": f"copy{i:02d}.png", "square_visible": i % 2})
-    images = common.images_from_csv(root, labels_csv(root, rows))
+    images = images_from_csv(root, labels_csv(root, rows))
     for seed in range(3):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            prepared = common.prepare_training_data(
-                images, common.TrainingConfig(weights="none", seed=seed, group_by="none"))
+            prepared = preparation.prepare_training_data(
+                images, settings.TrainingConfig(weights="none", seed=seed, group_by="none"))
         split = prepared.split_table().set_index("filename")["split"]
         parted = [i for i in range(20) if split[f"frame{i:02d}.png"] != split[f"copy{i:02d}.png"]]
         assert parted == [], f"seed {seed}: copies on both sides: {parted}"
@@ -178,10 +182,10 @@ def test_copies_with_the_same_labels_are_reported_and_kept_on_one_side_of_the_sp
 def test_copies_join_their_groups_so_no_group_is_split_by_a_copy():
     groups = np.array(["e1", "e1", "e2", "e3", "e4"])
     sha1 = ["x", "y", "z", "x", "w"]  # e1 and e3 share a picture
-    assert common.duplicates.split_groups(groups, sha1).tolist() == ["e1", "e1", "e2", "e1", "e4"]
-    assert common.duplicates.split_groups(groups, ["a", "b", "c", "d", "e"]) is groups
-    assert common.duplicates.split_groups(None, ["a", "b", "c"]) is None
-    assert common.duplicates.split_groups(None, ["a", "b", "a"]).tolist() == ["0", "1", "0"]
+    assert duplicates.split_groups(groups, sha1).tolist() == ["e1", "e1", "e2", "e1", "e4"]
+    assert duplicates.split_groups(groups, ["a", "b", "c", "d", "e"]) is groups
+    assert duplicates.split_groups(None, ["a", "b", "c"]) is None
+    assert duplicates.split_groups(None, ["a", "b", "a"]).tolist() == ["0", "1", "0"]
 
 
 def test_a_validation_copy_of_a_training_frame_is_reported(tmp_path, capsys):
@@ -204,11 +208,11 @@ def test_a_validation_csv_copy_of_a_training_frame_is_reported(tmp_path, caplog)
     train_csv = labels_csv(root, rows[:12])
     valid_csv = root / "valid.csv"
     pd.DataFrame(rows[12:] + [{"filename": "copy.png", "square_visible": 1}]).to_csv(valid_csv, index=False)
-    train = common.images_from_csv(root, train_csv)
-    images, is_validation = common.with_validation_set(
-        train, common.images_from_csv(root, valid_csv), "--validation-csv valid.csv")
+    train = images_from_csv(root, train_csv)
+    images, is_validation = labelled_images.with_validation_set(
+        train, images_from_csv(root, valid_csv), "--validation-csv valid.csv")
     with caplog.at_level(logging.WARNING):
-        prepared = common.prepare_training_data(images, common.TrainingConfig(weights="none"),
+        prepared = preparation.prepare_training_data(images, settings.TrainingConfig(weights="none"),
                                                 is_validation)
     assert "1 validation frame(s) have the same content as a training frame (copies): " \
            "'copy.png' = 'frame01.png'" in caplog.text
@@ -237,7 +241,7 @@ def test_an_image_that_may_not_be_read_is_skipped_and_listed(tmp_path, capsys, m
     without_dir = write_frames(tmp_path / "without_square", 8, 2, False)
     _deny(monkeypatch, with_dir / "frame03.png")
 
-    scan = common.scan_images([with_dir / "frame02.png", with_dir / "frame03.png"])
+    scan = scan_images([with_dir / "frame02.png", with_dir / "frame03.png"])
     assert scan.readable.tolist() == [True, False]
     assert scan.errors == [(str(with_dir / "frame03.png"),
                             "permission denied: this user may not read the file (check its "
@@ -267,7 +271,7 @@ def test_chmod_000_image_is_skipped(tmp_path):
     locked = with_dir / "frame01.png"
     locked.chmod(0)
     try:
-        scan = common.scan_images([with_dir / "frame00.png", locked])
+        scan = scan_images([with_dir / "frame00.png", locked])
     finally:
         locked.chmod(0o644)
     assert scan.readable.tolist() == [True, False]
@@ -304,15 +308,15 @@ def test_file_names_that_are_not_utf8_train_and_round_trip(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
 
     # The CSV files hold each name's bytes, so reading them back gives the files on disk.
-    split = pd.read_csv(out / common.SPLIT_FILE, encoding_errors="surrogateescape")
+    split = pd.read_csv(out / model_format.SPLIT_FILE, encoding_errors="surrogateescape")
     assert sorted(os.fsencode(name) for name in split["filename"]) == sorted(names.values())
     assert all(os.path.isfile(name) for name in split["filename"])
-    evaluation = pd.read_csv(out / common.EVALUATION_FILE, encoding_errors="surrogateescape")
+    evaluation = pd.read_csv(out / model_format.EVALUATION_FILE, encoding_errors="surrogateescape")
     validated = set(split.loc[split["split"] == "validation", "filename"])
     assert set(evaluation["filename"]) == validated
     assert any(b"\xe9" in os.fsencode(name) for name in validated)
     # JSON files are ASCII: such a name is escaped as \udcXX, which json.loads gives back.
-    metadata = json.loads((out / common.METADATA_FILE).read_text(encoding="ascii"))
+    metadata = json.loads((out / output_dir.METADATA_FILE).read_text(encoding="ascii"))
     assert os.fsencode(metadata["data"]["source"]).endswith(b"/sans_carr\xe9 (without)")
     assert (out / "report.html").read_text(encoding="utf-8")  # valid UTF-8
     assert not (tmp_path / "model.partial").exists()

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import common
+from symbol_trainer import errors, labelled_images, labels_csv, model_dir
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,12 @@ GOOD = ("filename,pentagram_visible,episode,star_visible,notes\n"
         "ep1/d.jpg,0,2,0,\n")
 
 
-def load(image_dir, csv_path, symbols=None) -> common.LabelledImages:
-    return common.images_from_csv(image_dir, csv_path, symbols)
+def load(image_dir, csv_path, symbols=None) -> labelled_images.LabelledImages:
+    return labels_csv.images_from_csv(image_dir, csv_path, symbols)
 
 
 def error_of(image_dir, csv_path, symbols=None) -> str:
-    with pytest.raises(common.InputError) as caught:
+    with pytest.raises(errors.InputError) as caught:
         load(image_dir, csv_path, symbols)
     return str(caught.value)
 
@@ -180,7 +180,7 @@ def test_empty_cells_and_minus_one_mean_not_annotated(image_dir, tmp_path, caplo
     caplog.set_level("INFO")
     text = ("filename,star_visible,pentagram_visible\n"
             "a.jpg,1,\nb.jpg,0,-1\nep1/c.jpg,,1\nep1/d.jpg,1,0\nb.jpg,0,\n")
-    images = common.images_from_csv(image_dir, write(tmp_path, text))
+    images = labels_csv.images_from_csv(image_dir, write(tmp_path, text))
     labels = images.labels()
     np.testing.assert_array_equal(np.isnan(labels), [[0, 1], [0, 1], [1, 0], [0, 0]])
     np.testing.assert_array_equal(np.nan_to_num(labels, nan=9), [[1, 9], [0, 9], [9, 1], [1, 0]])
@@ -275,7 +275,7 @@ ORDINARY_COLUMNS = ["episode", "shot", "group", "video", "notes", "source_image"
 
 
 def test_ordinary_extra_columns_are_no_near_symbol_columns(image_dir, tmp_path):
-    assert common.near_symbol_columns(ORDINARY_COLUMNS) == {}
+    assert labels_csv.near_symbol_columns(ORDINARY_COLUMNS) == {}
     header = ",".join(["filename", "star_visible", *ORDINARY_COLUMNS])
     cells = ",".join(["x"] * len(ORDINARY_COLUMNS))
     images = load(image_dir, write(tmp_path, f"{header}\na.jpg,1,{cells}\nb.jpg,0,{cells}\n"))
@@ -296,7 +296,7 @@ def test_a_csv_with_ordinary_extra_columns_still_trains(small_two_symbol_csv, tm
     out = tmp_path / "model"
     assert run_script(build_multi_hot_model, [root, csv_path, out, "--weights", "none", *FAST,
                                               "--epochs", "1", "--fine-tune-epochs", "0"]) == 0
-    assert common.load_model_dir(out).metadata["symbols"] == ["red_square", "blue_circle"]
+    assert model_dir.load_model_dir(out).metadata["symbols"] == ["red_square", "blue_circle"]
 
 
 def test_dry_run_refuses_a_near_column_and_a_validation_csv_names_its_own(small_two_symbol_csv,
@@ -411,8 +411,8 @@ def test_any_csv_either_loads_or_raises_input_error(image_dir, tmp_path, data, s
     path = tmp_path / "fuzz.csv"
     path.write_bytes(data)
     try:
-        images = common.images_from_csv(image_dir, path, symbols)
-    except common.InputError as error:
+        images = labels_csv.images_from_csv(image_dir, path, symbols)
+    except errors.InputError as error:
         assert str(error).strip()
         event(f"InputError: {str(error).split(':')[1].strip()[:30]}")
         return

@@ -11,8 +11,9 @@ from conftest import FAST, ROOT, listdir, run_script, scene, write_two_symbol_fr
 
 import build_binary_classifier
 import build_multi_hot_model
-import common
-import evaluation
+from symbol_trainer import image_predictions, labels_csv, model_dir, pipeline, settings
+from symbol_trainer.errors import InputError
+from symbol_trainer import evaluation
 
 
 def _error_lines(capsys) -> list[str]:
@@ -57,10 +58,10 @@ def test_learns_two_independent_symbols_and_saves_outputs_in_csv_order(two_symbo
         assert m["positives"] >= 10
     assert set(metrics["macro"]) >= {"precision", "recall", "roc_auc", "average_precision"}
 
-    loaded = common.load_model_dir(out)
+    loaded = model_dir.load_model_dir(out)
     assert list(loaded.model.output.keys()) == ["red_square", "blue_circle"]
     frames = pd.read_csv(csv_path)
-    probabilities = common.predict_images(loaded, [root / f for f in frames["filename"]])
+    probabilities = image_predictions.predict_images(loaded, [root / f for f in frames["filename"]])
     assert list(probabilities.columns) == ["filename", "red_square_probability", "red_square_visible",
                                            "blue_circle_probability", "blue_circle_visible"]
     for symbol in ("red_square", "blue_circle"):
@@ -84,14 +85,14 @@ def test_learns_two_independent_symbols_and_saves_outputs_in_csv_order(two_symbo
     assert metrics["bootstrap"]["resampled"].startswith("groups, by the column 'episode'")
     # ... unless overridden, for one symbol or all.
     some = [root / f for f in frames["filename"][:8]]
-    overridden = common.predict_images(loaded, some, thresholds={"red_square": 1.0})
+    overridden = image_predictions.predict_images(loaded, some, thresholds={"red_square": 1.0})
     assert overridden["red_square_visible"].sum() == 0
     np.testing.assert_array_equal(overridden["blue_circle_visible"],
                                   probabilities["blue_circle_visible"][:8])
-    everything = common.predict_images(loaded, some, thresholds=0.0)
+    everything = image_predictions.predict_images(loaded, some, thresholds=0.0)
     assert (everything[["red_square_visible", "blue_circle_visible"]] == 1).all().all()
-    with pytest.raises(common.InputError, match="triangle: the model has no such symbol"):
-        common.predict_images(loaded, some, thresholds={"triangle": 0.5})
+    with pytest.raises(InputError, match="triangle: the model has no such symbol"):
+        image_predictions.predict_images(loaded, some, thresholds={"triangle": 0.5})
 
     # evaluation.csv: one row per validation frame, in split.csv's order, with its episode.
     split = pd.read_csv(out / "split.csv")
@@ -131,12 +132,12 @@ def test_seed_example_header_trains_pentagram_and_star_outputs(tmp_path, capsys)
     assert run_script(build_multi_hot_model, [example, example / "labels.csv", out,
                                               "--weights", "none", *FAST,
                                               "--fine-tune-epochs", "0"]) == 0
-    loaded = common.load_model_dir(out)
+    loaded = model_dir.load_model_dir(out)
     assert loaded.metadata["symbols"] == ["pentagram", "star"]
     assert list(loaded.model.output.keys()) == ["pentagram", "star"]
     assert [layer for layer in ("pentagram", "star") if loaded.model.get_layer(layer).activation.__name__ == "sigmoid"] \
         == ["pentagram", "star"]
-    table = common.predict_images(loaded, [example / "episode1" / "frame000.jpg"])
+    table = image_predictions.predict_images(loaded, [example / "episode1" / "frame000.jpg"])
     values = table[["pentagram_probability", "star_probability"]].to_numpy()
     assert values.shape == (1, 2) and ((values >= 0) & (values <= 1)).all()
 
@@ -264,14 +265,14 @@ def test_a_symbol_in_2_percent_of_frames_is_learned(tmp_path, shared_weights):
         scene(rng, index < 20, bool(rng.random() < 0.5)).save(root / f"new{index:02d}.png")
         fresh.append(root / f"new{index:02d}.png")
 
-    images = common.images_from_csv(root, tmp_path / "labels.csv")
-    config = common.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights=shared_weights,
+    images = labels_csv.images_from_csv(root, tmp_path / "labels.csv")
+    config = settings.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights=shared_weights,
                                    image_size=96, fine_tune_epochs=0)
-    result = common.train_and_save(images, config, tmp_path / "model")
+    result = pipeline.train_and_save(images, config, tmp_path / "model")
     train = result.counts["train"]
     weight = json.loads((tmp_path / "model" / "metadata.json").read_text())["training"]["positive_weights"]
     assert weight["red_square"] == pytest.approx(train["negatives"]["red_square"] / train["positives"]["red_square"])
     assert weight["red_square"] > 40
-    p = common.predict_images(tmp_path / "model", fresh)["red_square_probability"].to_numpy()
+    p = image_predictions.predict_images(tmp_path / "model", fresh)["red_square_probability"].to_numpy()
     assert evaluation.roc_auc(np.r_[np.ones(20), np.zeros(20)], p) > 0.95
     assert (p[:20] >= 0.5).mean() >= 0.7 and (p[20:] >= 0.5).mean() <= 0.1

@@ -10,11 +10,11 @@ import pytest
 
 import build_binary_classifier
 import build_multi_hot_model
-import export
-import output_dir
-import report
+from symbol_trainer import export
+from symbol_trainer import output_dir
+from symbol_trainer import report
 from conftest import FAST, ROOT, listdir, run_script
-from errors import InputError
+from symbol_trainer.errors import InputError
 
 
 def _errors(capsys) -> list[str]:
@@ -108,15 +108,15 @@ def test_dry_run_refuses_an_overlapping_output_too(binary_dirs, capsys):
 
 
 def test_library_callers_are_protected_too(binary_dirs, tmp_path):
-    import common
+    from symbol_trainer import image_folders, pipeline, settings
 
     with_dir, without_dir = binary_dirs
-    images = common.images_from_directories(with_dir, without_dir)
-    config = common.TrainingConfig(weights="none", image_size=32, epochs=1, fine_tune_epochs=0)
+    images = image_folders.images_from_directories(with_dir, without_dir)
+    config = settings.TrainingConfig(weights="none", image_size=32, epochs=1, fine_tune_epochs=0)
     with pytest.raises(InputError, match="lies inside the image folder"):
-        common.train_and_save(images, config, with_dir / "ep0" / "model")
+        pipeline.train_and_save(images, config, with_dir / "ep0" / "model")
     with pytest.raises(InputError, match="contains the image folder"):
-        common.train_and_save(images, config, with_dir.parent, overwrite=True)
+        pipeline.train_and_save(images, config, with_dir.parent, overwrite=True)
     assert len(list(with_dir.rglob("*.png"))) == 24
 
 
@@ -168,9 +168,10 @@ def test_the_list_of_model_directory_entries_matches_the_modules_that_write_them
     for name in (report.REPORT_FILE, report.PLOTS_DIR, export.SAVED_MODEL_FOLDER,
                  export.TFLITE_FILE):
         assert name in output_dir.MODEL_DIRECTORY_ENTRIES
-    import common
-    for name in (common.HISTORY_FILE, common.METRICS_FILE, common.SPLIT_FILE,
-                 common.EVALUATION_FILE, common.MODEL_FILE, common.METADATA_FILE):
+    from symbol_trainer import model_format
+    from symbol_trainer.output_dir import METADATA_FILE, MODEL_FILE
+    for name in (model_format.HISTORY_FILE, model_format.METRICS_FILE, model_format.SPLIT_FILE,
+                 model_format.EVALUATION_FILE, MODEL_FILE, METADATA_FILE):
         assert name in output_dir.MODEL_DIRECTORY_ENTRIES
 
 

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 import build_multi_hot_model
-import common
+from symbol_trainer import image_predictions, labels_csv, model_dir
 import predict
-import prediction
-import video
+from symbol_trainer import prediction
+from symbol_trainer import video
 from conftest import FAST, run_script, scene, write_two_symbol_frames
 
 SYMBOLS = ["red_square", "blue_circle"]
@@ -74,8 +74,8 @@ def test_folder_output_columns_order_and_stored_thresholds(trained, tmp_path):
                                    "blue_circle_probability", "blue_circle_visible", "error"]
     expected = sorted(p.relative_to(frames).as_posix() for p in frames.rglob("*.png"))
     assert table["filename"].tolist() == expected  # relative to the folder, in path order
-    loaded = common.load_model_dir(model)
-    direct = common.predict_images(loaded, [frames / f for f in expected])
+    loaded = model_dir.load_model_dir(model)
+    direct = image_predictions.predict_images(loaded, [frames / f for f in expected])
     for symbol in SYMBOLS:
         np.testing.assert_allclose(table[f"{symbol}_probability"], direct[f"{symbol}_probability"],
                                    atol=1e-6)
@@ -193,12 +193,12 @@ def test_predictions_are_a_labels_csv_to_correct_and_train_on(trained, tmp_path)
     table["red_square_visible"] = np.arange(len(table)) % 2
     table["blue_circle_visible"] = np.arange(len(table)) // 2 % 2
     table.to_csv(predictions, index=False)
-    images = common.images_from_csv(saved, predictions)
+    images = labels_csv.images_from_csv(saved, predictions)
     assert images.symbols == SYMBOLS
     retrained = tmp_path / "retrained"
     assert run_script(build_multi_hot_model, [saved, predictions, retrained, "--weights", "none",
                                               *FAST, "--fine-tune-epochs", "0"]) == 0
-    assert common.load_model_dir(retrained).metadata["symbols"] == SYMBOLS
+    assert model_dir.load_model_dir(retrained).metadata["symbols"] == SYMBOLS
 
 
 def test_segments_from_a_known_probability_sequence():
@@ -286,7 +286,7 @@ def test_progress_is_a_redrawn_line_on_a_terminal_and_log_lines_otherwise(caplog
 
     log_stream = io.StringIO()
     progress = prediction.Progress(total=100, every=0.0, stream=log_stream)
-    with caplog.at_level(logging.INFO, logger="prediction"):
+    with caplog.at_level(logging.INFO, logger="symbol_trainer.prediction"):
         progress.update(10)
         progress.update(10)
     assert caplog.text.count("Predicted 20/100 frames") == 1 and "ETA 00:00:" in caplog.text

@@ -10,16 +10,19 @@ import numpy as np
 import pytest
 
 import build_binary_classifier
-import common
-import refit
+from symbol_trainer import (errors, image_folders, image_predictions, images, model, model_dir,
+                            pipeline, settings)
+from symbol_trainer.backend import keras
+import pandas as pd
+from symbol_trainer import refit
 from conftest import FAST, ROOT, listdir, run_script
 
 # Enough head epochs that early stopping has something to choose.
 OPTIONS = [*FAST, "--weights", "none", "--epochs", "4", "--patience", "2", "--json"]
 
 
-def _weights(model_dir):
-    return common.load_model_dir(model_dir).model.get_weights()
+def _weights(directory):
+    return model_dir.load_model_dir(directory).model.get_weights()
 
 
 def test_refit_saves_a_model_trained_on_every_frame_and_says_so(binary_dirs, tmp_path, capsys):
@@ -31,7 +34,7 @@ def test_refit_saves_a_model_trained_on_every_frame_and_says_so(binary_dirs, tmp
     record = json.loads(captured.out)
 
     metadata = json.loads((refitted / "metadata.json").read_text())
-    history = [row for row in common.pd.read_csv(refitted / "history.csv").to_dict("records")]
+    history = [row for row in pd.read_csv(refitted / "history.csv").to_dict("records")]
     kept = refit.kept_epochs(history)
     counts = metadata["data"]["counts"]
     train, validation = counts["train"]["images"], counts["validation"]["images"]
@@ -75,11 +78,11 @@ def test_refit_saves_a_model_trained_on_every_frame_and_says_so(binary_dirs, tmp
 
     # The saved model loads and predicts, with the validation run's thresholds.
     paths = sorted(str(p) for p in binary_dirs[0].rglob("*.png"))[:4]
-    table = common.predict_images(refitted, paths)
+    table = image_predictions.predict_images(refitted, paths)
     assert table["square_probability"].between(0, 1).all()
-    loaded = common.load_model_dir(refitted)
-    geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
-    pixels = np.stack([common.load_image_array(p, geometry) for p in paths])
+    loaded = model_dir.load_model_dir(refitted)
+    geometry = images.ImageGeometry.from_json(loaded.metadata["input"])
+    pixels = np.stack([images.load_image_array(p, geometry) for p in paths])
     np.testing.assert_allclose(table["square_probability"].to_numpy(),
                                loaded.model(pixels, training=False)["square"].numpy()[:, 0],
                                rtol=1e-5, atol=1e-6)
@@ -114,16 +117,16 @@ def test_an_interrupted_refit_saves_nothing_and_a_rerun_starts_it_again(
 
 
 def test_a_refit_checkpoint_is_the_same_run_as_one_without_refit():
-    assert "refit" in common.SETTINGS_NOT_IN_RUN_KEY
+    assert "refit" in pipeline.SETTINGS_NOT_IN_RUN_KEY
 
 
 def test_refit_without_validation_frames_stops_naming_refit():
-    with pytest.raises(common.InputError, match="--refit needs validation frames.*"
+    with pytest.raises(errors.InputError, match="--refit needs validation frames.*"
                                                 "--validation-split 0 leaves none"):
-        common.TrainingConfig(refit=True, validation_split=0)
+        settings.TrainingConfig(refit=True, validation_split=0)
     # Without --refit, the range check of --validation-split answers as before.
-    with pytest.raises(common.InputError, match="--validation-split must be greater than 0"):
-        common.TrainingConfig(validation_split=0)
+    with pytest.raises(errors.InputError, match="--validation-split must be greater than 0"):
+        settings.TrainingConfig(validation_split=0)
 
 
 def test_refit_without_validation_frames_exits_2_on_the_command_line(binary_dirs, tmp_path):
@@ -164,13 +167,13 @@ def test_kept_epochs_repeat_the_early_stopping_choice(rows, expected):
 
 def test_kept_epochs_match_what_early_stopping_kept(binary_dirs, tmp_path):
     """On a real run, the kept head epoch's weights are those the head phase ended with."""
-    images = common.images_from_directories(*binary_dirs)
+    labelled = image_folders.images_from_directories(*binary_dirs)
     args = build_binary_classifier.build_parser().parse_args(
         [str(binary_dirs[0]), str(binary_dirs[1]), str(tmp_path / "m"), *FAST, "--weights",
          "none", "--epochs", "5", "--patience", "2", "--fine-tune-epochs", "0"])
-    config = common.config_from_args(args)
-    result = common.train_and_save(images, config, tmp_path / "m")
-    history = common.pd.read_csv(tmp_path / "m" / "history.csv").to_dict("records")
+    config = settings.config_from_args(args)
+    result = pipeline.train_and_save(labelled, config, tmp_path / "m")
+    history = pd.read_csv(tmp_path / "m" / "history.csv").to_dict("records")
     kept = refit.kept_epochs(history)
     head = [r for r in history if r["phase"] == "head"]
     assert kept["fine_tune"] == 0
@@ -189,25 +192,25 @@ def test_the_refit_fine_tunes_for_the_kept_fine_tuning_epochs(binary_dirs, tmp_p
     """Whatever validation kept is what the refit trains: here 2 head epochs and 1 of
     fine-tuning, which moves the top of the backbone away from the seed's initialisation."""
     monkeypatch.setattr(refit, "kept_epochs", lambda rows: {"head": 2, "fine_tune": 1})
-    images = common.images_from_directories(*binary_dirs)
+    labelled = image_folders.images_from_directories(*binary_dirs)
     args = build_binary_classifier.build_parser().parse_args(
         [str(binary_dirs[0]), str(binary_dirs[1]), str(tmp_path / "m"), *FAST, "--weights",
          "none", "--refit"])
-    config = common.config_from_args(args)
-    result = common.train_and_save(images, config, tmp_path / "m")
+    config = settings.config_from_args(args)
+    result = pipeline.train_and_save(labelled, config, tmp_path / "m")
     history = result.refit["history"]
     assert [(r["phase"], r["epoch"]) for r in history] == [("head", 1), ("head", 2),
                                                            ("fine_tune", 1)]
     assert all(np.isfinite(r["loss"]) for r in history)
-    loaded = common.load_model_dir(tmp_path / "m")
+    loaded = model_dir.load_model_dir(tmp_path / "m")
     assert loaded.metadata["refit"]["epochs"] == {"head": 2, "fine_tune": 1}
     assert all(w.dtype == np.float32 for w in loaded.model.get_weights())
     paths = sorted(str(p) for p in binary_dirs[1].rglob("*.png"))[:3]
-    assert common.predict_images(loaded, paths)["square_probability"].between(0, 1).all()
+    assert image_predictions.predict_images(loaded, paths)["square_probability"].between(0, 1).all()
     # A fresh model of the same seed has the initialisation; the refit fine-tuned the top
     # of the backbone (Conv_1) away from it and left the bottom (Conv1) frozen.
-    common.keras.utils.set_random_seed(config.seed)
-    fresh = common.build_model(["square"], config, common.ImageGeometry.from_json(
+    keras.utils.set_random_seed(config.seed)
+    fresh = model.build_model(["square"], config, images.ImageGeometry.from_json(
         loaded.metadata["input"]))
     saved = loaded.model.get_layer(fresh.backbone.name)
     assert not np.allclose(fresh.backbone.get_layer("Conv_1").get_weights()[0],

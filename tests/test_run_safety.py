@@ -19,11 +19,12 @@ import time
 import numpy as np
 import pytest
 
-import checkpoints
-import common
-import run_lock
+from symbol_trainer import checkpoints
+from symbol_trainer import callbacks, model_dir, pipeline, training
+from symbol_trainer.errors import InputError
+from symbol_trainer import run_lock
 from conftest import ROOT, process_environment, training_command
-from pixel_store import PixelStore
+from symbol_trainer.pixel_store import PixelStore
 
 SHAPE = (8, 6, 3)
 
@@ -57,7 +58,7 @@ def test_a_sigkilled_process_leaves_no_pixel_store_file(tmp_path):
         import sys, time
         import numpy as np
         sys.path.insert(0, {str(ROOT)!r})
-        from pixel_store import PixelStore
+        from symbol_trainer.pixel_store import PixelStore
         store = PixelStore(["a_1", "a_2"], (64, 64, 3),
                            lambda p: np.full((64, 64, 3), 7, np.uint8))
         store.load("a_1"); store.load("a_2")
@@ -145,7 +146,7 @@ def test_the_next_run_removes_temporaries_a_killed_writer_left(tmp_path):
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    import run_lock
+    from symbol_trainer import run_lock
     run_lock.RunLock(sys.argv[2]).acquire()
     print("holding", flush=True)
     time.sleep(120)
@@ -208,9 +209,9 @@ def test_a_second_run_into_a_locked_output_stops_naming_the_holder_and_touches_n
 
 
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, lock_holder, caplog):
-    directory = common.ModelDirectory(tmp_path / "model")
+    directory = model_dir.ModelDirectory(tmp_path / "model")
     holder = lock_holder(directory.partial)
-    with pytest.raises(common.InputError, match=f"process {holder.pid} on host"):
+    with pytest.raises(InputError, match=f"process {holder.pid} on host"):
         directory.prepare(keep_checkpoint=True)
     holder.kill()
     holder.wait()
@@ -225,7 +226,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, lock_ho
 
 def test_a_lock_of_a_dead_pid_on_this_host_is_taken_over_one_of_another_host_never(
         tmp_path, caplog):
-    directory = common.ModelDirectory(tmp_path / "model")
+    directory = model_dir.ModelDirectory(tmp_path / "model")
     dead = _dead_pid()
     _fake_lock(directory.partial, socket.gethostname(), dead)
     with caplog.at_level(logging.WARNING):
@@ -234,10 +235,10 @@ def test_a_lock_of_a_dead_pid_on_this_host_is_taken_over_one_of_another_host_nev
     directory.release()
     assert os.listdir(directory.partial) == []
 
-    other = common.ModelDirectory(tmp_path / "other")
+    other = model_dir.ModelDirectory(tmp_path / "other")
     _fake_lock(other.partial, "gpu-node-17", dead)
     (other.partial / "checkpoint").mkdir()
-    with pytest.raises(common.InputError) as caught:
+    with pytest.raises(InputError) as caught:
         other.prepare(keep_checkpoint=False)
     message = str(caught.value)
     assert f"process {dead} on host gpu-node-17, started 2024-05-01T10:00:00+00:00" in message
@@ -247,15 +248,15 @@ def test_a_lock_of_a_dead_pid_on_this_host_is_taken_over_one_of_another_host_nev
 
 
 def test_the_lock_is_released_on_commit_and_never_reaches_the_model_directory(tmp_path):
-    directory = common.ModelDirectory(tmp_path / "model")
+    directory = model_dir.ModelDirectory(tmp_path / "model")
     partial = directory.prepare(keep_checkpoint=False)
     (partial / "metadata.json").write_text("{}")
-    with pytest.raises(common.InputError, match="in use by another training run"):
-        common.ModelDirectory(tmp_path / "model").prepare(keep_checkpoint=True)
+    with pytest.raises(InputError, match="in use by another training run"):
+        model_dir.ModelDirectory(tmp_path / "model").prepare(keep_checkpoint=True)
     directory.commit()
     assert os.listdir(tmp_path / "model") == ["metadata.json"]
     assert not directory.partial.exists()
-    again = common.ModelDirectory(tmp_path / "model")  # free at once, without a warning
+    again = model_dir.ModelDirectory(tmp_path / "model")  # free at once, without a warning
     again.prepare(keep_checkpoint=False)
     again.discard()
     assert os.listdir(tmp_path) == ["model"]
@@ -269,7 +270,7 @@ def test_an_interrupted_run_releases_its_lock_and_keeps_only_its_checkpoint(
         run.checkpoint.save_features(np.zeros((len(images.table), 4), np.float32))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "_train_phases", interrupted)
+    monkeypatch.setattr(pipeline, "_train_phases", interrupted)
     out = tmp_path / "model"
     argv = [str(a) for a in training_command(small_two_symbol_csv, out)[2:]] + [
         "--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none"]
@@ -285,12 +286,12 @@ def test_an_interrupted_run_releases_its_lock_and_keeps_only_its_checkpoint(
 def _diverging(monkeypatch, rate: float):
     """Train at 1e38 where the flags ask for `rate`: past every flag check, as any cause of a
     loss that is not finite would be."""
-    compile_fused = common.compile_fused
+    compile_fused = training.compile_fused
 
     def compile_diverging(model, learning_rate, *args, **kwargs):
         compile_fused(model, 1e38 if learning_rate == rate else learning_rate, *args, **kwargs)
 
-    monkeypatch.setattr(common, "compile_fused", compile_diverging)
+    monkeypatch.setattr(training, "compile_fused", compile_diverging)  # train_head and fine_tune
 
 
 @pytest.mark.parametrize("phase, flags, advice", [
@@ -319,15 +320,15 @@ def test_a_loss_that_is_not_finite_stops_the_run_without_a_model(
 
 
 def test_the_guard_checks_the_validation_loss_and_the_weights_at_the_end_of_an_epoch():
-    guard = common.FiniteLossGuard("head", {"--learning-rate": 0.5})
+    guard = callbacks.FiniteLossGuard("head", {"--learning-rate": 0.5})
     guard.on_epoch_begin(2)
     guard.on_train_batch_end(0, {"loss": np.float32(0.7)})
-    with pytest.raises(common.TrainingDiverged, match="validation loss became inf at the end "
+    with pytest.raises(callbacks.TrainingDiverged, match="validation loss became inf at the end "
                        r"of head phase epoch 3.*--learning-rate \(now 0.5\)"):
         guard.on_epoch_end(2, {"loss": 0.7, "val_loss": float("inf")})
     import keras
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.layers[0].kernel.assign(np.array([[1.0], [np.nan]], np.float32))
     guard.set_model(model)
-    with pytest.raises(common.TrainingDiverged, match="a trainable weight became not finite"):
+    with pytest.raises(callbacks.TrainingDiverged, match="a trainable weight became not finite"):
         guard.on_epoch_end(2, {"loss": 0.7, "val_loss": 0.6})

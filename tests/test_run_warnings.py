@@ -10,22 +10,22 @@ import pandas as pd
 from conftest import FAST, run_script, write_two_symbol_frames
 
 import build_multi_hot_model
-import run_warnings
+from symbol_trainer import run_warnings
 
 
 def test_collects_the_tools_warnings_once_each_and_not_other_libraries():
-    tool = logging.getLogger("common")
+    tool = logging.getLogger("symbol_trainer.images")
     with run_warnings.collecting() as collector:
         tool.info("an info line")
         tool.warning("Skipping %s: %s", "a.png", "truncated")
         tool.warning("Skipping %s: %s", "a.png", "truncated")  # repeated: kept once
         logging.getLogger("tensorflow").warning("a library's warning")
-        logging.getLogger("evaluation").error("an error")
+        logging.getLogger("symbol_trainer.evaluation").error("an error")
         with run_warnings.collecting() as inner:  # nested: the same collector
-            logging.getLogger("report").warning("inside")
+            logging.getLogger("symbol_trainer.report").warning("inside")
         assert inner is collector and run_warnings.current() is collector.records
     assert collector.records == [
-        {"level": "WARNING", "source": "common", "message": "Skipping a.png: truncated"},
+        {"level": "WARNING", "source": "images", "message": "Skipping a.png: truncated"},
         {"level": "ERROR", "source": "evaluation", "message": "an error"},
         {"level": "WARNING", "source": "report", "message": "inside"}]
     tool.warning("after the block")

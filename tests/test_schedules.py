@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 
 import build_multi_hot_model
-import checkpoints
-import common
-import schedules
-import settings
+from symbol_trainer import checkpoints
+from symbol_trainer import callbacks
+from symbol_trainer import schedules
+from symbol_trainer import settings
 from conftest import process_environment, run_script, training_command
-from errors import InputError
+from symbol_trainer.errors import InputError
 
 PEAK = 1e-4
 
@@ -134,16 +134,16 @@ def test_cosine_run_writes_warm_up_then_decay_and_resumes_mid_schedule(
 
     # Stop after fine-tuning epoch 2, as a Ctrl-C would, once its checkpoint is written.
     out = tmp_path / "model"
-    save = common.EpochCheckpoint.on_epoch_end
+    save = callbacks.EpochCheckpoint.on_epoch_end
 
     def stop_after_second_fine_tuning_epoch(self, epoch, logs=None):
         save(self, epoch, logs)
         if self.phase == "fine_tune" and epoch + 1 == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.EpochCheckpoint, "on_epoch_end", stop_after_second_fine_tuning_epoch)
+    monkeypatch.setattr(callbacks.EpochCheckpoint, "on_epoch_end", stop_after_second_fine_tuning_epoch)
     assert run_script(build_multi_hot_model, [root, csv_path, out, *COSINE]) == 130
-    monkeypatch.setattr(common.EpochCheckpoint, "on_epoch_end", save)
+    monkeypatch.setattr(callbacks.EpochCheckpoint, "on_epoch_end", save)
     checkpoint_dir = tmp_path / "model.partial" / "checkpoint"
     state = checkpoints.Checkpoint(checkpoint_dir, {}, writer=False).latest()
     assert state.phase == "fine_tune" and state.epochs_done == 2

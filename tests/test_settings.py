@@ -12,9 +12,9 @@ import pytest
 
 import build_binary_classifier
 import build_multi_hot_model
-import settings
+from symbol_trainer import settings
 from conftest import ROOT, run_script
-from errors import InputError
+from symbol_trainer.errors import InputError
 
 SCRIPTS = ["build_binary_classifier.py", "build_multi_hot_model.py"]
 

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-import evaluation
-from evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
+from symbol_trainer import evaluation
+from symbol_trainer.evaluation import ThresholdRule, choose_threshold, parse_threshold_rule
 
 
 def _sigmoid(x):
@@ -146,7 +146,7 @@ def test_unstable_thresholds_are_logged_stored_and_marked(caplog):
     probabilities = _sigmoid(np.where(labels == 1, rng.normal(2, 1, (n, 2)),
                                       rng.normal(-2, 1, (n, 2))))
     symbols = ["common", "rare"]
-    with caplog.at_level(logging.WARNING, logger="evaluation"):
+    with caplog.at_level(logging.WARNING, logger="symbol_trainer.evaluation"):
         choices = evaluation.choose_thresholds(labels, probabilities, symbols, ThresholdRule())
     assert choices["common"].flags == () and choices["rare"].flags[0] == "few_positives"
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

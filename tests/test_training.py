@@ -16,26 +16,29 @@ import pandas as pd
 import pytest
 
 import build_binary_classifier
-import common
+from symbol_trainer import (datasets, errors, features, image_folders, image_predictions, model_dir,
+                            model_format, pipeline, preparation, settings)
+from symbol_trainer.images import ImageGeometry, load_image_array
 from conftest import FAST, ROOT, SHARED_WEIGHTS_LEGACY, listdir, run_script, scene
 
 
 def _train(binary_dirs, out, *extra):
-    images = common.images_from_directories(*binary_dirs)
+    images = image_folders.images_from_directories(*binary_dirs)
     args = build_binary_classifier.build_parser().parse_args(
         [str(binary_dirs[0]), str(binary_dirs[1]), str(out), *FAST, *extra])
-    return common.train_and_save(images, common.config_from_args(args), out)
+    return pipeline.train_and_save(images, settings.config_from_args(args), out)
 
 
 def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch, capsys):
     decoded = []
-    original = common.load_image_array
+    original = load_image_array
 
     def counting(path, geometry):
         decoded.append(str(path))
         return original(path, geometry)
 
-    monkeypatch.setattr(common, "load_image_array", counting)
+    for module in (datasets, features, pipeline):  # every module that decodes images for training
+        monkeypatch.setattr(module, "load_image_array", counting)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -60,7 +63,7 @@ def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch, capsys):
     assert not list(scratch.glob("decoded-images-*"))  # the decoded images' file is deleted
 
     metadata = json.loads((out / "metadata.json").read_text())
-    assert metadata["format_version"] == common.MODEL_FORMAT_VERSION
+    assert metadata["format_version"] == model_format.MODEL_FORMAT_VERSION
     assert metadata["symbols"] == ["square"]
     assert metadata["input"] == {"height": 32, "width": 32, "resize": "letterbox", "channels": 3,
                                  "color": "RGB", "dtype": "uint8", "value_range": [0, 255],
@@ -102,17 +105,17 @@ def test_model_directory_contents(binary_dirs, tmp_path, monkeypatch, capsys):
 def test_reloaded_model_predicts_what_the_trained_model_predicted(binary_dirs, tmp_path):
     out = tmp_path / "model"
     result = _train(binary_dirs, out, "--weights", "none")
-    loaded = common.load_model_dir(out)
+    loaded = model_dir.load_model_dir(out)
     assert loaded.metadata["symbols"] == ["square"]
     paths = sorted(str(p) for p in binary_dirs[0].rglob("*.png"))[:5]
-    table = common.predict_images(out, paths)
+    table = image_predictions.predict_images(out, paths)
     assert list(table.columns) == ["filename", "square_probability", "square_visible"]
     assert table["filename"].tolist() == paths
-    geometry = common.ImageGeometry.from_json(loaded.metadata["input"])
-    pixels = np.stack([common.load_image_array(p, geometry) for p in paths])
+    geometry = ImageGeometry.from_json(loaded.metadata["input"])
+    pixels = np.stack([load_image_array(p, geometry) for p in paths])
     in_memory = result.model(pixels, training=False)["square"].numpy()[:, 0]
     np.testing.assert_allclose(table["square_probability"].to_numpy(), in_memory, rtol=1e-5, atol=1e-6)
-    again = common.predict_images(loaded, paths)
+    again = image_predictions.predict_images(loaded, paths)
     np.testing.assert_array_equal(again["square_probability"], table["square_probability"])
     # Trained with the default augmentation, which must not be part of the saved model.
     assert loaded.metadata["training"]["config"]["augment"] == "default"
@@ -120,10 +123,10 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(binary_dirs, t
     assert [layer.name for layer in loaded.model.layers][:2] == ["image", "preprocessing"]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    with pytest.raises(common.InputError, match="corrupt.jpg: cannot be decoded as an image"):
-        common.predict_images(loaded, [paths[0], corrupt])
-    with pytest.raises(common.ImageReadError, match="missing.png: file not found"):
-        common.predict_images(loaded, [tmp_path / "missing.png"])
+    with pytest.raises(errors.InputError, match="corrupt.jpg: cannot be decoded as an image"):
+        image_predictions.predict_images(loaded, [paths[0], corrupt])
+    with pytest.raises(errors.ImageReadError, match="missing.png: file not found"):
+        image_predictions.predict_images(loaded, [tmp_path / "missing.png"])
 
 
 def test_overwrite_replaces_a_previous_model(binary_dirs, tmp_path):
@@ -142,7 +145,7 @@ def test_a_failure_during_training_leaves_no_model_directory(binary_dirs, tmp_pa
     worth keeping leaves nothing at all."""
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(common, "fine_tune", crash)
+    monkeypatch.setattr(pipeline, "fine_tune", crash)
     out = tmp_path / "model"
     code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none"])
     assert code == 1
@@ -153,7 +156,7 @@ def test_a_failure_during_training_leaves_no_model_directory(binary_dirs, tmp_pa
     assert listdir(tmp_path) == ["frames", "model.partial"]
     assert listdir(tmp_path / "model.partial") == ["checkpoint"]
 
-    monkeypatch.setattr(common, "backbone_features", crash)
+    monkeypatch.setattr(pipeline, "backbone_features", crash)
     code = run_script(build_binary_classifier, [*binary_dirs, out, *FAST, "--weights", "none",
                                                 "--no-resume"])
     assert code == 1 and listdir(tmp_path) == ["frames"]
@@ -198,7 +201,7 @@ def test_imagenet_weights_path_works_offline_from_the_keras_cache(binary_dirs, t
         env={**os.environ, "KERAS_HOME": str(keras_home)}, capture_output=True, text=True)
     assert process.returncode == 0, process.stderr
     assert "Downloading" not in process.stdout + process.stderr
-    loaded = common.load_model_dir(out)
+    loaded = model_dir.load_model_dir(out)
     assert loaded.metadata["backbone"]["weights"] == "imagenet"
     with h5py.File(cached, "r") as weights_file:
         expected = np.asarray(weights_file["Conv1"]["Conv1/kernel"])
@@ -211,7 +214,7 @@ def test_imagenet_weights_path_works_offline_from_the_keras_cache(binary_dirs, t
 def test_a_given_validation_mask_replaces_the_split(binary_dirs, tmp_path):
     """The library accepts an explicit split (used by the benchmark; issue 5's explicit
     validation sets build on it): exactly the marked frames are validated on."""
-    images = common.images_from_directories(*binary_dirs)
+    images = image_folders.images_from_directories(*binary_dirs)
     names = images.table["filename"].tolist()
     is_validation = np.array(["ep0" in name for name in names])  # one episode folder of three
     (tmp_path / "elsewhere").mkdir()  # not the model's folder: that may hold no frame of the run
@@ -220,15 +223,15 @@ def test_a_given_validation_mask_replaces_the_split(binary_dirs, tmp_path):
     broken = images.table.iloc[:1].assign(path=str(broken_path), filename=str(broken_path))
     images.table = pd.concat([images.table, broken], ignore_index=True)
     is_validation = np.r_[is_validation, True]
-    config = common.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights="none",
+    config = settings.TrainingConfig(backbone="mobilenet_v2", alpha=0.35, weights="none",
                                    image_size=32, epochs=1, fine_tune_epochs=0)
-    result = common.train_and_save(images, config, tmp_path / "model", is_validation=is_validation)
+    result = pipeline.train_and_save(images, config, tmp_path / "model", is_validation=is_validation)
     assert result.counts["validation"]["images"] == int(is_validation[:-1].sum())  # broken one dropped
     assert result.counts["train"]["images"] == int((~is_validation).sum())
     phases = json.loads((tmp_path / "model" / "metadata.json").read_text())["training"]["phase_seconds"]
     assert set(phases) == {"features", "head"}
-    with pytest.raises(common.InputError, match="no readable validation images"):
-        common.train_and_save(images, config, tmp_path / "model2", is_validation=np.zeros(len(is_validation), bool))
+    with pytest.raises(errors.InputError, match="no readable validation images"):
+        pipeline.train_and_save(images, config, tmp_path / "model2", is_validation=np.zeros(len(is_validation), bool))
 
 
 def test_the_same_seed_gives_the_same_split_and_metrics(binary_dirs, tmp_path):
@@ -243,8 +246,8 @@ def test_the_same_seed_gives_the_same_split_and_metrics(binary_dirs, tmp_path):
     assert splits[0] == splits[1] and metrics[0] == metrics[1]
     pd.testing.assert_frame_equal(histories[0], histories[1])
     assert runs[0].metrics == runs[1].metrics
-    other = common.prepare_training_data(common.images_from_directories(*binary_dirs),
-                                         common.TrainingConfig(weights="none", seed=8))
+    other = preparation.prepare_training_data(image_folders.images_from_directories(*binary_dirs),
+                                         settings.TrainingConfig(weights="none", seed=8))
     assert other.split_table().to_csv(index=False) != splits[0]
 
 
@@ -256,20 +259,20 @@ def test_wide_frames_get_a_wide_input_and_prediction_letterboxes_the_same_way(tm
         folder.mkdir(parents=True, exist_ok=True)
         scene(rng, bool(index % 2), False, (96, 54)).save(folder / f"f{index}.png")  # 16:9
     out = tmp_path / "model"
-    images = common.images_from_directories(root / "with_square", root / "without_square")
-    config = common.TrainingConfig(alpha=0.35, weights="none", image_size=32, epochs=1,
+    images = image_folders.images_from_directories(root / "with_square", root / "without_square")
+    config = settings.TrainingConfig(alpha=0.35, weights="none", image_size=32, epochs=1,
                                    fine_tune_epochs=0)
-    common.train_and_save(images, config, out)
-    loaded = common.load_model_dir(out)
+    pipeline.train_and_save(images, config, out)
+    loaded = model_dir.load_model_dir(out)
     assert {k: loaded.metadata["input"][k] for k in ("height", "width", "resize")} == \
         {"height": 32, "width": 64, "resize": "letterbox"}  # 32 x 16/9 = 57 -> 64
     assert loaded.model.input_shape == (None, 32, 64, 3)
     square = tmp_path / "square.png"
     scene(rng, True, False, (60, 60)).save(square)
     paths = [str(square), str(root / "with_square" / "f1.png")]
-    table = common.predict_images(loaded, paths)
-    geometry = common.ImageGeometry(32, 64, "letterbox")
-    pixels = np.stack([common.load_image_array(p, geometry) for p in paths])
+    table = image_predictions.predict_images(loaded, paths)
+    geometry = ImageGeometry(32, 64, "letterbox")
+    pixels = np.stack([load_image_array(p, geometry) for p in paths])
     assert pixels[0][:, :10].max() == 0  # the square image is letterboxed with side bars
     expected = loaded.model(pixels, training=False)["square"].numpy()[:, 0]
     np.testing.assert_allclose(table["square_probability"], expected, rtol=1e-5, atol=1e-6)

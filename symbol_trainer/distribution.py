@@ -1,0 +1,173 @@
+"""Which devices and machines train: a `tf.distribute` strategy from --devices, TF_CONFIG or SLURM.
+
+Training never distributes work itself; it builds and fits its Keras models inside the scope
+of the strategy chosen here, and Keras splits every global batch over the replicas:
+
+- one device (one GPU, or the CPU): TensorFlow's default strategy, no overhead;
+- several GPUs of one machine (all visible ones by default, or `--devices 0,2`):
+  `MirroredStrategy`;
+- `--devices cpu:N`: N logical CPU devices under `MirroredStrategy`, which exercises the
+  multi-device path on a laptop or in CI (it is slower than one CPU device);
+- several processes, described by TF_CONFIG or started by `srun` with more than one task:
+  `MultiWorkerMirroredStrategy`, each worker using the GPUs it sees (or its CPU).
+
+The global batch is `--batch-size` times the number of replicas. Only the chief (worker 0)
+writes the model directory and its checkpoints; every worker reads the same checkpoint to
+resume, so the model directory must be on a filesystem all workers share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from symbol_trainer.backend import tf  # TensorFlow first, quietly
+
+from symbol_trainer.settings import DEVICES_HELP, DeviceChoice  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Placement:
+    """The strategy training runs under, and this process's part in it."""
+
+    strategy: tf.distribute.Strategy
+    replicas: int            # devices that each take a share of every global batch
+    workers: int             # processes taking part
+    worker_index: int
+    description: str
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes the model directory and checkpoints."""
+        return self.worker_index == 0
+
+
+def _cluster_workers() -> tuple[str, int] | None:
+    """('tf_config' or 'slurm', number of workers) when this process is one of several."""
+    raw = os.environ.get("TF_CONFIG")
+    if raw:
+        try:
+            cluster = json.loads(raw).get("cluster", {})
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise ValueError(f"TF_CONFIG is not valid JSON with a 'cluster' entry: {error}") from None
+        tasks = sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+        if tasks > 1:
+            return "tf_config", tasks
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "SLURM_PROCID" in os.environ and tasks > 1:
+        return "slurm", tasks
+    return None
+
+
+def _worker_index(resolver) -> int:
+    """This process's place among the workers; 0 is the one that writes: the 'chief' task when
+    the cluster has one, else worker 0."""
+    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+    if "chief" in resolver.cluster_spec().as_dict():
+        return 0 if task_type == "chief" else task_id + 1
+    return task_id
+
+
+def _restrict_devices(choice: DeviceChoice) -> None:
+    """Make only the chosen devices visible; only possible before TensorFlow starts its runtime."""
+    try:
+        if choice.kind == "cpu":
+            tf.config.set_visible_devices([], "GPU")
+            if choice.cpu_devices > 1:
+                cpu = tf.config.list_physical_devices("CPU")[0]
+                tf.config.set_logical_device_configuration(
+                    cpu, [tf.config.LogicalDeviceConfiguration()] * choice.cpu_devices)
+        elif choice.kind == "gpus":
+            gpus = tf.config.list_physical_devices("GPU")
+            missing = [i for i in choice.gpu_indices if i >= len(gpus)]
+            if missing:
+                raise ValueError(f"GPU {missing[0]} does not exist: this machine has "
+                                 f"{len(gpus)} visible GPU(s), numbered from 0")
+            tf.config.set_visible_devices([gpus[i] for i in choice.gpu_indices], "GPU")
+    except RuntimeError as error:
+        # TensorFlow refuses once it has run an operation: a caller that trains twice in one
+        # process (tests, notebooks) keeps the devices of its first run.
+        current = [d.name for d in tf.config.list_logical_devices()]
+        log.warning("Cannot change the devices after TensorFlow has started (%s); training on "
+                    "%s.", error, ", ".join(current))
+
+
+def _mend_keras_multi_worker_logs() -> None:
+    """Let Keras 3's fit() run under MultiWorkerMirroredStrategy.
+
+    Keras (3.15 at the time of writing) averages each step's logs across workers with
+    `strategy.reduce("MEAN", value, axis=0)`, and every log is a scalar, so every step fails
+    with 'Invalid reduction dimension 0 for input with 0 dimensions' (tensorflow/tensorflow
+    issue 72388; the reported workaround is going back to Keras 2). A scalar is averaged over
+    the replicas with axis=None instead, which is what one-worker training does too; every
+    other case is left to Keras."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    keras_reduce = trainer.reduce_per_replica
+    if getattr(keras_reduce, "mends_scalars", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or \
+                not trainer._collective_all_reduce_multi_worker(strategy):
+            return keras_reduce(values, strategy, reduction)
+
+        def mean(value):
+            rank = strategy.experimental_local_results(value)[0].shape.rank
+            return strategy.reduce("MEAN", value, axis=0 if rank else None)
+        return tree.map_structure(mean, values)
+
+    reduce_per_replica.mends_scalars = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
+def _rearm_python_sigterm() -> None:
+    """Give SIGTERM back to Python's handler (the command's, which stops training with a
+    checkpoint and exit code 143). TensorFlow's coordination service, which a multi-worker
+    strategy starts, installs a C++ SIGTERM handler of its own for its preemption notices,
+    and with it the signal no longer reaches Python: workers kept training through it."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: the caller handles no signals there
+            pass
+
+
+def placement(choice: DeviceChoice) -> Placement:
+    """The strategy for `choice` and the cluster this process belongs to (TF_CONFIG, SLURM).
+    Call it before any TensorFlow operation runs: devices and collective operations can only
+    be set up before TensorFlow starts its runtime. Raises ValueError for impossible choices."""
+    cluster = _cluster_workers()
+    _restrict_devices(choice)
+    if cluster is not None:
+        source, workers = cluster
+        if source == "slurm":
+            # One task per node using all of that node's GPUs is the layout the README's batch
+            # script asks for; GPUs are never reassigned here, since TensorFlow already
+            # enumerated them when it was imported.
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+                gpus_per_node=len(tf.config.list_physical_devices("GPU")), auto_set_gpu=False)
+        else:
+            resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        _mend_keras_multi_worker_logs()
+        _rearm_python_sigterm()
+        index = _worker_index(resolver)
+        return Placement(strategy, strategy.num_replicas_in_sync, workers, index,
+                         f"MultiWorkerMirroredStrategy over {workers} workers from "
+                         f"{'SLURM' if source == 'slurm' else 'TF_CONFIG'} "
+                         f"({strategy.num_replicas_in_sync} replicas; this is worker {index})")
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if not devices:
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) == 1:
+        return Placement(tf.distribute.get_strategy(), 1, 1, 0, f"one device ({devices[0]})")
+    strategy = tf.distribute.MirroredStrategy(devices=devices)
+    return Placement(strategy, len(devices), 1, 0,
+                     f"MirroredStrategy over {len(devices)} devices ({', '.join(devices)})")

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Train one model that tells, for every symbol at once, whether it is visible in a frame.
+
+LABELS_CSV lists the frames: a `filename` column (the path relative to IMAGE_DIR, which may
+have subfolders; '/' works on every platform) and one column per symbol named
+`<symbol>_visible`, holding 0 or 1. The model gets one sigmoid output per symbol, named after
+it, in the CSV's column order: columns pentagram_visible, star_visible give outputs pentagram
+and star. Other columns are reported and kept with the data. The CSV may be comma-, semicolon-
+or tab-separated, UTF-8 with or without a byte-order mark, or UTF-16 with one.
+
+Example:
+  python build_multi_hot_model.py frames labels.csv models/symbols
+  python build_multi_hot_model.py frames labels.csv models/symbols --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# The positional arguments, which --download-weights-only alone may leave out.
+POSITIONALS = {"image_dir": "IMAGE_DIR", "labels_csv": "LABELS_CSV", "output_dir": "OUTPUT_MODEL_DIR"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from symbol_trainer import settings  # the standard library only: --help never waits for TensorFlow
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s IMAGE_DIR LABELS_CSV OUTPUT_MODEL_DIR [options]\n"
+              "       %(prog)s --download-weights-only [--backbone NAME] [--alpha A]",
+        allow_abbrev=False)  # a prefix that works today would break when a flag is added
+    parser.add_argument("image_dir", nargs="?", metavar="IMAGE_DIR",
+                        help="Folder the file names in LABELS_CSV are relative to.")
+    parser.add_argument("labels_csv", nargs="?", metavar="LABELS_CSV",
+                        help="CSV with a filename column and one <symbol>_visible column per symbol.")
+    parser.add_argument("output_dir", nargs="?", metavar="OUTPUT_MODEL_DIR",
+                        help="Folder to write the model directory to.")
+    parser.add_argument(
+        "--symbols", metavar="A,B", type=lambda text: text.split(","),
+        help="Train only on these symbols, given by name (star) or column (star_visible), "
+             "separated by commas. The outputs keep the CSV's column order. Default: every "
+             "<symbol>_visible column.")
+    parser.add_argument(
+        "--validation-csv", metavar="CSV",
+        help="Validate on the frames this CSV lists (same format, file names relative to "
+             "IMAGE_DIR) instead of splitting LABELS_CSV; LABELS_CSV is then all training. "
+             "Default: a split of LABELS_CSV (see --validation-split and --group-by).")
+    parser.add_argument(
+        "--groups-csv", metavar="CSV",
+        help="Group the split by a column of this CSV, for groups kept apart from the labels "
+             "(e.g. a splits.csv with filename,source_image): frames with the same value stay "
+             "on one side of the train/validation split. Its filename column names the frames "
+             "as LABELS_CSV does (relative to IMAGE_DIR); every labelled frame needs a row, and "
+             "rows of other files are ignored. With several columns besides filename, "
+             "--group-by names the one to use. Default: groups from LABELS_CSV (see --group-by).")
+    settings.add_training_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from symbol_trainer import cli
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def labelled_images():
+        from symbol_trainer.labelled_images import with_validation_set
+        from symbol_trainer.labels_csv import images_from_csv
+
+        grouping = {"group_by": args.group_by, "groups_csv": args.groups_csv}
+        images = images_from_csv(args.image_dir, args.labels_csv, args.symbols, **grouping)
+        if not args.validation_csv:
+            return images, None
+        validation = images_from_csv(
+            args.image_dir, args.validation_csv, images.symbols,
+            symbols_from=f"--validation-csv needs every trained symbol ({args.labels_csv})",
+            **grouping)
+        return with_validation_set(images, validation,
+                                   f"--validation-csv {args.validation_csv}")
+
+    return cli.training_main(
+        parser, args, labelled_images, POSITIONALS, inputs={"IMAGE_DIR": args.image_dir},
+        input_files={"LABELS_CSV": args.labels_csv, "--validation-csv": args.validation_csv,
+                     "--groups-csv": args.groups_csv})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
