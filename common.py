@@ -99,6 +99,7 @@ import report  # noqa: E402
 import run_warnings  # noqa: E402
 import feature_cache  # noqa: E402
 import run_lock  # noqa: E402
+import symbol_paste  # noqa: E402
 from pixel_store import PixelStore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -2162,8 +2163,10 @@ def training_model(parts: ModelParts, head: keras.Model, config: TrainingConfig)
 def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
               geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
               validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict],
-              store: PixelStore | None = None, run: TrainingRun | None = None) -> None:
-    """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights)."""
+              store: PixelStore | None = None, run: TrainingRun | None = None,
+              symbol_images: Sequence = ()) -> None:
+    """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights).
+    `symbol_images` (symbol_paste.SymbolImage) are pasted into training images only."""
     run = run or single_device_run()
     batch = run.global_batch(config.batch_size)
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
@@ -2178,17 +2181,19 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
         model = training_model(parts, fused, config)
         compile_fused(model, config.fine_tune_learning_rate, xla)
     targets = fused_targets(train[1], train[2])
+    paster = symbol_paste.paster_for(symbol_images, symbols, config.symbol_image_rate, config.seed)
+    steps = math.ceil(len(targets) / batch)
     # Keras's progress bar writes to standard output: shown only when that is a terminal.
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     # The head phase's weights stay unless a fine-tuning epoch scores better on validation:
     # fine-tuning can lower the validation AP (on logodet3k_clothes every one of 5 epochs
     # did, and the held-out AP fell from 0.961 to 0.951 when the best of them was kept).
     kept = fit_phase(model, "fine_tune", config, run,
-                     lambda first: image_dataset(train[0], geometry, batch, targets=targets,
-                                                 store=store, order=epoch_batches(
-                                                     len(targets), batch, config.seed, first,
-                                                     config.fine_tune_epochs)),
-                     math.ceil(len(targets) / batch),
+                     lambda first: symbol_paste.pasting(image_dataset(
+                         train[0], geometry, batch, targets=targets, store=store,
+                         order=epoch_batches(len(targets), batch, config.seed, first,
+                                             config.fine_tune_epochs)), paster, first * steps),
+                     steps,
                      ValidationScores(lambda: image_dataset(validation[0], geometry, batch,
                                                             store=store),
                                       fused_targets(validation[1], validation[2])),
@@ -2489,6 +2494,7 @@ class PreparedData:
     unreadable: list[tuple[str, str]]  # (path, reason) of skipped files
     config: TrainingConfig
     groups: np.ndarray | None = None  # the split's group per row; None: frame by frame
+    symbol_images: tuple = ()  # symbol_paste.SymbolImage of each --symbol-image, decoded
 
     def split_table(self) -> pd.DataFrame:
         """split.csv: filename, group and split of every readable frame, in table order."""
@@ -2512,6 +2518,7 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     readable = drop_unreadable(images, scan, config.max_unreadable)
     identical, identical_counts = check_identical_content(readable)
     check_learnable(readable)
+    symbol_images = symbol_paste.load_symbol_images(config.symbol_images, readable.symbols)
     labels = readable.labels()
     grouping = frame_groups(readable, config.group_by)
     groups = grouping.groups
@@ -2591,7 +2598,8 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
             "Fewer than %d positives in validation for %s: their validation metrics are noisy "
             "(one frame moves recall by 10 %% or more). Label more frames that show them.",
             MIN_VALIDATION_POSITIVES, ", ".join(f"{s} ({n})" for s, n in few.items()))
-    return PreparedData(readable, is_validation, counts, list(scan.errors), config, groups)
+    return PreparedData(readable, is_validation, counts, list(scan.errors), config, groups,
+                        symbol_images)
 
 
 def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> str:
@@ -2670,10 +2678,10 @@ def float32_twin(parts: ModelParts, symbols: Sequence[str], config: TrainingConf
 
 def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: ImageGeometry,
                   is_validation: np.ndarray, weight_of_positive: np.ndarray,
-                  store: PixelStore | None, run: TrainingRun):
+                  store: PixelStore | None, run: TrainingRun, symbol_images: tuple = ()):
     """Build the model, extract features, train the head and fine-tune, continuing from
     `run.resumed` where a phase was under way; returns the model parts, the history rows and
-    the seconds per phase of this run."""
+    the seconds per phase of this run. `symbol_images` are pasted while fine-tuning."""
     symbols, labels = images.symbols, images.labels()
     with run.placement.strategy.scope():
         parts = build_model(symbols, config, geometry)
@@ -2707,7 +2715,7 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
         fine_tune(parts, symbols, config, geometry,
                   ([paths[i] for i in train_idx], labels[train_idx], weights[train_idx]),
                   ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows, store,
-                  run)
+                  run, symbol_images=symbol_images)
         phase_seconds["fine_tune"] = time.monotonic() - t
     return parts, rows, phase_seconds
 
@@ -2730,6 +2738,10 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
                 if k not in SETTINGS_NOT_IN_RUN_KEY}
     if settings["pooling"] == "avg":  # as before --pooling existed: older checkpoints resume
         del settings["pooling"]
+    if settings["symbol_images"]:  # the images' content, not only their paths
+        settings["symbol_images"] = [[i.symbol, i.path, i.sha1] for i in prepared.symbol_images]
+    else:  # as before --symbol-image existed
+        del settings["symbol_images"], settings["symbol_image_rate"]
     return {
         "settings": settings,
         "mixed_precision": mixed, "replicas": placement.replicas,
@@ -2835,7 +2847,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             with dtype_policy("mixed_float16" if mixed else "float32"):
                 parts, rows, phase_seconds = _train_phases(images, config, geometry,
                                                            is_validation, weight_of_positive,
-                                                           store, run)
+                                                           store, run, prepared.symbol_images)
             if mixed:
                 parts = float32_twin(parts, symbols, config, geometry)
             if not placement.is_chief:
@@ -2888,6 +2900,9 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             # Decision thresholds, `probability >= threshold` meaning visible, from the
             # validation set by `threshold_rule`; predict_images applies them.
             "thresholds": {s: thresholds[s].threshold for s in symbols},
+            # --symbol-image: what fine-tuning pasted into training frames (never validation).
+            "symbol_images": symbol_paste.description(prepared.symbol_images,
+                                                      config.symbol_image_rate),
             "threshold_rule": config.threshold_for,
             "data": {"source": images.source, "details": images.details, "counts": counts,
                      "fingerprint_sha256": key["data_sha256"]},

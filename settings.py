@@ -162,6 +162,16 @@ def _setting(default, flag: str, help: str, **argparse_kwargs):
     return field(default=default, metadata={"flag": flag, "help": help, **argparse_kwargs})
 
 
+class _AppendPair(argparse.Action):
+    """A repeatable NAME=VALUE flag collected into a tuple of (name, value) pairs; a value
+    without '=' becomes (text, ''), which TrainingConfig's check then names."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, _, value = str(values).partition("=")
+        setattr(namespace, self.dest,
+                tuple(getattr(namespace, self.dest, None) or ()) + ((name.strip(), value),))
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Every training setting, with its default. The command-line flags are generated from it."""
@@ -313,6 +323,21 @@ class TrainingConfig:
         "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=SWITCH_SETTINGS)
     devices: str = _setting(
         "auto", "--devices", DEVICES_HELP, metavar="auto|cpu|cpu:N|0,1,...")
+    symbol_images: tuple[tuple[str, str], ...] = _setting(
+        (), "--symbol-image",
+        "A clean image of a symbol, as NAME=FILE (NAME one of the run's symbols; FILE a PNG, "
+        "JPEG or other image, whose alpha channel, if any, says which pixels are the symbol; "
+        "without one the whole rectangle is pasted). Fine-tuning then pastes it into training "
+        "frames that do not show that symbol, at random positions, sizes, small rotations, "
+        "colours, opacities and blur, and labels those frames as showing it (validation "
+        "frames are never changed; see docs/symbol-image.md). Repeat the flag for several "
+        "symbols or several images of one. Default: none.",
+        action=_AppendPair, metavar="NAME=FILE")
+    symbol_image_rate: float = _setting(
+        0.3, "--symbol-image-rate",
+        "With --symbol-image: the chance that a fine-tuning image not showing one of those "
+        "symbols gets one pasted into it, drawn anew for every image in every epoch; 0 pastes "
+        "nothing. Default: %(default)s.", type=float, metavar="SHARE")
 
     tensorboard: str | None = _setting(
         None, "--tensorboard",
@@ -362,6 +387,9 @@ class TrainingConfig:
             ("pooling", self.pooling in POOLINGS, f"choose one of {', '.join(POOLINGS)}"),
             ("augment", self.augment in AUGMENT_POLICIES,
              f"choose one of {', '.join(AUGMENT_POLICIES)}"),
+            ("symbol_image_rate",
+             _real(self.symbol_image_rate) and 0 <= self.symbol_image_rate <= 1,
+             "must be a share from 0 to 1"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -397,6 +425,7 @@ class TrainingConfig:
             parse_threshold_rule(self.threshold_for)
         except ValueError as error:
             raise InputError(f"--threshold-for {self.threshold_for!r}: {error}.") from None
+        _check_symbol_images(self.symbol_images)
         if self.tensorboard is not None:
             if Path(self.tensorboard).exists() and not Path(self.tensorboard).is_dir():
                 raise InputError(f"--tensorboard {self.tensorboard!r} is a file; give a folder.")
@@ -412,6 +441,20 @@ class TrainingConfig:
         """'imagenet', 'none', or the weights file's absolute path."""
         lowered = self.weights.lower()
         return lowered if lowered in ("imagenet", "none") else str(Path(self.weights).resolve())
+
+
+def _check_symbol_images(pairs) -> None:
+    """Each --symbol-image is NAME=FILE with a name and an existing file (symbol_paste.py
+    checks that the file decodes and that NAME is a symbol of the run)."""
+    for pair in pairs:
+        name, path = pair
+        shown = f"{name}={path}" if path else name
+        if not name or not path:
+            raise InputError(f"--symbol-image {shown!r}: write NAME=FILE, the symbol's name "
+                             "and its image file, for example --symbol-image star=star.png.")
+        if not Path(path).is_file():
+            raise InputError(f"--symbol-image {shown!r}: no such file {path!r}. Give the path "
+                             "of an image file (PNG with transparency works best).")
 
 
 def flag_of(setting_name: str) -> str:
