@@ -155,7 +155,8 @@ def symbol_patch(symbol: SymbolImage, frame_short_side: int, rng: np.random.Gene
         luminance = colour @ np.array([0.299, 0.587, 0.114], np.float32)
         shown = luminance[alpha[..., 0] > 0.5]
         lo, hi = (np.percentile(shown, (5, 95)) if shown.size else (0.0, 255.0))
-        t = np.clip((luminance - lo) / max(hi - lo, 1.0), 0, 1)[..., None]
+        # A one-colour symbol (little spread) stays one colour, not its noise stretched.
+        t = np.clip((luminance - lo) / max(hi - lo, 60.0), 0, 1)[..., None]
         dark, light = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         colour = dark * (1 - t) + light * t
     else:
