@@ -2678,10 +2678,10 @@ def float32_twin(parts: ModelParts, symbols: Sequence[str], config: TrainingConf
 
 def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: ImageGeometry,
                   is_validation: np.ndarray, weight_of_positive: np.ndarray,
-                  store: PixelStore | None, run: TrainingRun, symbol_images: tuple = ()):
+                  store: PixelStore | None, run: TrainingRun):
     """Build the model, extract features, train the head and fine-tune, continuing from
     `run.resumed` where a phase was under way; returns the model parts, the history rows and
-    the seconds per phase of this run. `symbol_images` are pasted while fine-tuning."""
+    the seconds per phase of this run."""
     symbols, labels = images.symbols, images.labels()
     with run.placement.strategy.scope():
         parts = build_model(symbols, config, geometry)
@@ -2715,7 +2715,8 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
         fine_tune(parts, symbols, config, geometry,
                   ([paths[i] for i in train_idx], labels[train_idx], weights[train_idx]),
                   ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows, store,
-                  run, symbol_images=symbol_images)
+                  run, symbol_images=symbol_paste.load_symbol_images(config.symbol_images,
+                                                                     symbols))
         phase_seconds["fine_tune"] = time.monotonic() - t
     return parts, rows, phase_seconds
 
@@ -2847,7 +2848,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             with dtype_policy("mixed_float16" if mixed else "float32"):
                 parts, rows, phase_seconds = _train_phases(images, config, geometry,
                                                            is_validation, weight_of_positive,
-                                                           store, run, prepared.symbol_images)
+                                                           store, run)
             if mixed:
                 parts = float32_twin(parts, symbols, config, geometry)
             if not placement.is_chief:
