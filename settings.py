@@ -331,7 +331,8 @@ class TrainingConfig:
         "frames that do not show that symbol, at random positions, sizes, small rotations, "
         "colours, opacities and blur, and labels those frames as showing it (validation "
         "frames are never changed; see docs/symbol-image.md). Repeat the flag for several "
-        "symbols or several images of one. Default: none.",
+        "symbols or several images of one. Needs fine-tuning (--fine-tune-epochs above 0). "
+        "Default: none.",
         action=_AppendPair, metavar="NAME=FILE")
     symbol_image_rate: float = _setting(
         0.3, "--symbol-image-rate",
@@ -426,6 +427,10 @@ class TrainingConfig:
         except ValueError as error:
             raise InputError(f"--threshold-for {self.threshold_for!r}: {error}.") from None
         _check_symbol_images(self.symbol_images)
+        if self.symbol_images and self.fine_tune_epochs == 0:
+            raise InputError("--symbol-image pastes into the images of the fine-tuning phase, "
+                             "which --fine-tune-epochs 0 skips; give --fine-tune-epochs 1 or "
+                             "more, or leave --symbol-image out.")
         if self.tensorboard is not None:
             if Path(self.tensorboard).exists() and not Path(self.tensorboard).is_dir():
                 raise InputError(f"--tensorboard {self.tensorboard!r} is a file; give a folder.")

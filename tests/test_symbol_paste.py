@@ -184,6 +184,18 @@ def test_a_rate_outside_zero_to_one_is_refused(small_two_symbol_csv, tmp_path, c
     assert code == 2 and "--symbol-image-rate must be a share from 0 to 1; got 1.5" in errors[0]
 
 
+def test_a_symbol_image_without_fine_tuning_is_refused(tmp_path):
+    import settings
+
+    logo = tmp_path / "ring.png"
+    Image.fromarray(green_ring_image().pixels, "RGBA").save(logo)
+    with pytest.raises(settings.InputError, match="--symbol-image pastes into the images of "
+                                                  "the fine-tuning phase, which "
+                                                  "--fine-tune-epochs 0 skips"):
+        settings.TrainingConfig(symbol_images=(("red_square", str(logo)),), fine_tune_epochs=0)
+    assert settings.TrainingConfig(fine_tune_epochs=0).symbol_images == ()
+
+
 def test_training_with_a_symbol_image_records_it_and_the_model_loads(small_two_symbol_csv,
                                                                      tmp_path):
     import common
