@@ -2181,7 +2181,7 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
         model = training_model(parts, fused, config)
         compile_fused(model, config.fine_tune_learning_rate, xla)
     targets = fused_targets(train[1], train[2])
-    paster = symbol_paste.paster_for(symbol_images, symbols, config.symbol_image_rate, config.seed)
+    paster = symbol_paste.paster_for(symbol_images, symbols, config)
     steps = math.ceil(len(targets) / batch)
     # Keras's progress bar writes to standard output: shown only when that is a terminal.
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0

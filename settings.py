@@ -339,6 +339,12 @@ class TrainingConfig:
         "With --symbol-image: the chance that a fine-tuning image not showing one of those "
         "symbols gets one pasted into it, drawn anew for every image in every epoch; 0 pastes "
         "nothing. Default: %(default)s.", type=float, metavar="SHARE")
+    symbol_image_size: str = _setting(
+        "0.08,0.5", "--symbol-image-size",
+        "With --symbol-image: the smallest and largest size of a pasted symbol, as MIN,MAX "
+        "shares of the frame's shorter side that its longer side spans (drawn log-uniformly "
+        "between them). Make it match how large the symbol looks in your frames: a TV "
+        "channel's logo is about 0.05-0.15. Default: %(default)s.", metavar="MIN,MAX")
 
     tensorboard: str | None = _setting(
         None, "--tensorboard",
@@ -427,6 +433,11 @@ class TrainingConfig:
         except ValueError as error:
             raise InputError(f"--threshold-for {self.threshold_for!r}: {error}.") from None
         _check_symbol_images(self.symbol_images)
+        try:
+            parse_size_range(self.symbol_image_size)
+        except ValueError as error:
+            raise InputError(f"--symbol-image-size {self.symbol_image_size!r}: {error}.") \
+                from None
         if self.symbol_images and self.fine_tune_epochs == 0:
             raise InputError("--symbol-image pastes into the images of the fine-tuning phase, "
                              "which --fine-tune-epochs 0 skips; give --fine-tune-epochs 1 or "
@@ -446,6 +457,19 @@ class TrainingConfig:
         """'imagenet', 'none', or the weights file's absolute path."""
         lowered = self.weights.lower()
         return lowered if lowered in ("imagenet", "none") else str(Path(self.weights).resolve())
+
+
+def parse_size_range(text: str) -> tuple[float, float]:
+    """'0.08,0.5' as (0.08, 0.5); ValueError says what is wrong."""
+    parts = str(text).split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise ValueError("write MIN,MAX, two shares of the frame's shorter side such as "
+                         "0.08,0.5") from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+        raise ValueError("MIN and MAX must be above 0 and at most 1, MIN not above MAX")
+    return low, high
 
 
 def _check_symbol_images(pairs) -> None:

@@ -16,6 +16,7 @@ continuation paste the same symbols in the same places. See docs/symbol-image.md
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from errors import InputError
+from settings import TrainingConfig, parse_size_range
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class PasteRanges:
     for each paste (the size log-uniformly)."""
 
     size: tuple[float, float] = (0.08, 0.5)   # the symbol's longer side / the frame's shorter
+                                              # (--symbol-image-size)
     inside: float = 0.8                       # least share of each side inside the frame
     rotation_degrees: float = 15.0            # most rotation either way
     brightness: float = 0.3                   # most relative change of the symbol's brightness
@@ -237,15 +240,18 @@ class SymbolPaster:
         return images, targets
 
 
-def paster_for(images: Sequence[SymbolImage], symbols: Sequence[str], rate: float,
-               seed: int) -> SymbolPaster | None:
-    """The paster of a run, or None when there is nothing to paste."""
+def paster_for(images: Sequence[SymbolImage], symbols: Sequence[str],
+               config: TrainingConfig) -> SymbolPaster | None:
+    """The paster of a run with `config` (--symbol-image-rate, --symbol-image-size, --seed),
+    or None when there is nothing to paste."""
+    rate = config.symbol_image_rate
     if not images or rate <= 0:
         return None
     log.info("Pasting %s into %.0f %% of the fine-tuning frames that do not show them.",
              ", ".join(f"{i.symbol} ({Path(i.path).name}, {i.width}x{i.height}"
                        f"{', alpha mask' if i.has_alpha else ''})" for i in images), 100 * rate)
-    return SymbolPaster(images, symbols, rate, seed)
+    ranges = dataclasses.replace(RANGES, size=parse_size_range(config.symbol_image_size))
+    return SymbolPaster(images, symbols, rate, config.seed, ranges)
 
 
 def pasting(dataset, paster: SymbolPaster | None, first_batch: int = 0):

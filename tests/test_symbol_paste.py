@@ -12,6 +12,7 @@ from PIL import Image
 
 import build_multi_hot_model
 import symbol_paste
+from settings import TrainingConfig
 from conftest import FAST, listdir, run_script
 
 SYMBOLS = ["red_square", "blue_circle"]
@@ -97,8 +98,10 @@ def test_pastes_are_seeded_by_batch_and_vary_between_batches():
 
 def test_rate_zero_pastes_nothing():
     image = green_ring_image()
-    assert symbol_paste.paster_for([image], SYMBOLS, 0.0, seed=0) is None
-    assert symbol_paste.paster_for([], SYMBOLS, 0.3, seed=0) is None
+    assert symbol_paste.paster_for([image], SYMBOLS, TrainingConfig(symbol_image_rate=0)) is None
+    assert symbol_paste.paster_for([], SYMBOLS, TrainingConfig()) is None
+    sized = symbol_paste.paster_for([image], SYMBOLS, TrainingConfig(symbol_image_size="0.1,0.2"))
+    assert sized.ranges.size == (0.1, 0.2) and sized.rate == 0.3
     marker = object()
     assert symbol_paste.pasting(marker, None) is marker
     given = targets(np.zeros((6, 2)), np.ones((6, 2)))
@@ -176,12 +179,18 @@ def test_bad_symbol_images_exit_2_naming_the_flag_and_file(small_two_symbol_csv,
     assert not out.exists() and not (tmp_path / "model.partial").exists()
 
 
-def test_a_rate_outside_zero_to_one_is_refused(small_two_symbol_csv, tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--symbol-image-rate", "1.5"], "--symbol-image-rate must be a share from 0 to 1; got 1.5"),
+    (["--symbol-image-size", "0.1"], "--symbol-image-size '0.1': write MIN,MAX"),
+    (["--symbol-image-size", "0.5,0.1"], "--symbol-image-size '0.5,0.1': MIN and MAX must be "
+                                         "above 0 and at most 1, MIN not above MAX"),
+])
+def test_rate_and_size_outside_their_ranges_are_refused(small_two_symbol_csv, tmp_path, capsys,
+                                                        flags, message):
     root, csv_path = small_two_symbol_csv
-    code = run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m", *FAST,
-                                              "--symbol-image-rate", "1.5"])
+    code = run_script(build_multi_hot_model, [root, csv_path, tmp_path / "m", *FAST, *flags])
     errors = _error_lines(capsys)
-    assert code == 2 and "--symbol-image-rate must be a share from 0 to 1; got 1.5" in errors[0]
+    assert code == 2 and message in errors[0], errors
 
 
 def test_a_symbol_image_without_fine_tuning_is_refused(tmp_path):
