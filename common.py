@@ -2742,7 +2742,7 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
     if settings["symbol_images"]:  # the images' content, not only their paths
         settings["symbol_images"] = [[i.symbol, i.path, i.sha1] for i in prepared.symbol_images]
     else:  # as before --symbol-image existed
-        del settings["symbol_images"], settings["symbol_image_rate"]
+        del settings["symbol_images"], settings["symbol_image_rate"], settings["symbol_image_size"]
     return {
         "settings": settings,
         "mixed_precision": mixed, "replicas": placement.replicas,
