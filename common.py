@@ -2902,8 +2902,7 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             # validation set by `threshold_rule`; predict_images applies them.
             "thresholds": {s: thresholds[s].threshold for s in symbols},
             # --symbol-image: what fine-tuning pasted into training frames (never validation).
-            "symbol_images": symbol_paste.description(prepared.symbol_images,
-                                                      config.symbol_image_rate),
+            "symbol_images": symbol_paste.description(prepared.symbol_images, config),
             "threshold_rule": config.threshold_for,
             "data": {"source": images.source, "details": images.details, "counts": counts,
                      "fingerprint_sha256": key["data_sha256"]},

@@ -112,9 +112,11 @@ def load_symbol_images(pairs: Sequence[Sequence[str]],
     return tuple(loaded)
 
 
-def description(images: Sequence[SymbolImage], rate: float) -> dict:
-    """What metadata.json records of the pasted symbols."""
-    return {"rate": rate, "images": [image.describe() for image in images]}
+def description(images: Sequence[SymbolImage], config: TrainingConfig) -> dict:
+    """What metadata.json records of the pasted symbols: the images, the rate and the range
+    of sizes (empty images: nothing was pasted)."""
+    return {"images": [image.describe() for image in images], "rate": config.symbol_image_rate,
+            "size": list(parse_size_range(config.symbol_image_size))}
 
 
 # --------------------------------------------------------------------------------------------

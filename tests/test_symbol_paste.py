@@ -141,8 +141,8 @@ def test_symbol_images_are_described_with_their_content_hash(tmp_path):
     path = tmp_path / "ring.png"
     Image.fromarray(green_ring_image().pixels, "RGBA").save(path)
     images = symbol_paste.load_symbol_images([("red_square", str(path))], SYMBOLS)
-    described = symbol_paste.description(images, 0.3)
-    assert described["rate"] == 0.3
+    described = symbol_paste.description(images, TrainingConfig(symbol_image_size="0.1,0.4"))
+    assert described["rate"] == 0.3 and described["size"] == [0.1, 0.4]
     (entry,) = described["images"]
     assert entry["symbol"] == "red_square" and entry["alpha_mask"] is True
     assert (entry["width"], entry["height"]) == (16, 16)
@@ -220,6 +220,7 @@ def test_training_with_a_symbol_image_records_it_and_the_model_loads(small_two_s
     metadata = json.loads((out / "metadata.json").read_text())
     (entry,) = metadata["symbol_images"]["images"]
     assert metadata["symbol_images"]["rate"] == 0.5
+    assert metadata["symbol_images"]["size"] == [0.08, 0.5]
     assert entry["symbol"] == "red_square" and entry["path"] == str(logo.resolve())
     assert (entry["width"], entry["height"]) == (16, 16)
     assert metadata["training"]["config"]["symbol_images"] == [["red_square", str(logo)]]
