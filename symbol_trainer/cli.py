@@ -62,7 +62,8 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if not args.download_weights_only:
             output_dir.check_outside_inputs(args.output_dir, {
                 **inputs, "--cache-dir": config.cache_dir, "--tensorboard": config.tensorboard},
-                input_files)
+                {**input_files, **{f"--symbol-image {name}": path
+                                   for name, path in config.symbol_images}})
             if not args.dry_run:  # a dry run only notes an existing model directory
                 output_dir.check_output_dir(args.output_dir, args.overwrite, create_parent=False)
         dependencies.require()

@@ -47,6 +47,7 @@ from symbol_trainer import refit
 from symbol_trainer import output_dir as output_dir_checks
 from symbol_trainer import report
 from symbol_trainer import run_warnings
+from symbol_trainer import symbol_paste
 from symbol_trainer.callbacks import TrainingDiverged
 from symbol_trainer.datasets import image_dataset, run_inference
 from symbol_trainer.errors import InputError
@@ -122,7 +123,8 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
         fine_tune(parts, symbols, config, geometry,
                   ([paths[i] for i in train_idx], labels[train_idx], weights[train_idx]),
                   ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows, store,
-                  run)
+                  run, symbol_images=symbol_paste.load_symbol_images(config.symbol_images,
+                                                                     symbols))
         phase_seconds["fine_tune"] = time.monotonic() - t
     return parts, rows, phase_seconds
 
@@ -147,6 +149,10 @@ def run_key(prepared: PreparedData, geometry: ImageGeometry, mixed: bool,
                 if k not in SETTINGS_NOT_IN_RUN_KEY}
     if settings["pooling"] == "avg":  # as before --pooling existed: older checkpoints resume
         del settings["pooling"]
+    if settings["symbol_images"]:  # the images' content, not only their paths
+        settings["symbol_images"] = [[i.symbol, i.path, i.sha1] for i in prepared.symbol_images]
+    else:  # as before --symbol-image existed
+        del settings["symbol_images"], settings["symbol_image_rate"], settings["symbol_image_size"]
     if settings["fine_tune_schedule"] == "constant":  # as before the schedule: no warm-up either
         del settings["fine_tune_schedule"], settings["fine_tune_warmup"]
     return {
@@ -311,6 +317,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             # Decision thresholds, `probability >= threshold` meaning visible, from the
             # validation set by `threshold_rule`; predict_images applies them.
             "thresholds": {s: thresholds[s].threshold for s in symbols},
+            # --symbol-image: what fine-tuning pasted into training frames (never validation).
+            "symbol_images": symbol_paste.description(prepared.symbol_images, config),
             "threshold_rule": config.threshold_for,
             "data": {"source": images.source, "details": images.details, "counts": counts,
                      "fingerprint_sha256": key["data_sha256"]},

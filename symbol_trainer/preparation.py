@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from symbol_trainer import duplicates
+from symbol_trainer import symbol_paste
 from symbol_trainer.errors import InputError, printable
 from symbol_trainer.images import scan_images
 from symbol_trainer.labelled_images import (
@@ -55,6 +56,7 @@ class PreparedData:
     unreadable: list[tuple[str, str]]  # (path, reason) of skipped files
     config: TrainingConfig
     groups: np.ndarray | None = None  # the split's group per row; None: frame by frame
+    symbol_images: tuple = ()  # symbol_paste.SymbolImage of each --symbol-image, decoded
 
     def split_table(self) -> pd.DataFrame:
         """split.csv: filename, group and split of every readable frame, in table order."""
@@ -78,6 +80,7 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
     readable = drop_unreadable(images, scan, config.max_unreadable)
     identical, identical_counts = check_identical_content(readable)
     check_learnable(readable)
+    symbol_images = symbol_paste.load_symbol_images(config.symbol_images, readable.symbols)
     labels = readable.labels()
     grouping = frame_groups(readable, config.group_by)
     groups = grouping.groups
@@ -157,7 +160,8 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
             "Fewer than %d positives in validation for %s: their validation metrics are noisy "
             "(one frame moves recall by 10 %% or more). Label more frames that show them.",
             MIN_VALIDATION_POSITIVES, ", ".join(f"{s} ({n})" for s, n in few.items()))
-    return PreparedData(readable, is_validation, counts, list(scan.errors), config, groups)
+    return PreparedData(readable, is_validation, counts, list(scan.errors), config, groups,
+                        symbol_images)
 
 
 def format_data_summary(prepared: PreparedData, shown_unreadable: int = 20) -> str:

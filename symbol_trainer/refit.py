@@ -32,6 +32,7 @@ import numpy as np
 
 from symbol_trainer import augmentation
 from symbol_trainer import schedules
+from symbol_trainer import symbol_paste
 from symbol_trainer.backend import keras, tf
 from symbol_trainer.callbacks import FiniteLossGuard
 from symbol_trainer.datasets import epoch_batches, feature_dataset, image_dataset
@@ -195,9 +196,12 @@ def train_on_all_frames(images: LabelledImages, config: TrainingConfig,
             compile_fused(model, schedules.fine_tuning_rate(
                 config.fine_tune_learning_rate, config.fine_tune_schedule,
                 config.fine_tune_epochs, steps, config.fine_tune_warmup), xla)
-        _fit_exactly(model, "fine_tune", epochs["fine_tune"], image_dataset(
+        # --symbol-image pastes as in the validation run's fine-tuning (symbol_paste.py).
+        paster = symbol_paste.paster_for(
+            symbol_paste.load_symbol_images(config.symbol_images, symbols), symbols, config)
+        _fit_exactly(model, "fine_tune", epochs["fine_tune"], symbol_paste.pasting(image_dataset(
             paths, geometry, batch, targets=targets, store=store, order=epoch_batches(
-                len(targets), batch, config.seed, 0, epochs["fine_tune"])),
+                len(targets), batch, config.seed, 0, epochs["fine_tune"])), paster, 0),
             steps, config, run, rows)
         _copy_fused_head(fused, parts, symbols)
         parts.backbone.trainable = False

@@ -284,6 +284,19 @@ def _summary_table(metrics: dict, order: Sequence[str]) -> str:
     return f'<div class="wide"><table>{head}{"".join(rows)}</table></div>'
 
 
+def _pasted_symbols(metadata: dict) -> str:
+    """A sentence on the --symbol-image files pasted while fine-tuning; empty without any."""
+    pasted = metadata.get("symbol_images") or {}
+    if not pasted.get("images"):
+        return ""
+    files = ", ".join(f"{html.escape(i['symbol'])} from {html.escape(Path(i['path']).name)} "
+                      f"({i['width']}x{i['height']}, sha1 {i['sha1'][:10]})"
+                      for i in pasted["images"])
+    return (f" Fine-tuning pasted {files} into {100 * pasted['rate']:.0f} % of the training "
+            "frames that did not show that symbol, labelled as showing it (--symbol-image; "
+            "validation frames were never changed).")
+
+
 def _data_table(counts: dict, symbols: Sequence[str]) -> str:
     rows = []
     for s in symbols:
@@ -410,7 +423,7 @@ recall {_number(m['recall'])}, F1 {_number(m['f1'])}.</p>{note}
 {html.escape(str(training.get('started_at', '')))} on {counts['train']['images']:,} frames and
 validated on {counts['validation']['images']:,}{_split_by(counts, grouping)}. Backbone {html.escape(config['backbone'])}
 (alpha {config['alpha']}), input {metadata['input']['width']}x{metadata['input']['height']}
-pixels ({html.escape(config['resize'])}).</p>
+pixels ({html.escape(config['resize'])}).{_pasted_symbols(metadata)}</p>
 {_refit_note(metadata)}
 
 {_warnings_section(warnings)}

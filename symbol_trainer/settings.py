@@ -164,6 +164,16 @@ def _setting(default, flag: str, help: str, **argparse_kwargs):
     return field(default=default, metadata={"flag": flag, "help": help, **argparse_kwargs})
 
 
+class _AppendPair(argparse.Action):
+    """A repeatable NAME=VALUE flag collected into a tuple of (name, value) pairs; a value
+    without '=' becomes (text, ''), which TrainingConfig's check then names."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, _, value = str(values).partition("=")
+        setattr(namespace, self.dest,
+                tuple(getattr(namespace, self.dest, None) or ()) + ((name.strip(), value),))
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Every training setting, with its default. The command-line flags are generated from it."""
@@ -343,6 +353,28 @@ class TrainingConfig:
         "not on CPU; 'on' or 'off' force it. Default: %(default)s.", choices=SWITCH_SETTINGS)
     devices: str = _setting(
         "auto", "--devices", DEVICES_HELP, metavar="auto|cpu|cpu:N|0,1,...")
+    symbol_images: tuple[tuple[str, str], ...] = _setting(
+        (), "--symbol-image",
+        "A clean image of a symbol, as NAME=FILE (NAME one of the run's symbols; FILE a PNG, "
+        "JPEG or other image, whose alpha channel, if any, says which pixels are the symbol; "
+        "without one the whole rectangle is pasted). Fine-tuning then pastes it into training "
+        "frames that do not show that symbol, at random positions, sizes, small rotations, "
+        "colours, opacities and blur, and labels those frames as showing it (validation "
+        "frames are never changed; see docs/symbol-image.md). Repeat the flag for several "
+        "symbols or several images of one. Needs fine-tuning (--fine-tune-epochs above 0). "
+        "Default: none.",
+        action=_AppendPair, metavar="NAME=FILE")
+    symbol_image_rate: float = _setting(
+        0.3, "--symbol-image-rate",
+        "With --symbol-image: the chance that a fine-tuning image not showing one of those "
+        "symbols gets one pasted into it, drawn anew for every image in every epoch; 0 pastes "
+        "nothing. Default: %(default)s.", type=float, metavar="SHARE")
+    symbol_image_size: str = _setting(
+        "0.08,0.5", "--symbol-image-size",
+        "With --symbol-image: the smallest and largest size of a pasted symbol, as MIN,MAX "
+        "shares of the frame's shorter side that its longer side spans (drawn log-uniformly "
+        "between them). Make it match how large the symbol looks in your frames: a TV "
+        "channel's logo is about 0.05-0.15. Default: %(default)s.", metavar="MIN,MAX")
 
     tensorboard: str | None = _setting(
         None, "--tensorboard",
@@ -397,6 +429,9 @@ class TrainingConfig:
             ("pooling", self.pooling in POOLINGS, f"choose one of {', '.join(POOLINGS)}"),
             ("augment", self.augment in AUGMENT_POLICIES,
              f"choose one of {', '.join(AUGMENT_POLICIES)}"),
+            ("symbol_image_rate",
+             _real(self.symbol_image_rate) and 0 <= self.symbol_image_rate <= 1,
+             "must be a share from 0 to 1"),
         ]
         if self.refit and _real(self.validation_split) and self.validation_split == 0:
             raise InputError(
@@ -437,6 +472,16 @@ class TrainingConfig:
             parse_threshold_rule(self.threshold_for)
         except ValueError as error:
             raise InputError(f"--threshold-for {self.threshold_for!r}: {error}.") from None
+        _check_symbol_images(self.symbol_images)
+        try:
+            parse_size_range(self.symbol_image_size)
+        except ValueError as error:
+            raise InputError(f"--symbol-image-size {self.symbol_image_size!r}: {error}.") \
+                from None
+        if self.symbol_images and self.fine_tune_epochs == 0:
+            raise InputError("--symbol-image pastes into the images of the fine-tuning phase, "
+                             "which --fine-tune-epochs 0 skips; give --fine-tune-epochs 1 or "
+                             "more, or leave --symbol-image out.")
         if self.tensorboard is not None:
             if Path(self.tensorboard).exists() and not Path(self.tensorboard).is_dir():
                 raise InputError(f"--tensorboard {self.tensorboard!r} is a file; give a folder.")
@@ -452,6 +497,33 @@ class TrainingConfig:
         """'imagenet', 'none', or the weights file's absolute path."""
         lowered = self.weights.lower()
         return lowered if lowered in ("imagenet", "none") else str(Path(self.weights).resolve())
+
+
+def parse_size_range(text: str) -> tuple[float, float]:
+    """'0.08,0.5' as (0.08, 0.5); ValueError says what is wrong."""
+    parts = str(text).split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise ValueError("write MIN,MAX, two shares of the frame's shorter side such as "
+                         "0.08,0.5") from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+        raise ValueError("MIN and MAX must be above 0 and at most 1, MIN not above MAX")
+    return low, high
+
+
+def _check_symbol_images(pairs) -> None:
+    """Each --symbol-image is NAME=FILE with a name and an existing file (symbol_paste.py
+    checks that the file decodes and that NAME is a symbol of the run)."""
+    for pair in pairs:
+        name, path = pair
+        shown = f"{name}={path}" if path else name
+        if not name or not path:
+            raise InputError(f"--symbol-image {shown!r}: write NAME=FILE, the symbol's name "
+                             "and its image file, for example --symbol-image star=star.png.")
+        if not Path(path).is_file():
+            raise InputError(f"--symbol-image {shown!r}: no such file {path!r}. Give the path "
+                             "of an image file (PNG with transparency works best).")
 
 
 def flag_of(setting_name: str) -> str:

@@ -20,6 +20,7 @@ from symbol_trainer import checkpoints
 from symbol_trainer import distribution
 from symbol_trainer import heads
 from symbol_trainer import schedules
+from symbol_trainer import symbol_paste
 from symbol_trainer.callbacks import (
     EpochCheckpoint, EpochLog, FiniteLossGuard, ResumableEarlyStopping, ValidationScores)
 from symbol_trainer.datasets import epoch_batches, feature_dataset, image_dataset
@@ -268,8 +269,10 @@ def training_model(parts: ModelParts, head: keras.Model, config: TrainingConfig)
 def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
               geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
               validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict],
-              store: PixelStore | None = None, run: TrainingRun | None = None) -> None:
-    """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights)."""
+              store: PixelStore | None = None, run: TrainingRun | None = None,
+              symbol_images: Sequence = ()) -> None:
+    """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights).
+    `symbol_images` (symbol_paste.SymbolImage) are pasted into training images only."""
     run = run or single_device_run()
     batch = run.global_batch(config.batch_size)
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
@@ -288,17 +291,19 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
         model = training_model(parts, fused, config)
         compile_fused(model, rate, xla)
     targets = fused_targets(train[1], train[2])
+    paster = symbol_paste.paster_for(symbol_images, symbols, config)
+    steps = math.ceil(len(targets) / batch)
     # Keras's progress bar writes to standard output: shown only when that is a terminal.
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     # The head phase's weights stay unless a fine-tuning epoch scores better on validation:
     # fine-tuning can lower the validation AP (on logodet3k_clothes every one of 5 epochs
     # did, and the held-out AP fell from 0.961 to 0.951 when the best of them was kept).
     kept = fit_phase(model, "fine_tune", config, run,
-                     lambda first: image_dataset(train[0], geometry, batch, targets=targets,
-                                                 store=store, order=epoch_batches(
-                                                     len(targets), batch, config.seed, first,
-                                                     config.fine_tune_epochs)),
-                     math.ceil(len(targets) / batch),
+                     lambda first: symbol_paste.pasting(image_dataset(
+                         train[0], geometry, batch, targets=targets, store=store,
+                         order=epoch_batches(len(targets), batch, config.seed, first,
+                                             config.fine_tune_epochs)), paster, first * steps),
+                     steps,
                      ValidationScores(lambda: image_dataset(validation[0], geometry, batch,
                                                             store=store),
                                       fused_targets(validation[1], validation[2])),
