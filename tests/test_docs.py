@@ -185,3 +185,31 @@ def test_reference_imports_no_tensorflow():
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                cwd=ROOT)
     assert completed.returncode == 0, completed.stderr
+
+
+def modules_missing_from_layout(root: Path) -> list[str]:
+    """The modules of symbol_trainer/ (and programs/) that docs/layout.md's tree does not name
+    on a line of their own."""
+    text = (root / "docs" / "layout.md").read_text(encoding="utf-8")
+    named = {match.group(1) for match in re.finditer(r"^\s+(\S+\.py)\s", text, re.MULTILINE)}
+    package = root / "symbol_trainer"
+    modules = [*sorted(package.glob("*.py")), *sorted((package / "programs").glob("*.py"))]
+    return [str(module.relative_to(root)) for module in modules if module.name not in named]
+
+
+def test_layout_names_every_module_of_the_package():
+    """docs/layout.md is the map of the code: a new module without its line there fails here."""
+    assert modules_missing_from_layout(ROOT) == [], (
+        "add a line for each of these modules to docs/layout.md (name, lines, what it holds)")
+
+
+def test_the_layout_check_catches_a_missing_module(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "symbol_trainer" / "programs").mkdir(parents=True)
+    for name in ("symbol_trainer/settings.py", "symbol_trainer/new_stage.py",
+                 "symbol_trainer/programs/predict.py"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "docs" / "layout.md").write_text(
+        "# Layout\n\nSee new_stage.py in prose.\n\n```\nsymbol_trainer/\n"
+        "  settings.py   591  every setting\n  programs/\n    predict.py   274  main()\n```\n")
+    assert modules_missing_from_layout(tmp_path) == ["symbol_trainer/new_stage.py"]
