@@ -213,3 +213,41 @@ def test_the_layout_check_catches_a_missing_module(tmp_path):
         "# Layout\n\nSee new_stage.py in prose.\n\n```\nsymbol_trainer/\n"
         "  settings.py   591  every setting\n  programs/\n    predict.py   274  main()\n```\n")
     assert modules_missing_from_layout(tmp_path) == ["symbol_trainer/new_stage.py"]
+
+
+def measurement_index_problems(root: Path) -> list[str]:
+    """docs/measurements.md indexes every results file under docs/measurements/, and every
+    number in a file's one-line result appears in that file (copied, not retyped)."""
+    index = (root / "docs" / "measurements.md").read_text(encoding="utf-8")
+    results = root / "docs" / "measurements"
+    problems, indexed = [], set()
+    for line in index.splitlines():
+        match = re.match(r"^\| \[[^\]]*\]\(measurements/([^)#]+)\) \|[^|]*\|(.*)\|\s*$", line)
+        if not match:
+            continue
+        name, result = match.group(1), match.group(2)
+        indexed.add(name)
+        if not (results / name).is_file():
+            continue  # the link check reports it
+        text = (results / name).read_text(encoding="utf-8")
+        problems += [f"{name}: {number} is not in the file"
+                     for number in re.findall(r"(?<![\w.])[+-]?\d+\.\d+", result)
+                     if number not in text]
+    problems += [f"{path.name} is not indexed" for path in sorted(results.glob("*.md"))
+                 if path.name not in indexed]
+    return problems
+
+
+def test_the_measurements_index_is_complete_and_copied():
+    assert measurement_index_problems(ROOT) == []
+
+
+def test_the_measurements_check_catches_a_retyped_number_and_a_missing_file(tmp_path):
+    (tmp_path / "docs" / "measurements").mkdir(parents=True)
+    (tmp_path / "docs" / "measurements" / "a.md").write_text("| b - a | +0.044 (-0.000 to +0.092) |\n")
+    (tmp_path / "docs" / "measurements" / "new.md").write_text("# new\n")
+    (tmp_path / "docs" / "measurements.md").write_text(
+        "| file | by | result |\n|---|---|---|\n"
+        "| [a.md](measurements/a.md) | `bench/x.py` | b - a +0.044 (-0.000 to +0.091) |\n")
+    assert measurement_index_problems(tmp_path) == [
+        "a.md: +0.091 is not in the file", "new.md is not indexed"]
