@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The measurement behind the default backbone and image size (README, "Choosing the default").
+"""The measurement behind the default backbone and image size (docs/choosing-the-backbone.md).
 
 Speed: for each backbone at 224x224, images/s of feature extraction (inference) and of a
 fine-tuning training step on in-memory tensors, on this machine's CPU. Weights do not change

@@ -148,9 +148,9 @@ def placement(choice: DeviceChoice) -> Placement:
     if cluster is not None:
         source, workers = cluster
         if source == "slurm":
-            # One task per node using all of that node's GPUs is the layout the README's batch
-            # script asks for; GPUs are never reassigned here, since TensorFlow already
-            # enumerated them when it was imported.
+            # One task per node using all of that node's GPUs is the layout the batch script
+            # of docs/batch-jobs.md asks for; GPUs are never reassigned here, since TensorFlow
+            # already enumerated them when it was imported.
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
                 gpus_per_node=len(tf.config.list_physical_devices("GPU")), auto_set_gpu=False)
         else:

@@ -69,7 +69,7 @@ DEVICES_HELP = (
     "GPUs are visible), or 'cpu:N' (N logical CPU devices under MirroredStrategy, to try the "
     "multi-device path without GPUs; slower than one). --batch-size is per device: the global "
     "batch is --batch-size times the number of devices. Across machines, TF_CONFIG or an srun "
-    "with several tasks starts MultiWorkerMirroredStrategy (see the README). "
+    "with several tasks starts MultiWorkerMirroredStrategy (see docs/batch-jobs.md). "
     "Default: %(default)s.")
 
 
@@ -180,8 +180,8 @@ class TrainingConfig:
 
     backbone: str = _setting(
         "mobilenet_v2", "--backbone",
-        "Pretrained Keras Applications backbone, in snake case (see the README for the list). "
-        "Default: %(default)s.", metavar="NAME")
+        "Pretrained Keras Applications backbone, in snake case (the list: docs/reference.md, "
+        "'Backbones'). Default: %(default)s.", metavar="NAME")
     alpha: float = _setting(
         1.0, "--alpha",
         "Width multiplier of MobileNet backbones (for example 0.35, 0.5, 0.75, 1.0); other "
@@ -269,7 +269,8 @@ class TrainingConfig:
         "maximum, their log-sum-exp (sharpness 5, between mean and maximum), the mean of the "
         "highest 3 %% of them, or their average weighted by a learned attention map, so "
         "that a symbol seen in a small part of the frame is not averaged away; their head phase trains on cached feature maps (more memory and disk than the "
-        "pooled vectors of 'avg'; see the README). Default: %(default)s.", choices=POOLINGS)
+        "pooled vectors of 'avg'; see docs/training.md, 'The head'). Default: %(default)s.",
+        choices=POOLINGS)
     patience: int = _setting(
         5, "--patience",
         "Early stopping of the head phase: epochs without a higher validation average "
@@ -573,7 +574,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="Only download the ImageNet weights of --backbone (and --alpha) into the Keras "
              "cache ($KERAS_HOME/models, by default ~/.keras/models) and stop; no images or "
              "output folder are needed. Run it on a machine with internet, then copy that "
-             "folder to the offline machine (see the README).")
+             "folder to the offline machine (see docs/offline.md).")
     output.add_argument(
         "--json", action="store_true",
         help="Print one JSON line at the end on standard output, and nothing else there: the "

@@ -251,3 +251,15 @@ def test_the_measurements_check_catches_a_retyped_number_and_a_missing_file(tmp_
         "| [a.md](measurements/a.md) | `bench/x.py` | b - a +0.044 (-0.000 to +0.091) |\n")
     assert measurement_index_problems(tmp_path) == [
         "a.md: +0.091 is not in the file", "new.md is not indexed"]
+
+
+def test_help_texts_point_to_pages_that_exist():
+    """A help text sends the reader to a page under docs/ that exists, not to the README, which
+    no longer holds the details (and is not shipped with `pip install .`)."""
+    found, _ = make_reference().programs()
+    helps = [(script, action.option_strings, action.help or "")
+             for script, _, parser in found for action in parser._actions]
+    assert [(s, o) for s, o, text in helps if "README" in text] == []
+    named = [(s, o, page) for s, o, text in helps for page in re.findall(r"docs/[\w.-]+\.md", text)]
+    assert len(named) >= 4  # --devices, --pooling, --download-weights-only, --refit at least
+    assert [(s, o, page) for s, o, page in named if not (ROOT / page).is_file()] == []
