@@ -1,12 +1,17 @@
 """Whether this Python has the packages the tool needs, asked before any of them is imported.
 
 A script started with a Python that lacks them (the system's, not the virtual environment's)
-would otherwise end in a ModuleNotFoundError traceback. Standard library only.
+would otherwise end in a ModuleNotFoundError traceback. What to install depends on where the
+package came from: a checkout has requirements.txt beside the package (`pip install -r` it);
+a copy installed with `pip install .` has no requirements.txt, but its distribution's metadata
+holds the same pinned versions, so the message names those. Standard library only.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -15,8 +20,11 @@ from symbol_trainer.errors import InputError
 # Import name -> the package that requirements.txt installs for it.
 REQUIRED = {"numpy": "numpy", "pandas": "pandas", "PIL": "pillow", "tensorflow": "tensorflow",
             "keras": "keras", "matplotlib": "matplotlib"}
-# The checkout's requirements.txt (the package lies one folder below it).
+# The checkout's requirements.txt (the package lies one folder below it); an installed copy has
+# none there.
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "requirements.txt"
+# The distribution name of pyproject.toml, whose metadata an installed copy has.
+DISTRIBUTION = "symbol-trainer"
 
 
 def missing_packages(modules: dict[str, str] = REQUIRED) -> list[str]:
@@ -32,6 +40,43 @@ def missing_packages(modules: dict[str, str] = REQUIRED) -> list[str]:
     return missing
 
 
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned_requirements(distribution: str = DISTRIBUTION) -> dict[str, str]:
+    """Package name (normalized) -> its requirement as the installed distribution states it
+    (`numpy==2.4.6`); empty when `distribution` is not installed."""
+    try:
+        requirements = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    pinned = {}
+    for requirement in requirements:
+        specifier, _, marker = (part.strip() for part in requirement.partition(";"))
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", specifier)
+        if name and "extra" not in marker:  # an optional extra's packages are not needed
+            pinned[_normalized(name.group(0))] = specifier.replace(" ", "")
+    return pinned
+
+
+def install_advice(missing: list[str], requirements_file: Path = REQUIREMENTS_FILE,
+                   distribution: str = DISTRIBUTION) -> str:
+    """The sentence that says how to install the `missing` packages: from the checkout's
+    requirements file when there is one, else by name, at the versions the installed
+    distribution pins."""
+    pip = f"{sys.executable} -m pip install"
+    if requirements_file.is_file():
+        return (f"Install them with '{pip} -r {requirements_file}', or run the script with the "
+                "Python of the virtual environment that has them (for example .venv/bin/python, "
+                "as in the README's Quick start).")
+    pinned = pinned_requirements(distribution)
+    names = " ".join(pinned.get(_normalized(package), package) for package in missing)
+    return (f"Install them with '{pip} {names}', or install {distribution} again with its "
+            "dependencies ('pip install .' in its source folder, without --no-deps), or run "
+            "the command with the Python of the environment that has them.")
+
+
 def require(modules: dict[str, str] = REQUIRED) -> None:
     """Raise InputError, saying what to install or which Python to use, when this Python
     lacks any of `modules`."""
@@ -39,6 +84,4 @@ def require(modules: dict[str, str] = REQUIRED) -> None:
     if missing:
         raise InputError(
             f"This Python ({sys.executable}) lacks {', '.join(missing)}, which this tool needs. "
-            f"Install them with '{sys.executable} -m pip install -r {REQUIREMENTS_FILE}', or run "
-            "the script with the Python of the virtual environment that has them (for example "
-            ".venv/bin/python, as in the README's Quick start).")
+            + install_advice(missing))

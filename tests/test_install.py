@@ -71,6 +71,17 @@ def test_pip_install_gives_three_commands_that_work_without_the_checkout(tmp_pat
     where = subprocess.run([str(python), "-c", "import symbol_trainer; print(symbol_trainer.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert str(env_dir) in where
+    # A Python that lacks a dependency is told to install it by name, at the version
+    # requirements.txt pins (read from the installed metadata): the copy has no requirements.txt.
+    advice = subprocess.run(
+        [str(python), "-c", "from symbol_trainer import dependencies as d; "
+         "print(d.REQUIREMENTS_FILE.exists()); print(d.install_advice(['numpy', 'av']))"],
+        cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert advice.startswith("False\n"), advice
+    assert f"-m pip install numpy=={pins['numpy']} av=={pins['av']}'" in advice
+    assert "requirements.txt" not in advice
     # A flag mistake is still answered before TensorFlow, with exit code 2.
     flag = subprocess.run([str(env_dir / "bin" / "build-multi-hot-model"), "a", "b.csv", "out",
                            "--seed", "-1"], cwd=tmp_path, capture_output=True, text=True,
