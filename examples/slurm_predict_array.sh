@@ -2,19 +2,23 @@
 # Predict a whole archive across nodes with a SLURM array job (docs/batch-jobs.md).
 #
 # Task K of an array of N runs, on every N-th input (interleaved; a video stays whole),
-#   predict.py MODEL_DIR INPUT... --shard K/N -o OUT_DIR/part_K_of_N.csv
-# and the merge step joins the N parts into OUT_DIR/predictions.csv (one header):
+#   predict.py MODEL_DIR INPUT... --shard K/N -o OUT_DIR/part_00K_of_00N.csv
+# and the merge step joins the N parts into OUT_DIR/predictions.csv (one header), refusing
+# when a part is missing (its task failed) or comes from another run:
 #
 #   jobid=$(sbatch --parsable --array=1-16 examples/slurm_predict_array.sh \
-#           models/symbols predictions archive/season1/)
-#   sbatch --dependency=afterok:$jobid --wrap \
+#           models/symbols predictions 'archive/**/*.mp4')
+#   sbatch --dependency=afterany:$jobid --wrap \
 #           "examples/slurm_predict_array.sh --merge predictions 16"
 #
 # or, once every task has ended, on the login node: examples/slurm_predict_array.sh --merge predictions 16
+# (afterany, not afterok: a task that exits 3 for an unreadable input has written its part,
+# with an `error` row for that input.)
 #
 # --array must be given to sbatch as 1-N (a %limit is fine, a :step is not): K is
 # $SLURM_ARRAY_TASK_ID and N is $SLURM_ARRAY_TASK_COUNT. A task whose part has no inputs
-# (more tasks than inputs) writes a part with only the header and succeeds.
+# (more tasks than inputs) writes a part with only the header and succeeds. To run some
+# parts again, give N as PARTS: PARTS=16 sbatch --array=3,7 examples/slurm_predict_array.sh ...
 # Environment: PYTHON (default .venv/bin/python), PREDICT_FLAGS (more predict.py flags, e.g.
 # "--fps 2 --batch-size 128"), SEGMENTS=1 (also write OUT_DIR/segments_K_of_N.csv, merged
 # into OUT_DIR/segments.csv).
@@ -35,7 +39,7 @@ merge() {  # merge OUT_DIR N NAME TARGET: NAME_001_of_N.csv ... NAME_N_of_N.csv 
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "ERROR: ${#missing[@]} of $n parts are missing, e.g. ${missing[0]}; run those" \
-             "array tasks again (sbatch --array=K,...), then merge." >&2
+             "array tasks again (PARTS=$n sbatch --array=K,... $0 ...), then merge." >&2
         return 1
     fi
     for part in "${parts[@]}"; do
@@ -65,7 +69,7 @@ out=${2:?usage: sbatch --array=1-N $0 MODEL_DIR OUT_DIR INPUT...}
 shift 2
 [ $# -gt 0 ] || { echo "usage: sbatch --array=1-N $0 MODEL_DIR OUT_DIR INPUT..." >&2; exit 2; }
 k=${SLURM_ARRAY_TASK_ID:?not an array task: submit with sbatch --array=1-N}
-n=${SLURM_ARRAY_TASK_COUNT:?not an array task: submit with sbatch --array=1-N}
+n=${PARTS:-${SLURM_ARRAY_TASK_COUNT:?not an array task: submit with sbatch --array=1-N}}
 mkdir -p "$out"
 name=$(printf '%03d_of_%03d' "$k" "$n")
 extra=()

@@ -104,6 +104,11 @@ def test_the_array_script_runs_its_part_with_its_own_output(tmp_path):
         "predict.py", "models/m", "a", "dir", "b.mp4", "--shard", "2/12",
         "-o", f"{out}/part_002_of_012.csv", "--segments", f"{out}/segments_002_of_012.csv",
         "--fps", "2"]
+    # Some parts again (sbatch --array=3,7 counts 2 tasks): N from PARTS.
+    env.update(SLURM_ARRAY_TASK_ID="7", SLURM_ARRAY_TASK_COUNT="2", PARTS="12", SEGMENTS="")
+    run = subprocess.run(["bash", str(SCRIPT), "models/m", str(out), "x"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert run.stdout.split()[3:7] == ["--shard", "7/12", "-o", f"{out}/part_007_of_012.csv"]
     env.pop("SLURM_ARRAY_TASK_ID")
     run = subprocess.run(["bash", str(SCRIPT), "models/m", str(out), "x"], capture_output=True,
                          text=True, env=env, timeout=60)

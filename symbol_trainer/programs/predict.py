@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "whole videos number K, K+N, K+2N, ... in input order, so N runs "
                              "(a SLURM array job) share an archive and their outputs, each with "
                              "the same columns and header, concatenate into one (see "
-                             "docs/prediction.md). A part with no inputs writes an empty output "
+                             "docs/prediction.md). A part with no inputs writes only the header "
                              "and exits 0. Default: all inputs.")
     group = parser.add_argument_group("video")
     sampling = group.add_mutually_exclusive_group()
