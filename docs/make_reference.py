@@ -90,6 +90,7 @@ SEE_ALSO = {
     "--json": "batch-jobs.md#scripting---json-and-progress",
     "--threshold": "prediction.md#the-output",
     "--segments": "prediction.md#video-segments",
+    "--shard": "prediction.md#sharding-one-archive-across-many-jobs---shard",
     "--hysteresis": "prediction.md#video-segments",
     "--merge-gap": "prediction.md#video-segments",
     "--min-duration": "prediction.md#video-segments",

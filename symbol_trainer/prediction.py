@@ -213,6 +213,24 @@ def collect_inputs(arguments: Sequence[str], image_dir: str | None = None) -> In
     return inputs
 
 
+def shard_of(inputs: Inputs, part: int, parts: int) -> Inputs:
+    """The `part`-th (counted from 1) of `parts` interleaved parts of `inputs`: the items
+    number part-1, part-1+parts, part-1+2*parts, ... in input order, an image or a whole
+    video being one item (a video is never split). The parts are disjoint and together hold
+    every item exactly once; a part beyond the number of items is empty."""
+    if not 1 <= part <= parts:
+        raise ValueError(f"part {part} of {parts}: a part is from 1 to {parts}")
+    items = [item for source in inputs.sources
+             for item in (source if isinstance(source, list) else [source])]
+    selected = Inputs()
+    for item in items[part - 1::parts]:
+        if isinstance(item, VideoInput):
+            selected.add_video(item)
+        else:
+            selected.add_images([item])
+    return selected
+
+
 # --------------------------------------------------------------------------------------------
 # Outputs that would destroy an input
 

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -43,6 +44,23 @@ def _threshold(text: str):
     if not 0 <= number <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a threshold is between 0 and 1")
     return (name.strip() or None, number)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """--shard K/N: the K-th of N parts, 1 <= K <= N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        hint = (" (empty numbers: are $SLURM_ARRAY_TASK_ID and $SLURM_ARRAY_TASK_COUNT set? "
+                "Submit with sbatch --array=1-N)" if re.fullmatch(r"\s*\d*\s*/\s*\d*\s*", text)
+                else "")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write K/N, this run's part K of N parts (e.g. 2/8){hint}")
+    part, parts = int(match[1]), int(match[2])
+    if parts < 1 or not 1 <= part <= parts:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: K counts from 1 to N and N is 1 or more (e.g. 1/8 ... 8/8); with SLURM "
+            "submit with sbatch --array=1-N")
+    return part, parts
 
 
 def _number(kind, minimum: float, inclusive: bool):
@@ -92,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Leave unreadable images and videos out of the output instead of "
                              "writing a row with an `error` for them (they are reported on "
                              "standard error either way).")
+    parser.add_argument("--shard", metavar="K/N", type=_shard,
+                        help="Predict only part K of N (1 <= K <= N) of the inputs: images and "
+                             "whole videos number K, K+N, K+2N, ... in input order, so N runs "
+                             "(a SLURM array job) share an archive and their outputs, each with "
+                             "the same columns and header, concatenate into one (see "
+                             "docs/prediction.md). A part with no inputs writes only the header "
+                             "and exits 0. Default: all inputs.")
     group = parser.add_argument_group("video")
     sampling = group.add_mutually_exclusive_group()
     sampling.add_argument("--fps", type=_number(float, 0, inclusive=False), default=1.0,
@@ -186,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("predict")
 
     def run() -> int:
+        # Every check and the columns come from all the inputs, so that every part of a
+        # --shard run refuses or accepts alike and writes the same header.
         inputs = prediction.collect_inputs(args.inputs, args.image_dir)
         prediction.check_outputs([("-o", args.output), ("--segments", args.segments)],
                                  args.inputs, inputs, args.model_dir, args.save_frames)
         loaded = load_model_dir(args.model_dir)
         cut = _thresholds(loaded.metadata, args.threshold)
         columns = prediction.output_columns(loaded.metadata["symbols"], bool(inputs.videos))
+        part = _part(inputs, args.shard, log)
         settings = video.SegmentSettings(args.hysteresis, args.merge_gap, args.min_duration)
         save = Path(args.save_frames) if args.save_frames else None
         prefix = ""
@@ -227,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             writer = prediction.RowWriter(handle, columns, args.format)
             segments = (prediction.RowWriter(segments_handle, prediction.SEGMENT_COLUMNS, "csv")
                         if segments_handle else None)
-            progress = prediction.Progress(inputs.images or None, args.progress_every)
+            progress = prediction.Progress(part.images or None, args.progress_every)
             summary = prediction.predict_inputs(
-                loaded, inputs, writer, batch_size=args.batch_size, thresholds=cut,
+                loaded, part, writer, batch_size=args.batch_size, thresholds=cut,
                 fps=None if args.every_frame else args.fps, skip_errors=args.skip_errors,
                 save_frames=save, frame_prefix=prefix, segments=segments,
                 segment_settings=settings,
@@ -257,6 +285,25 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(run_to_a_closed_pipe, debug=args.debug,
                        interrupted="Interrupted; no output file was completed.")
+
+
+def _part(inputs, shard: tuple[int, int] | None, log: logging.Logger):
+    """The inputs this run predicts: all, or its --shard part, logged (warned when empty)."""
+    from symbol_trainer import prediction
+
+    if shard is None:
+        return inputs
+    part = prediction.shard_of(inputs, *shard)
+    total = inputs.images + len(inputs.videos)
+    count = part.images + len(part.videos)
+    if count:
+        log.info("--shard %d/%d: predicting %s of %s inputs (%s images, %s videos).", *shard,
+                 f"{count:,}", f"{total:,}", f"{part.images:,}", f"{len(part.videos):,}")
+    else:
+        log.warning("--shard %d/%d: this part has no inputs (there are %s inputs for %d parts); "
+                    "writing an output with only its header, and exiting 0.", *shard,
+                    f"{total:,}", shard[1])
+    return part
 
 
 def _thresholds(metadata: dict, given) -> dict | None:
