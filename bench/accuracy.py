@@ -82,7 +82,7 @@ OLD_RELEASE_FLAGS = (
     "--threshold-for f1")
 # Settings that the last release did not have as flags, with the value that reproduces it;
 # added to OLD_RELEASE_FLAGS only where this checkout's parser knows the flag.
-OLD_RELEASE_LATER_FLAGS = {"--pooling": "avg"}
+OLD_RELEASE_LATER_FLAGS = {"--pooling": "avg", "--fine-tune-schedule": "constant"}
 DEFAULT_CONFIGS = {"old": OLD_RELEASE_FLAGS, "new": ""}
 # --quick: a tiny backbone on tiny inputs, few epochs; appended after each configuration's
 # flags, so they win (a smoke run of the script, not a measurement).
