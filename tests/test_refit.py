@@ -195,7 +195,7 @@ def test_the_refit_fine_tunes_for_the_kept_fine_tuning_epochs(binary_dirs, tmp_p
     labelled = image_folders.images_from_directories(*binary_dirs)
     args = build_binary_classifier.build_parser().parse_args(
         [str(binary_dirs[0]), str(binary_dirs[1]), str(tmp_path / "m"), *FAST, "--weights",
-         "none", "--refit"])
+         "none", "--refit", "--fine-tune-fraction", "0.3"])  # the bottom stays frozen
     config = settings.config_from_args(args)
     result = pipeline.train_and_save(labelled, config, tmp_path / "m")
     history = result.refit["history"]

@@ -296,7 +296,9 @@ def _diverging(monkeypatch, rate: float):
 
 @pytest.mark.parametrize("phase, flags, advice", [
     ("head phase", ["--learning-rate", "0.0031"], "lower --learning-rate (now 0.0031)"),
-    ("fine-tuning", ["--fine-tune-learning-rate", "0.00017", "--epochs", "1"],
+    # A constant rate, so that the stub below recognises it (cosine passes a schedule).
+    ("fine-tuning", ["--fine-tune-learning-rate", "0.00017", "--epochs", "1",
+                     "--fine-tune-schedule", "constant"],
      "lower --fine-tune-learning-rate (now 0.00017) or --learning-rate"),
 ])
 def test_a_loss_that_is_not_finite_stops_the_run_without_a_model(
