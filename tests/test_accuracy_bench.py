@@ -51,8 +51,12 @@ def test_old_release_flags_are_explicit_and_new_is_todays_defaults(monkeypatch):
     assert flags.endswith("--dropout 0.2") and "--no-such-flag" not in flags
     assert accuracy.config_flags("--image-size 320") == "--image-size 320"
     assert accuracy.differing_settings(
-        accuracy.training_config("--image-size 320", weights="none", seed=0), old) \
+        accuracy.training_config("--image-size 320", weights="none", seed=0), new) \
         == {"--image-size": 320}
+    # Since issue 25 the defaults fine-tune differently from the last release; "old" keeps it.
+    assert accuracy.differing_settings(new, old) == {
+        "--fine-tune-fraction": 1.0, "--fine-tune-learning-rate": 2e-4,
+        "--fine-tune-patience": 5, "--fine-tune-schedule": "cosine"}
 
 
 def test_config_option_parsing():
