@@ -86,10 +86,11 @@ class TrainingResult:
 
 def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: ImageGeometry,
                   is_validation: np.ndarray, weight_of_positive: np.ndarray,
-                  store: PixelStore | None, run: TrainingRun):
-    """Build the model, extract features, train the head and fine-tune, continuing from
-    `run.resumed` where a phase was under way; returns the model parts, the history rows and
-    the seconds per phase of this run."""
+                  store: PixelStore | None, run: TrainingRun, symbol_images: Sequence = ()):
+    """Build the model, extract features, train the head and fine-tune (pasting the decoded
+    `symbol_images`, PreparedData.symbol_images), continuing from `run.resumed` where a phase
+    was under way; returns the model parts, the history rows and the seconds per phase of
+    this run."""
     symbols, labels = images.symbols, images.labels()
     with run.placement.strategy.scope():
         parts = build_model(symbols, config, geometry)
@@ -123,8 +124,7 @@ def _train_phases(images: LabelledImages, config: TrainingConfig, geometry: Imag
         fine_tune(parts, symbols, config, geometry,
                   ([paths[i] for i in train_idx], labels[train_idx], weights[train_idx]),
                   ([paths[i] for i in val_idx], labels[val_idx], weights[val_idx]), rows, store,
-                  run, symbol_images=symbol_paste.load_symbol_images(config.symbol_images,
-                                                                     symbols))
+                  run, symbol_images=symbol_images)
         phase_seconds["fine_tune"] = time.monotonic() - t
     return parts, rows, phase_seconds
 
@@ -258,15 +258,16 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
         store = decoded_image_store(paths, geometry, config)
         try:
             with dtype_policy("mixed_float16" if mixed else "float32"):
-                parts, rows, phase_seconds = _train_phases(images, config, geometry,
-                                                           is_validation, weight_of_positive,
-                                                           store, run)
+                parts, rows, phase_seconds = _train_phases(
+                    images, config, geometry, is_validation, weight_of_positive, store, run,
+                    symbol_images=prepared.symbol_images)
             if mixed:
                 parts = float32_twin(parts, symbols, config, geometry)
             # --refit hook (refit.py): the model to save, trained again on every frame for the
             # epochs validation kept; `parts` stays the validation run's, scored below.
             refitted = refit.refit_if_asked(images, config, geometry, is_validation, rows,
-                                            store, run, mixed, phase_seconds)
+                                            store, run, mixed, phase_seconds,
+                                            symbol_images=prepared.symbol_images)
             if not placement.is_chief:
                 log.info("Worker %d is done; worker 0 writes the model directory.",
                          placement.worker_index)

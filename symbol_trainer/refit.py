@@ -30,21 +30,19 @@ from typing import Sequence
 
 import numpy as np
 
-from symbol_trainer import augmentation
-from symbol_trainer import schedules
 from symbol_trainer import symbol_paste
 from symbol_trainer.backend import keras, tf
 from symbol_trainer.callbacks import FiniteLossGuard
-from symbol_trainer.datasets import epoch_batches, feature_dataset, image_dataset
+from symbol_trainer.datasets import epoch_batches, feature_dataset
 from symbol_trainer.features import backbone_features
 from symbol_trainer.images import ImageGeometry, load_image_array
 from symbol_trainer.labelled_images import LabelledImages
-from symbol_trainer.model import build_model, calibrate_batchnorm, ModelParts, unfreeze_top
+from symbol_trainer.model import build_model, calibrate_batchnorm, ModelParts
 from symbol_trainer.precision import dtype_policy, float32_twin
 from symbol_trainer.settings import TrainingConfig
 from symbol_trainer.training import (
-    _build_for_workers, _copy_fused_head, compile_fused, fused_head, fused_targets,
-    positive_weights, sample_weights, training_model, TrainingRun)
+    _build_for_workers, _copy_fused_head, compiled_fine_tuning, compiled_head,
+    fine_tuning_batches, fused_targets, positive_weights, sample_weights, TrainingRun)
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +148,13 @@ def _features(parts: ModelParts, images: LabelledImages,
 
 def train_on_all_frames(images: LabelledImages, config: TrainingConfig,
                         geometry: ImageGeometry, epochs: dict[str, int], store,
-                        run: TrainingRun,
-                        rows: list[dict]) -> tuple[ModelParts, np.ndarray]:
+                        run: TrainingRun, rows: list[dict],
+                        symbol_images: Sequence = ()) -> tuple[ModelParts, np.ndarray]:
     """A fresh model trained on every frame of `images` for exactly `epochs['head']` head
     epochs and `epochs['fine_tune']` fine-tuning epochs, as _train_phases trains one
     (same seed, BatchNorm calibration, positive weighting, batches and learning rates), but
-    without validation. Returns the model parts and the positive weights it used."""
+    without validation, pasting the decoded `symbol_images` (symbol_paste.SymbolImage) as its
+    fine-tuning did. Returns the model parts and the positive weights it used."""
     symbols, labels = images.symbols, images.labels()
     paths = images.table["path"].tolist()
     keras.utils.set_random_seed(config.seed)  # the validation run's initialisation
@@ -171,10 +170,7 @@ def train_on_all_frames(images: LabelledImages, config: TrainingConfig,
     steps = math.ceil(len(targets) / batch)
 
     features = _features(parts, images, config, geometry, store, run)
-    with run.placement.strategy.scope():
-        fused = fused_head(parts, symbols, config.dropout)
-        compile_fused(fused, config.learning_rate, config.xla,
-                      steps_per_execution=steps if run.placement.replicas == 1 else 1)
+    fused = compiled_head(parts, symbols, config, run, steps)
     _fit_exactly(fused, "head", epochs["head"], feature_dataset(
         features, targets, batch, epoch_batches(len(targets), batch, config.seed, 0,
                                                 epochs["head"])),
@@ -183,25 +179,14 @@ def train_on_all_frames(images: LabelledImages, config: TrainingConfig,
     del features
 
     if epochs["fine_tune"] > 0:
-        layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
-        log.info("Refit: fine-tuning the top %d weighted layers of %s for %d epochs", layers,
-                 config.backbone, epochs["fine_tune"])
-        augmented = augmentation.augments(config.augment, config.flip)
-        xla = "off" if augmented and config.xla == "auto" else config.xla
-        with run.placement.strategy.scope():
-            fused = fused_head(parts, symbols, config.dropout)
-            model = training_model(parts, fused, config)
-            # The validation run's schedule, planned over --fine-tune-epochs: the refit's last
-            # epoch ends at the rate the kept epoch ended at.
-            compile_fused(model, schedules.fine_tuning_rate(
-                config.fine_tune_learning_rate, config.fine_tune_schedule,
-                config.fine_tune_epochs, steps, config.fine_tune_warmup), xla)
+        log.info("Refit: fine-tuning for %d epochs.", epochs["fine_tune"])
+        # The validation run's schedule, planned over --fine-tune-epochs: the refit's last
+        # epoch ends at the rate the kept epoch ended at.
+        fused, model = compiled_fine_tuning(parts, symbols, config, run, steps)
         # --symbol-image pastes as in the validation run's fine-tuning (symbol_paste.py).
-        paster = symbol_paste.paster_for(
-            symbol_paste.load_symbol_images(config.symbol_images, symbols), symbols, config)
-        _fit_exactly(model, "fine_tune", epochs["fine_tune"], symbol_paste.pasting(image_dataset(
-            paths, geometry, batch, targets=targets, store=store, order=epoch_batches(
-                len(targets), batch, config.seed, 0, epochs["fine_tune"])), paster, 0),
+        paster = symbol_paste.paster_for(symbol_images, symbols, config)
+        _fit_exactly(model, "fine_tune", epochs["fine_tune"], fine_tuning_batches(
+            paths, targets, geometry, batch, config, store, paster, 0, epochs["fine_tune"]),
             steps, config, run, rows)
         _copy_fused_head(fused, parts, symbols)
         parts.backbone.trainable = False
@@ -242,7 +227,7 @@ def note(record: dict) -> str:
 def refit_if_asked(images: LabelledImages, config: TrainingConfig,
                    geometry: ImageGeometry, is_validation: np.ndarray,
                    rows: list[dict], store, run: TrainingRun, mixed: bool,
-                   phase_seconds: dict | None = None) -> Refit:
+                   phase_seconds: dict | None = None, symbol_images: Sequence = ()) -> Refit:
     """With `config.refit`, the model trained again on every frame for the epochs that the
     validation run's `rows` kept (float32 after mixed precision, as saved models are), and
     its record, adding its seconds to `phase_seconds` as 'refit'; without it, no model and
@@ -263,7 +248,7 @@ def refit_if_asked(images: LabelledImages, config: TrainingConfig,
     history: list[dict] = []
     with dtype_policy("mixed_float16" if mixed else "float32"):
         parts, weight_of_positive = train_on_all_frames(images, config, geometry, epochs,
-                                                        store, run, history)
+                                                        store, run, history, symbol_images)
     if mixed:
         parts = float32_twin(parts, images.symbols, config, geometry)
     seconds = time.monotonic() - started

@@ -225,15 +225,10 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
     return early_stopping.best_epoch + 1
 
 
-def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
-               train: tuple[np.ndarray, np.ndarray, np.ndarray],
-               validation: tuple[np.ndarray, np.ndarray, np.ndarray],
-               rows: list[dict], run: TrainingRun | None = None) -> None:
-    """Head phase on precomputed features; each tuple is (features, labels, weights).
-    Trains `fused_head` and copies its weights into the per-symbol output layers."""
-    run = run or single_device_run()
-    batch = run.global_batch(config.batch_size)
-    steps = math.ceil(len(train[1]) / batch)
+def compiled_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
+                  run: TrainingRun, steps: int) -> keras.Model:
+    """The head phase's fused head, compiled for epochs of `steps` steps (train_head, and the
+    refit's head epochs)."""
     with run.placement.strategy.scope():
         fused = fused_head(parts, symbols, config.dropout)
         # A head step on cached features is a few microseconds of arithmetic and a
@@ -243,6 +238,19 @@ def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig
         # InvalidArgumentError in multi_step_on_iterator), so several replicas keep one.
         compile_fused(fused, config.learning_rate, config.xla,
                       steps_per_execution=steps if run.placement.replicas == 1 else 1)
+    return fused
+
+
+def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
+               train: tuple[np.ndarray, np.ndarray, np.ndarray],
+               validation: tuple[np.ndarray, np.ndarray, np.ndarray],
+               rows: list[dict], run: TrainingRun | None = None) -> None:
+    """Head phase on precomputed features; each tuple is (features, labels, weights).
+    Trains `fused_head` and copies its weights into the per-symbol output layers."""
+    run = run or single_device_run()
+    batch = run.global_batch(config.batch_size)
+    steps = math.ceil(len(train[1]) / batch)
+    fused = compiled_head(parts, symbols, config, run, steps)
     targets = fused_targets(train[1], train[2])
     fit_phase(fused, "head", config, run,
               lambda first: feature_dataset(train[0], targets, batch, epoch_batches(
@@ -266,20 +274,16 @@ def training_model(parts: ModelParts, head: keras.Model, config: TrainingConfig)
     return keras.Model(inputs, head(parts.features(x)), name="fine_tuning")
 
 
-def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
-              geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
-              validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict],
-              store: PixelStore | None = None, run: TrainingRun | None = None,
-              symbol_images: Sequence = ()) -> None:
-    """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights).
-    `symbol_images` (symbol_paste.SymbolImage) are pasted into training images only."""
-    run = run or single_device_run()
-    batch = run.global_batch(config.batch_size)
+def compiled_fine_tuning(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
+                         run: TrainingRun, steps: int) -> tuple[keras.Model, keras.Model]:
+    """Unfreeze the top --fine-tune-fraction of the backbone and compile the fine-tuning
+    model for epochs of `steps` steps, with the --fine-tune-schedule planned over
+    --fine-tune-epochs; returns the fused head and the model that trains it (fine_tune, and
+    the refit's fine-tuning epochs)."""
     layers = unfreeze_top(parts.backbone, config.fine_tune_fraction)
     # --fine-tune-schedule (schedules.py): a number, or a schedule of the optimizer's steps.
     rate = schedules.fine_tuning_rate(config.fine_tune_learning_rate, config.fine_tune_schedule,
-                                      config.fine_tune_epochs, math.ceil(len(train[1]) / batch),
-                                      config.fine_tune_warmup)
+                                      config.fine_tune_epochs, steps, config.fine_tune_warmup)
     log.info("Fine-tuning the top %d weighted layers of %s, learning rate %s", layers,
              config.backbone, schedules.describe(rate))
     # XLA is not known to compile the augmentation's image resampling op, so 'auto' leaves
@@ -290,19 +294,43 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
         fused = fused_head(parts, symbols, config.dropout)
         model = training_model(parts, fused, config)
         compile_fused(model, rate, xla)
-    targets = fused_targets(train[1], train[2])
-    paster = symbol_paste.paster_for(symbol_images, symbols, config)
+    return fused, model
+
+
+def fine_tuning_batches(paths: Sequence[str], targets: np.ndarray, geometry: ImageGeometry,
+                        batch: int, config: TrainingConfig, store: PixelStore | None,
+                        paster, first: int, epochs: int):
+    """The fine-tuning batches from epoch `first` (counted from 0) of `epochs`: the images in
+    each epoch's seeded order, --symbol-image pastes numbered from that epoch's first batch."""
     steps = math.ceil(len(targets) / batch)
+    return symbol_paste.pasting(image_dataset(
+        paths, geometry, batch, targets=targets, store=store,
+        order=epoch_batches(len(targets), batch, config.seed, first, epochs)),
+        paster, first * steps)
+
+
+def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
+              geometry: ImageGeometry, train: tuple[list[str], np.ndarray, np.ndarray],
+              validation: tuple[list[str], np.ndarray, np.ndarray], rows: list[dict],
+              store: PixelStore | None = None, run: TrainingRun | None = None,
+              symbol_images: Sequence = ()) -> None:
+    """Fine-tuning phase on streamed images; each tuple is (paths, labels, weights).
+    `symbol_images` (symbol_paste.SymbolImage) are pasted into training images only."""
+    run = run or single_device_run()
+    batch = run.global_batch(config.batch_size)
+    targets = fused_targets(train[1], train[2])
+    steps = math.ceil(len(targets) / batch)
+    fused, model = compiled_fine_tuning(parts, symbols, config, run, steps)
+    paster = symbol_paste.paster_for(symbol_images, symbols, config)
     # Keras's progress bar writes to standard output: shown only when that is a terminal.
     verbose = 1 if sys.stdout.isatty() and log.isEnabledFor(logging.INFO) else 0
     # The head phase's weights stay unless a fine-tuning epoch scores better on validation:
     # fine-tuning can lower the validation AP (on logodet3k_clothes every one of 5 epochs
     # did, and the held-out AP fell from 0.961 to 0.951 when the best of them was kept).
     kept = fit_phase(model, "fine_tune", config, run,
-                     lambda first: symbol_paste.pasting(image_dataset(
-                         train[0], geometry, batch, targets=targets, store=store,
-                         order=epoch_batches(len(targets), batch, config.seed, first,
-                                             config.fine_tune_epochs)), paster, first * steps),
+                     lambda first: fine_tuning_batches(train[0], targets, geometry, batch,
+                                                       config, store, paster, first,
+                                                       config.fine_tune_epochs),
                      steps,
                      ValidationScores(lambda: image_dataset(validation[0], geometry, batch,
                                                             store=store),

@@ -266,7 +266,8 @@ def test_an_interrupted_run_releases_its_lock_and_keeps_only_its_checkpoint(
         small_two_symbol_csv, tmp_path, monkeypatch):
     import build_multi_hot_model
 
-    def interrupted(images, config, geometry, is_validation, weights, store, run):
+    def interrupted(images, config, geometry, is_validation, weights, store, run,
+                    symbol_images=()):
         run.checkpoint.save_features(np.zeros((len(images.table), 4), np.float32))
         raise KeyboardInterrupt
 
