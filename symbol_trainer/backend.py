@@ -1,12 +1,20 @@
-"""TensorFlow and Keras, imported once and quietly: every module that uses them imports
+"""Keras and its backend, imported once and quietly: every module that uses them imports
 them from here (`from symbol_trainer.backend import keras, tf`), so TensorFlow's start-up
 notices never bury the one error line a user must read.
+
+`BACKEND` is the Keras backend of this process ("tensorflow", "jax" or "torch", chosen by
+KERAS_BACKEND or keras.json as Keras chooses it). `tf` is TensorFlow under the TensorFlow
+backend and None under the others, which never import it: code for a feature that exists
+only in TensorFlow calls `require_tensorflow` first, which names the feature in its error.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from symbol_trainer.dependencies import configured_backend
+from symbol_trainer.errors import InputError
 
 
 def _import_tensorflow_quietly():
@@ -40,7 +48,26 @@ def _import_tensorflow_quietly():
     return tensorflow
 
 
-tf = _import_tensorflow_quietly()
+class BackendError(InputError):
+    """A feature that the active Keras backend lacks was asked for. Exit code 2."""
+
+
+BACKEND = configured_backend()
+tf = _import_tensorflow_quietly() if BACKEND == "tensorflow" else None
 import keras  # noqa: E402  (after TensorFlow, which Keras imports as its backend)
 
-__all__ = ["keras", "tf"]
+if keras.backend.backend() != BACKEND:  # Keras resolved it differently: a bug of ours
+    raise RuntimeError(f"Keras runs under {keras.backend.backend()!r}, the tool expected "
+                       f"{BACKEND!r}")
+
+
+def require_tensorflow(feature: str) -> None:
+    """Raise BackendError when the active backend is not TensorFlow: `feature` (for example
+    "--export saved_model") exists only there."""
+    if BACKEND != "tensorflow":
+        raise BackendError(f"{feature} needs the TensorFlow backend, and this run uses "
+                           f"KERAS_BACKEND={BACKEND}. Run it with KERAS_BACKEND=tensorflow "
+                           f"(TensorFlow installed), or leave {feature} out.")
+
+
+__all__ = ["BACKEND", "BackendError", "keras", "require_tensorflow", "tf"]

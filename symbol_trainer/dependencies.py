@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
+import os
 import re
 import sys
 from pathlib import Path
 
 from symbol_trainer.errors import InputError
 
-# Import name -> the package that requirements.txt installs for it.
-REQUIRED = {"numpy": "numpy", "pandas": "pandas", "PIL": "pillow", "tensorflow": "tensorflow",
-            "keras": "keras", "matplotlib": "matplotlib"}
+# Import name -> the package that requirements.txt installs for it, whatever the backend.
+COMMON = {"numpy": "numpy", "pandas": "pandas", "PIL": "pillow", "keras": "keras",
+          "matplotlib": "matplotlib"}
+# The Keras backends the tool runs under, and the package (import name -> pip name) each needs.
+BACKEND_PACKAGES = {"tensorflow": {"tensorflow": "tensorflow"}, "jax": {"jax": "jax"},
+                    "torch": {"torch": "torch"}}
 # The checkout's requirements.txt (the package lies one folder below it); an installed copy has
 # none there.
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "requirements.txt"
@@ -27,8 +32,42 @@ REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "requirements.txt"
 DISTRIBUTION = "symbol-trainer"
 
 
-def missing_packages(modules: dict[str, str] = REQUIRED) -> list[str]:
-    """The packages (as pip names them) of `modules` that this Python cannot import."""
+def configured_backend() -> str:
+    """The Keras backend this process will run under, resolved as Keras 3 resolves it, without
+    importing Keras: the KERAS_BACKEND environment variable when set and not empty, else the
+    "backend" of keras.json in KERAS_HOME (or ~/.keras, or /tmp/.keras when the home folder
+    is not writable), else "tensorflow". Raises InputError for a backend the tool does not
+    run under."""
+    backend = os.environ.get("KERAS_BACKEND") or ""
+    source = "the environment variable KERAS_BACKEND"
+    if not backend:
+        home = os.environ.get("KERAS_HOME") or os.path.join(
+            os.path.expanduser("~") if os.access(os.path.expanduser("~"), os.W_OK) else "/tmp",
+            ".keras")
+        config = os.path.join(home, "keras.json")
+        try:
+            with open(config, encoding="utf-8") as file:
+                backend = json.load(file).get("backend", "") or ""
+            source = config
+        except (OSError, ValueError, AttributeError):
+            backend = ""
+    backend = backend or "tensorflow"
+    if backend not in BACKEND_PACKAGES:
+        raise InputError(f"{source} names the Keras backend {backend!r}; this tool runs under "
+                         f"{', '.join(BACKEND_PACKAGES)}. Set KERAS_BACKEND to one of them.")
+    return backend
+
+
+def required_packages(backend: str | None = None) -> dict[str, str]:
+    """Import name -> pip name of what the tool needs under `backend` (default: the configured
+    one): the common packages and the backend's own."""
+    return {**COMMON, **BACKEND_PACKAGES[backend or configured_backend()]}
+
+
+def missing_packages(modules: dict[str, str] | None = None) -> list[str]:
+    """The packages (as pip names them) of `modules` (default: `required_packages()`) that
+    this Python cannot import."""
+    modules = required_packages() if modules is None else modules
     missing = []
     for module, package in modules.items():
         try:
@@ -77,9 +116,9 @@ def install_advice(missing: list[str], requirements_file: Path = REQUIREMENTS_FI
             "the command with the Python of the environment that has them.")
 
 
-def require(modules: dict[str, str] = REQUIRED) -> None:
+def require(modules: dict[str, str] | None = None) -> None:
     """Raise InputError, saying what to install or which Python to use, when this Python
-    lacks any of `modules`."""
+    lacks any of `modules` (default: what the configured backend needs)."""
     missing = missing_packages(modules)
     if missing:
         raise InputError(

@@ -54,3 +54,19 @@ def test_require_raises_one_input_error_naming_what_is_missing():
     assert "lacks no-such-package, which this tool needs" in message
     assert "requirements.txt" in message and "\n" not in message
     dependencies.require({"json": "json"})  # nothing missing: no error
+
+
+def test_configured_backend_follows_keras_rules(tmp_path, monkeypatch):
+    # The same order as Keras: KERAS_BACKEND, then keras.json in KERAS_HOME, then TensorFlow.
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert dependencies.configured_backend() == "tensorflow"
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    assert dependencies.configured_backend() == "jax"
+    assert dependencies.required_packages()["jax"] == "jax"
+    assert "tensorflow" not in dependencies.required_packages()
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert dependencies.configured_backend() == "torch"
+    monkeypatch.setenv("KERAS_BACKEND", "theano")
+    with pytest.raises(InputError, match="KERAS_BACKEND names the Keras backend 'theano'"):
+        dependencies.configured_backend()

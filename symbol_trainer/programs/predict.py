@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from symbol_trainer.errors import InputError
 
     try:  # before the first import of NumPy or PyAV, so a Python without them gets one line
-        dependencies.require({**dependencies.REQUIRED, "av": "av"})
+        dependencies.require({**dependencies.required_packages(), "av": "av"})
     except InputError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
