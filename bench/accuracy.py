@@ -300,11 +300,17 @@ def run_directory(args, set_name: str, config_name: str, seed: int) -> Path:
     return Path(args.work) / "runs" / set_name / f"{config_name}_seed{seed}"
 
 
-def run_key(args, set_name: str, flags: str, seed: int) -> dict:
-    """What a stored run must match to be reused."""
+def run_key(args, set_name: str, flags: str, seed: int, group_by: str | None = None) -> dict:
+    """What a stored run must match to be reused: the flags as written and every setting they
+    resolve to, so that a run stored before a default changed is not taken for one of the new
+    default (an empty flag string once meant the old defaults)."""
+    config = training_config(flags, weights=args.weights, seed=seed, group_by=group_by,
+                             quick=args.quick)
     return {"set": set_name, "flags": config_flags(flags), "seed": seed, "quick": args.quick,
             "weights": args.weights, "n_frames": args.n_frames, "n_unseen": args.n_unseen,
-            "gtsrb_positive": args.gtsrb_positive}
+            "gtsrb_positive": args.gtsrb_positive,
+            "settings": {f.name: repr(getattr(config, f.name))
+                         for f in dataclasses.fields(config)}}
 
 
 def train_and_score(args) -> dict:
@@ -337,7 +343,7 @@ def run_job(args, data: DataSet, config_name: str, flags: str, seed: int) -> dic
     """The stored run of this set, configuration and seed, training it in a fresh process
     (python bench/accuracy.py --job ...) unless --work holds it with the same settings."""
     directory = run_directory(args, data.name, config_name, seed)
-    key = run_key(args, data.name, flags, seed)
+    key = run_key(args, data.name, flags, seed, getattr(data, "group_by", None))
     stored = directory / "run.json"
     if stored.is_file() and (directory / "unseen_probabilities.npy").is_file():
         run = json.loads(stored.read_text())

@@ -172,9 +172,10 @@ def test_results_file_markdown_and_json(tmp_path):
     assert stored["header"]["machine"]["cpu_cores"] >= 1
 
 
-def test_a_stored_run_with_the_same_settings_is_reused(tmp_path):
+def test_a_stored_run_with_the_same_settings_is_reused(tmp_path, monkeypatch):
     args = argparse.Namespace(work=str(tmp_path), quick=True, weights="none", n_frames=160,
-                              n_unseen=80, gtsrb_positive="^speed_limit")
+                              n_unseen=80, gtsrb_positive="^speed_limit",
+                              frames_python=sys.executable)
     data = argparse.Namespace(name="frames-multi")
     directory = accuracy.run_directory(args, "frames-multi", "old", 0)
     directory.mkdir(parents=True)
@@ -184,6 +185,16 @@ def test_a_stored_run_with_the_same_settings_is_reused(tmp_path):
     # The same settings: read back, no training process is started.
     assert accuracy.run_job(args, data, "old", "--dropout 0.2", 0)["seconds"] == 5.0
     assert accuracy.run_key(args, "frames-multi", "--dropout 0.3", 0) != key
+    # The key holds what the flags resolve to: no flags means today's defaults, so a run
+    # stored under other defaults (the same empty flag string) is trained again.
+    defaults = accuracy.run_key(args, "frames-multi", "", 0)["settings"]
+    assert defaults["fine_tune_schedule"] == repr(settings.TrainingConfig().fine_tune_schedule)
+    stale = {**key, "settings": {**key["settings"], "fine_tune_schedule": "'constant-then'"}}
+    (directory / "run.json").write_text(json.dumps({"key": stale, "seconds": 5.0}))
+    monkeypatch.setattr(accuracy.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("trains again")))
+    with pytest.raises(RuntimeError, match="trains again"):
+        accuracy.run_job(args, data, "old", "--dropout 0.2", 0)
 
 
 def test_one_run_trains_through_the_library_and_scores_unseen_frames(tmp_path, monkeypatch):
