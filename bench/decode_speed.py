@@ -88,7 +88,7 @@ def _write_chunk(job) -> list[dict]:
         # Some clutter in every frame, and a star and a disc in some: the two symbols.
         for _ in range(6):
             x, y = rng.uniform(0, width), rng.uniform(0, height)
-            s = rng.uniform(20, height / 4)
+            s = rng.uniform(height / 36, height / 4)
             draw.rectangle([x, y, x + s, y + s / 2], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
         has_star, has_disc = bool(rng.random() < 0.4), bool(rng.random() < 0.4)
         if has_star:
