@@ -396,12 +396,15 @@ def frame_stream(inputs: Inputs, geometry: ImageGeometry, batch_size: int,
     `frame_prefix` + `frame_filename(...)`, and saved below `save_dir` as
     `frame_filename(...)` when it is given. With `keep` (width, height), each frame also
     carries a copy reduced to fit in it (`Frame.shown`), for heatmaps."""
-    with decoding.decode_pool(workers) as pool:
+    pool = decoding.decode_pool(workers)
+    try:
         for source in inputs.sources:
             if isinstance(source, VideoInput):
                 yield from _video_frames(source, geometry, fps, save_dir, frame_prefix, keep)
             else:
                 yield from _image_frames(source, geometry, pool, batch_size * BATCHES_AHEAD, keep)
+    finally:  # closed early (an error, SIGTERM, a reader gone): queued decodes are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batched(frames: Iterator[Frame], batch_size: int) -> Iterator[list[Frame]]:
