@@ -366,8 +366,11 @@ def run_stage(name: str, args, deadline: float) -> dict:
     if code != 0:
         lines = [l.strip() for l in (logs / f"{name}.log").read_text(errors="replace").splitlines()
                  if l.strip()]
+        # The program's own one error line says more than the stage's last line.
+        errors = [l for l in lines if l.startswith("ERROR:")]
         reason = code if isinstance(code, str) else f"exit code {code}"
-        result["failed"] = f"{reason}: {lines[-1][:240] if lines else 'no output'}"
+        last = (errors or lines or ["no output"])[-1]
+        result["failed"] = f"{reason}: {last[:240]}"
     return result
 
 
@@ -441,6 +444,8 @@ def report(results: dict, args, facts: dict) -> str:
               "| | ours, images/s | raw, images/s | ours / raw | target |", "|---|---:|---:|---:|---:|"]
 
     def row(label, ours, raw_label, raw, target=f">= {TARGET:.0%}"):
+        if isinstance(ours, str):  # the stage's failure line is in the Stages table
+            ours = "failed (see Stages)"
         lines.append(f"| {label} | {cell(ours)} | {raw_label} {cell(raw)} | {ratio(ours, raw)} | {target} |")
 
     features = value(results, "ours_train", "ours", "features_images_per_s")
@@ -482,15 +487,20 @@ def results_name(backend: dict) -> str:
     return f"gpu_bench_{machine}_{backend.get('keras_backend', 'unknown')}"
 
 
-def write_results(results: dict, args, started, facts_backend: dict) -> tuple[Path, Path]:
-    facts = measurements.header("Raw rates and ours on one machine (bench/gpu.py)", started,
-                                facts_backend)
-    if args.commit:
-        facts["commit"] = f"{args.commit} (given with --commit)"
+def write_results(results: dict, args, started, facts_backend: dict,
+                  facts: dict | None = None) -> tuple[Path, Path]:
+    """The results file and its twin, from `results` so far (and into $OUT when set).
+    `facts`: the header of the run that measured (--render), else this run's."""
+    if facts is None:
+        facts = measurements.header("Raw rates and ours on one machine (bench/gpu.py)",
+                                    started, facts_backend)
+        if args.commit:
+            facts["commit"] = f"{args.commit} (given with --commit)"
     text = measurements.header_markdown(facts) + "\n" + report(results, args, facts)
     name = results_name(facts_backend)
     path = Path(args.results) if args.results else ROOT / "docs" / "measurements" / f"{name}.md"
-    data = {**facts, "settings": {k: v for k, v in vars(args).items() if k != "passed"},
+    data = {**facts, "settings": {k: v for k, v in vars(args).items()
+                                  if k not in ("passed", "render")},
             "results": results}
     written = measurements.write(path, text, data)
     out = os.environ.get("OUT")
@@ -504,6 +514,17 @@ def write_results(results: dict, args, started, facts_backend: dict) -> tuple[Pa
                      for log in sorted(logs.glob("*.log"))]
             (Path(out) / "gpu_bench_logs.txt").write_text("\n\n".join(tails) + "\n")
     return written
+
+
+def render(twin: Path) -> int:
+    """The markdown of a finished run again, from its JSON twin: after a change of the
+    report's form, without measuring again."""
+    data = json.loads(twin.read_text())
+    args = argparse.Namespace(**{**data["settings"], "results": str(twin.with_suffix(".md"))})
+    facts = {k: data[k] for k in ("title", "command", "commit", "date", "machine", "backend")}
+    path, _ = write_results(data["results"], args, None, facts["backend"], facts)
+    print(f"Wrote {path} again from {twin}")
+    return 0
 
 
 def parse_arguments(argv=None):
@@ -534,6 +555,9 @@ def parse_arguments(argv=None):
                         "docs/measurements/gpu_bench_<machine>_<backend>.md.")
     parser.add_argument("--commit", help="The commit to record, for a copy of the checkout "
                         "without its .git folder (the device tool sends none). Default: from git.")
+    parser.add_argument("--render", metavar="JSON",
+                        help="Write the markdown of an earlier run again from its JSON twin "
+                             "(the same file names, that run's header), measuring nothing.")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -557,6 +581,8 @@ def main(argv=None) -> int:
         configure_logging()
         STAGE_FUNCTIONS[args.stage](args)
         return 0
+    if args.render:
+        return render(Path(args.render))
     started = datetime.datetime.now(datetime.timezone.utc)
     deadline = time.monotonic() + args.budget
     args.work = args.work or tempfile.mkdtemp(prefix="gpu_bench_")
