@@ -2,13 +2,14 @@
 (features.decoded_chunks) and predict.py (prediction.frame_stream): its kind, threads or
 processes, and its size, every core this process may use. One setting, here.
 
-Threads are the default: Pillow releases the GIL while it decodes and resizes, and on 2 cores
-threads decoded 1280x720 and 1920x1080 frames as fast as processes
-(docs/measurements/decode_speed.md, `bench/decode_speed.py`; `bench/gpu.py` measures both
-again on a 16-core GPU machine). Where threads fall short, POOL_KIND = "processes" runs
-the same decoding in worker processes (started with 'spawn', so that no process forks a
-running TensorFlow, JAX or PyTorch): callers then submit picklable module-level functions and
-keep the decoded-image store in their own process.
+Threads are the default: Pillow releases the GIL while it decodes and resizes, and on 2 CPU
+cores 2 threads decoded 1280x720 and 1920x1080 frames at 98-102 % of the rate of 2
+processes (docs/measurements/decode_speed.md, `bench/decode_speed.py`; cores shared with
+other work, so neither kind gained much over one worker there). Whether threads keep up on
+16 cores is for `bench/gpu.py` to show on a GPU machine: it measures both. Where threads fall
+short, POOL_KIND = "processes" runs the same decoding in worker processes (started with
+'spawn', so that no process forks a running TensorFlow, JAX or PyTorch): callers then submit
+picklable module-level functions and keep the decoded-image store in their own process.
 
 No TensorFlow here.
 """
