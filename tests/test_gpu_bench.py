@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 from PIL import Image
@@ -78,3 +80,28 @@ def test_ours_against_raw_with_the_targets():
     assert "| fine-tuning, epochs after the first, steps alone | 4,500.0 | augmented step 5,000.0 | 90% |" in text
     assert "| prediction of a folder (predict.py) | failed (see Stages) | decode (best of N) 1,600.0 | - |" in text
     assert "| ours_predict | 0.0 | timed out after 90 s" in text
+
+
+def test_a_stage_out_of_time_is_stopped_with_its_children(tmp_path, monkeypatch):
+    """A stage that overruns its limit is killed with the processes it started, and
+    recorded as timed out with the results it printed before."""
+    args = gpu.parse_arguments(["--budget", "480", "--work", str(tmp_path)])
+    args.passed = ["--work", str(tmp_path)]
+    script = tmp_path / "slow_stage.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "open(sys.argv[-1] + '/child.pid', 'w').write(str(child.pid))\n"
+        "print('RESULT {\"partial\": 1.5}', flush=True)\n"
+        "time.sleep(60)\n")
+    monkeypatch.setattr(gpu, "SCRIPT", script)
+    monkeypatch.setattr(gpu, "MIN_STAGE_SECONDS", 1)
+    monkeypatch.setitem(gpu.STAGE_LIMITS, "nvjpeg", 3)
+    started = time.monotonic()
+    result = gpu.run_stage("nvjpeg", args, deadline=time.monotonic() + 100)
+    assert time.monotonic() - started < 20
+    assert result["partial"] == 1.5 and result["failed"].startswith("timed out after 3 s")
+    pid = int((tmp_path / "child.pid").read_text())
+    time.sleep(0.5)
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"  # gone (or a zombie)
