@@ -2,8 +2,8 @@
 and the machine; and the writing of the file itself (markdown, with a JSON twin beside it).
 
 Standard library only, so a benchmark can describe the machine before TensorFlow loads. The
-backend (Keras backend, TensorFlow and Keras versions, visible GPUs as TensorFlow sees them)
-comes from the benchmark's training processes, which import TensorFlow anyway: see
+backend (Keras backend, its framework's version, Keras's version, the GPUs the framework sees)
+comes from the benchmark's training processes, which import Keras anyway: see
 `backend_description`.
 """
 
@@ -63,13 +63,37 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def backend_description() -> dict:
-    """Call in a process that has imported TensorFlow and Keras (a training process)."""
+def backend_description(import_keras: bool = True) -> dict:
+    """The Keras backend of this process and what it runs on: Keras's version, the backend
+    framework's version (TensorFlow, JAX or PyTorch) and the GPUs that framework sees. Call it
+    in a process that imports Keras anyway (a training process): it imports Keras, and so the
+    backend KERAS_BACKEND names. With `import_keras` False (a benchmark that needs no model),
+    only the backend Keras would choose is named, nothing is imported."""
+    if not import_keras:
+        sys.path.insert(0, str(ROOT))
+        from symbol_trainer.dependencies import configured_backend
+        return {"keras_backend": configured_backend(), "keras": "not imported",
+                "framework": "not imported", "visible_gpus": []}
     import keras
-    import tensorflow as tf
-    return {"keras_backend": keras.backend.backend(), "keras": keras.__version__,
-            "tensorflow": tf.__version__,
-            "visible_gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+        return {"keras_backend": name, "keras": keras.__version__,
+                "tensorflow": tf.__version__, "framework": f"TensorFlow {tf.__version__}",
+                "visible_gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}
+    if name == "jax":
+        import jax
+        return {"keras_backend": name, "keras": keras.__version__,
+                "framework": f"JAX {jax.__version__}",
+                "visible_gpus": [str(d) for d in jax.devices() if d.platform == "gpu"]}
+    if name == "torch":
+        import torch
+        return {"keras_backend": name, "keras": keras.__version__,
+                "framework": f"PyTorch {torch.__version__}",
+                "visible_gpus": [torch.cuda.get_device_name(i)
+                                 for i in range(torch.cuda.device_count())]}
+    return {"keras_backend": name, "keras": keras.__version__, "framework": name,
+            "visible_gpus": []}
 
 
 def header(title: str, started: datetime.datetime, backend: dict | None) -> dict:
@@ -84,8 +108,14 @@ def header(title: str, started: datetime.datetime, backend: dict | None) -> dict
 def header_markdown(facts: dict) -> str:
     m, b = facts["machine"], facts["backend"]
     gpu = ", ".join(m["gpus"]) or "none"
-    backend = (f"Keras {b['keras']} on {b['keras_backend']} (TensorFlow {b['tensorflow']}), "
-               f"visible GPUs: {', '.join(b['visible_gpus']) or 'none'}") if b else "not recorded"
+    framework = b.get("framework") or f"TensorFlow {b.get('tensorflow', '?')}" if b else ""
+    if not b:
+        backend = "not recorded"
+    elif b["keras"] == "not imported":
+        backend = f"KERAS_BACKEND {b['keras_backend']} (Keras not imported: no model here)"
+    else:
+        backend = (f"Keras {b['keras']} on {b['keras_backend']} ({framework}), "
+                   f"visible GPUs: {', '.join(b['visible_gpus']) or 'none'}")
     return "\n".join([
         f"# {facts['title']}", "",
         "Written by the benchmark itself; do not edit by hand.", "",

@@ -64,3 +64,6 @@ class ImageReadError(InputError):
         self.reason = reason
         super().__init__(f"{printable(str(path))}: {reason}")
 
+    def __reduce__(self):  # pickled whole, so that a decoding process can raise it
+        return type(self), (self.path, self.reason)
+

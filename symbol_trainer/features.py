@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from symbol_trainer import decoding
 from symbol_trainer import feature_cache
 from symbol_trainer import heads
 from symbol_trainer.datasets import run_inference
@@ -118,25 +119,50 @@ FEATURE_CHUNK_BATCHES = 4
 
 
 def decoded_chunks(paths: Sequence[str], geometry: ImageGeometry, chunk_size: int,
-                   store: PixelStore | None = None):
+                   store: PixelStore | None = None, pool_kind: str | None = None):
     """The model inputs of `paths` in order, as uint8 arrays of `chunk_size` images (the last
-    may be shorter). While the caller works on one chunk, threads (one fewer than the
-    cores, leaving one to the caller) decode the next, so at most two chunks are in memory.
-    With `store`, images come from it when it has them and are added to it when it does
-    not. A file that cannot be read raises ImageReadError."""
+    may be shorter). While the caller works on one chunk, a decoding pool decodes the next
+    (decoding.decode_pool: one worker per usable core, threads or processes as `pool_kind`,
+    default decoding.POOL_KIND, says), so at most two chunks are in memory. With `store`,
+    images come from it when it has them and are added to it when it does not (by this
+    process, when the pool's workers are processes). A file that cannot be read raises
+    ImageReadError."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    load = store.load if store is not None else (lambda path: load_image_array(path, geometry))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1),
-                                                 thread_name_prefix="decode")
+    decode = functools.partial(load_image_array, geometry=geometry)  # picklable for processes
+    pool = decoding.decode_pool(kind=pool_kind)
+    separate = decoding.in_processes(pool)
     try:
         def submit(first: int) -> list:
-            return [pool.submit(load, str(path)) for path in paths[first:first + chunk_size]]
+            """One entry per image: a future, or the image itself when the store has it and
+            this process reads it (a process pool: a read costs less than the hand-over)."""
+            chunk = [str(path) for path in paths[first:first + chunk_size]]
+            if store is None:
+                return [pool.submit(decode, path) for path in chunk]
+            if not separate:
+                return [pool.submit(store.load, path) for path in chunk]
+            entries = []
+            for path in chunk:
+                image = store.cached(path)
+                entries.append((path, image if image is not None else pool.submit(decode, path)))
+            return entries
+
+        def result(entry) -> np.ndarray:
+            if not isinstance(entry, tuple):
+                return entry.result()
+            path, image = entry
+            if isinstance(image, concurrent.futures.Future):
+                image = image.result()
+                store.put(path, image)
+            return image
 
         pending = submit(0)
-        for first in range(0, len(paths), chunk_size):
-            images = np.stack([future.result() for future in pending])
+        for number, first in enumerate(range(0, len(paths), chunk_size)):
+            images = np.stack([result(entry) for entry in pending])
             pending = submit(first + chunk_size)
+            # bench/gpu.py times the pass after the first chunk (model tracing) from these.
+            log.debug("Decoded chunk %d (images %d to %d of %d) handed over", number, first,
+                      first + len(images), len(paths))
             yield images
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

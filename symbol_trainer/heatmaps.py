@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from symbol_trainer import decoding
 from symbol_trainer.errors import InputError, printable
 from symbol_trainer.output_dir import file_identity
 
@@ -287,9 +288,7 @@ def frame_heatmaps(model, metadata: Mapping, paths: Sequence[str], *,
 
 def reduced(image: Image.Image, max_size: tuple[int, int]) -> Image.Image:
     """A copy of `image` reduced to fit in `max_size` (width, height), aspect ratio kept."""
-    shown = image.copy()
-    shown.thumbnail(max_size, Image.Resampling.BILINEAR)
-    return shown
+    return decoding.reduced_copy(image, max_size)
 
 
 def on_frame(shown: Image.Image, frame_size: tuple[int, int], probabilities: np.ndarray,

@@ -71,15 +71,27 @@ class PixelStore:
     def load(self, path: str) -> np.ndarray:
         """The decoded image of `path`: from the store when it is there, else decoded from its
         file (and stored for next time)."""
+        image = self.cached(path)
+        if image is None:
+            image = self._decode(path)
+            self.put(path, image)
+        return image
+
+    def cached(self, path: str) -> np.ndarray | None:
+        """The decoded image of `path` if the store has it, else None (nothing is decoded)."""
         slot = self._slots.get(path)
         if slot is not None and self._filled[slot]:
             data = self._pread(slot * self.slot_bytes)
             if len(data) == self.slot_bytes:
                 return np.frombuffer(data, np.uint8).reshape(self.shape)
-        image = self._decode(path)
+        return None
+
+    def put(self, path: str, image: np.ndarray) -> None:
+        """Keep `image`, decoded elsewhere (a decoding process), as the image of `path`; an
+        image of a path the store does not hold, or of another shape, is not kept."""
+        slot = self._slots.get(path)
         if slot is not None and self._writable and image.shape == self.shape:
             self._store(slot, image)
-        return image
 
     def _store(self, slot: int, image: np.ndarray) -> None:
         try:

@@ -29,11 +29,12 @@ from symbol_trainer.csv_rows import read_csv_rows
 from symbol_trainer.datasets import compiled_inference
 from symbol_trainer.errors import ImageReadError, InputError
 from symbol_trainer.images import (
-    IMAGE_EXTENSIONS, ImageGeometry, find_images, read_image, resize_to_geometry)
+    IMAGE_EXTENSIONS, ImageGeometry, find_images, resize_to_geometry)
 from symbol_trainer.labels_csv import VISIBLE_SUFFIX
 from symbol_trainer.model_dir import LoadedModel, decision_thresholds
 from symbol_trainer.output_dir import file_identity, within
 from symbol_trainer.errors import printable  # noqa: F401  (prediction.printable: what outputs write)
+from symbol_trainer import decoding
 from symbol_trainer import heatmaps
 from symbol_trainer import video
 
@@ -312,9 +313,8 @@ class Frame:
 def _load_image(item: ImageInput, geometry: ImageGeometry,
                 keep: tuple[int, int] | None = None) -> Frame:
     try:
-        image = read_image(item.path, (geometry.width, geometry.height))
-        return Frame(item.filename, resize_to_geometry(image, geometry),
-                     shown=_shown(image, keep))
+        pixels, shown = decoding.decode_frame(item.path, geometry, keep)
+        return Frame(item.filename, pixels, shown=shown)
     except ImageReadError as error:
         return Frame(item.filename, None, printable(str(error)))
 
@@ -324,18 +324,42 @@ def _shown(image, keep: tuple[int, int] | None):
     return None if keep is None else (heatmaps.reduced(image, keep), image.size)
 
 
+def _frame_decoded_elsewhere(item: ImageInput, future: concurrent.futures.Future) -> Frame:
+    """The Frame of `item` from a decoding process's decoding.decode_frame."""
+    try:
+        pixels, shown = future.result()
+        return Frame(item.filename, pixels, shown=shown)
+    except ImageReadError as error:
+        return Frame(item.filename, None, printable(str(error)))
+
+
 def _image_frames(items: Iterable[ImageInput], geometry: ImageGeometry,
                   pool: concurrent.futures.Executor, ahead: int,
                   keep: tuple[int, int] | None = None) -> Iterator[Frame]:
-    """Decode in the pool, at most `ahead` images in flight, yielding in input order."""
-    pending: collections.deque[concurrent.futures.Future] = collections.deque()
-    load = _load_image if keep is None else functools.partial(_load_image, keep=keep)
+    """Decode in the pool, at most `ahead` images in flight, yielding in input order. In a
+    process pool the workers run decoding.decode_frame (a module that imports no Keras
+    backend) and the Frames are made here."""
+    pending: collections.deque = collections.deque()
+    if decoding.in_processes(pool):
+        def submit(item):
+            return item, pool.submit(decoding.decode_frame, item.path, geometry, keep)
+
+        def finish(entry):
+            return _frame_decoded_elsewhere(*entry)
+    else:
+        load = _load_image if keep is None else functools.partial(_load_image, keep=keep)
+
+        def submit(item):
+            return pool.submit(load, item, geometry)
+
+        def finish(entry):
+            return entry.result()
     for item in items:
-        pending.append(pool.submit(load, item, geometry))
+        pending.append(submit(item))
         if len(pending) >= ahead:
-            yield pending.popleft().result()
+            yield finish(pending.popleft())
     while pending:
-        yield pending.popleft().result()
+        yield finish(pending.popleft())
 
 
 def _video_frames(item: VideoInput, geometry: ImageGeometry, fps: float | None,
@@ -365,18 +389,22 @@ def frame_filename(video_name: str, index: int) -> str:
 def frame_stream(inputs: Inputs, geometry: ImageGeometry, batch_size: int,
                  fps: float | None, save_dir: Path | None = None, frame_prefix: str = "",
                  workers: int | None = None, keep: tuple[int, int] | None = None) -> Iterator[Frame]:
-    """Every frame of every input, in input order, decoded by a pool of threads ahead of the
-    caller (Pillow and FFmpeg release the GIL while they decode). Video frames are named
+    """Every frame of every input, in input order, image files decoded ahead of the caller
+    by the decoding pool (decoding.decode_pool: `workers`, default one per usable core,
+    threads or processes as decoding.POOL_KIND says; Pillow releases the GIL while it
+    decodes), video frames by FFmpeg in the caller's thread. Video frames are named
     `frame_prefix` + `frame_filename(...)`, and saved below `save_dir` as
     `frame_filename(...)` when it is given. With `keep` (width, height), each frame also
     carries a copy reduced to fit in it (`Frame.shown`), for heatmaps."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+    pool = decoding.decode_pool(workers)
+    try:
         for source in inputs.sources:
             if isinstance(source, VideoInput):
                 yield from _video_frames(source, geometry, fps, save_dir, frame_prefix, keep)
             else:
                 yield from _image_frames(source, geometry, pool, batch_size * BATCHES_AHEAD, keep)
+    finally:  # closed early (an error, SIGTERM, a reader gone): queued decodes are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batched(frames: Iterator[Frame], batch_size: int) -> Iterator[list[Frame]]:
@@ -582,6 +610,9 @@ def predict_inputs(loaded: LoadedModel, inputs: Inputs, writer: RowWriter, *,
             summary.frames += 1
         if progress:
             progress.update(len(batch))
+        if summary.frames and summary.frames == len(readable):  # bench/gpu.py: after tracing
+            log.debug("First batch of %d frames predicted %.3f s after the start (model "
+                      "tracing included)", summary.frames, time.monotonic() - started)
     finish_video()
     if progress:
         progress.finish()

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from symbol_trainer import decoding
 from symbol_trainer import duplicates
 from symbol_trainer import symbol_paste
 from symbol_trainer.errors import InputError, printable
@@ -74,7 +75,7 @@ def prepare_training_data(images: LabelledImages, config: TrainingConfig,
 
     This is everything before training, and all that `--dry-run` does."""
     start = time.monotonic()
-    scan = scan_images(images.table["path"].tolist())
+    scan = scan_images(images.table["path"].tolist(), workers=decoding.decode_workers())
     log.info("Checked %s images in %.1f s: %s unreadable", f"{len(images.table):,}",
              time.monotonic() - start, f"{len(scan.errors):,}")
     readable = drop_unreadable(images, scan, config.max_unreadable)
