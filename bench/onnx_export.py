@@ -94,11 +94,13 @@ def main() -> int:
             "frames": len(pixels), "frames_dir": str(args.frames_dir), "batch": args.batch,
             "max_difference": differences, "export_seconds": export_seconds,
             "onnx_megabytes": size_mb, "images_per_second": rates,
-            "onnxruntime": onnxruntime.__version__}
+            "onnxruntime": onnxruntime.__version__, "load_average_1min": os.getloadavg()[0]}
     lines = [measurements.header_markdown(facts),
              f"Model: {args.model_dir} ({geometry.height}x{geometry.width} input, "
              f"{', '.join(symbols)}); {len(pixels)} frames of {args.frames_dir}, never seen in "
-             f"training; batch {args.batch}, CPU, medians of {args.rounds} rounds.", "",
+             f"training; batch {args.batch}, CPU, medians of {args.rounds} rounds. The speeds "
+             f"are only comparable on an idle machine: load average {os.getloadavg()[0]:.1f} "
+             f"over the last minute at the end, on {os.cpu_count()} cores.", "",
              "| | value |", "|---|---:|"]
     lines += [f"| largest difference in probability, {s} | {d:.2g} |"
               for s, d in differences.items()]
