@@ -89,14 +89,15 @@ def main() -> int:
     facts["backend"] = {"keras_backend": backend.BACKEND, "keras": keras.__version__,
                         "tensorflow": getattr(backend.tf, "__version__", "not imported"),
                         "visible_gpus": []}
-    data = {**facts, "model": {"backbone": metadata.get("config", {}).get("backbone"),
-                               "input": metadata["input"], "symbols": symbols},
+    net = metadata["backbone"]
+    data = {**facts, "model": {"backbone": net, "input": metadata["input"], "symbols": symbols},
             "frames": len(pixels), "frames_dir": str(args.frames_dir), "batch": args.batch,
             "max_difference": differences, "export_seconds": export_seconds,
             "onnx_megabytes": size_mb, "images_per_second": rates,
             "onnxruntime": onnxruntime.__version__, "load_average_1min": os.getloadavg()[0]}
     lines = [measurements.header_markdown(facts),
-             f"Model: {args.model_dir} ({geometry.height}x{geometry.width} input, "
+             f"Model: {args.model_dir}, {net['name']} alpha {net.get('alpha')} "
+             f"({geometry.height}x{geometry.width} input, "
              f"{', '.join(symbols)}); {len(pixels)} frames of {args.frames_dir}, never seen in "
              f"training; batch {args.batch}, CPU, medians of {args.rounds} rounds. The speeds "
              f"are only comparable on an idle machine: load average {os.getloadavg()[0]:.1f} "
