@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -137,7 +138,8 @@ def test_missing_onnx_packages_stop_the_run_before_training(frames, tmp_path, mo
         assert train(frames, tmp_path / "model", "--export", "onnx", *dry_run) == 2
         err = capsys.readouterr().err
         (line,) = [line for line in err.splitlines() if "--export onnx" in line]
-        assert "needs no-such-onnx-converter, which this Python" in line
+        # (and whichever of the real packages this Python lacks, in the same list)
+        assert re.search(r"needs ([\w-]+, )*no-such-onnx-converter, which this Python", line)
         assert f"-m pip install -r {ROOT / export.ONNX_REQUIREMENTS[backend.BACKEND]}'" in line
         assert "Epoch" not in err  # nothing was trained, no checkpoint was started
         assert not (tmp_path / "model").exists()
@@ -161,7 +163,7 @@ def test_tensorflow_only_exports_name_the_backend(name, monkeypatch):
                          "uses KERAS_BACKEND=jax. Run it with KERAS_BACKEND=tensorflow "
                          "(TensorFlow installed), or leave --export tflite out."),
     (["saved_model"], "ERROR: --export saved_model needs the TensorFlow backend"),
-    (["onnx"], "needs jax2onnx, which this Python")])
+    (["onnx"], re.compile(r"needs ([\w-]+, )*jax2onnx, which this Python"))])
 def test_under_jax_exports_fail_at_flag_check_time(exports, message, frames, tmp_path,
                                                    isolated_keras_home):
     if exports == ["onnx"] and importlib.util.find_spec("jax2onnx") is not None:
@@ -173,5 +175,5 @@ def test_under_jax_exports_fail_at_flag_check_time(exports, message, frames, tmp
                           env=process_environment(isolated_keras_home, KERAS_BACKEND="jax"))
     assert done.returncode == 2, done.stderr
     (error,) = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
-    assert message in error
+    assert message.search(error) if isinstance(message, re.Pattern) else message in error
     assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
