@@ -219,8 +219,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     """Train on `images` with `config` and write the model directory; the whole pipeline.
     `is_validation` (one bool per row of `images.table`) replaces the seeded split. With
     `resume`, a checkpoint left by an interrupted run of the same settings and data is
-    continued; otherwise it is deleted. `exports` ('saved_model', 'tflite', 'onnx') are written into
-    the model directory and checked against the Keras model."""
+    continued; otherwise it is deleted. `exports` ('saved_model', 'tflite', 'onnx') are
+    written into the model directory and checked against the Keras model."""
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     check_output_outside_images(output_dir, images, config)

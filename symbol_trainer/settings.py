@@ -576,8 +576,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
              "TensorFlow Lite (model.tflite), or as ONNX for onnxruntime (model.onnx, under "
              "every backend; needs requirements-onnx.txt installed); each is loaded back and "
              "checked against the Keras model's predictions before the run succeeds. "
-             "saved_model and tflite need the TensorFlow backend. Repeat the flag for several. "
-             "Default: none.")
+             "saved_model and tflite need the TensorFlow backend. Repeat the flag for several "
+             "(see docs/exports.md). Default: none.")
     output.add_argument(
         "--download-weights-only", action="store_true",
         help="Only download the ImageNet weights of --backbone (and --alpha) into the Keras "

@@ -70,7 +70,8 @@ def test_onnx_export_predicts_what_the_keras_model_predicts(frames, tmp_path):
     pixels = np.stack([images.load_image_array(p, geometry) for p in files[:7]])
     keras_out = loaded.model(pixels, training=False)
     for batch in (pixels, pixels[2:3]):  # any batch size
-        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": batch})))
+        names = [o.name for o in session.get_outputs()]
+        got = dict(zip(names, session.run(None, {"image": batch})))
         expected = keras_out if len(batch) == len(pixels) else {
             s: np.asarray(v)[2:3] for s, v in keras_out.items()}
         for symbol in SYMBOLS:
