@@ -29,12 +29,12 @@ from symbol_trainer.errors import InputError, listing
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 # Everything a training run writes into a model directory (report.py's report.html and
-# plots/, export.py's saved_model/ and model.tflite included; tests/test_output_dir.py checks
+# plots/, export.py's saved_model/, model.tflite and model.onnx included; tests/test_output_dir.py checks
 # this list against those modules and a real run). --overwrite replaces a directory holding
 # only these.
 MODEL_DIRECTORY_ENTRIES = frozenset({
     MODEL_FILE, METADATA_FILE, "history.csv", "metrics.json", "split.csv", "evaluation.csv",
-    "report.html", "plots", "saved_model", "model.tflite"})
+    "report.html", "plots", "saved_model", "model.tflite", "model.onnx"})
 SHOWN_ENTRIES = 5
 
 

@@ -63,7 +63,7 @@ from symbol_trainer.output_dir import METADATA_FILE, check_output_dir
 from symbol_trainer.pixel_store import PixelStore
 from symbol_trainer.precision import dtype_policy, float32_twin, mixed_precision_enabled
 from symbol_trainer.preparation import PreparedData, format_data_summary, prepare_training_data
-from symbol_trainer.settings import BACKBONES, EXPORT_FORMATS, TrainingConfig
+from symbol_trainer.settings import BACKBONES, TrainingConfig
 from symbol_trainer.training import (
     TrainingRun, fine_tune, positive_weights, sample_weights, train_head)
 
@@ -219,15 +219,15 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     """Train on `images` with `config` and write the model directory; the whole pipeline.
     `is_validation` (one bool per row of `images.table`) replaces the seeded split. With
     `resume`, a checkpoint left by an interrupted run of the same settings and data is
-    continued; otherwise it is deleted. `exports` ('saved_model', 'tflite') are written into
-    the model directory and checked against the Keras model."""
+    continued; otherwise it is deleted. `exports` ('saved_model', 'tflite', 'onnx') are
+    written into the model directory and checked against the Keras model."""
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     check_output_outside_images(output_dir, images, config)
     check_output_dir(output_dir, overwrite)
-    for name in exports:
-        if name not in EXPORT_FORMATS:
-            raise InputError(f"--export {name!r}: choose from {', '.join(EXPORT_FORMATS)}.")
+    if exports:  # the backend and the packages each export needs, before any training
+        from symbol_trainer.export import check_formats
+        check_formats(exports)
     try:
         placement = distribution.placement(distribution.DeviceChoice.parse(config.devices))
     except ValueError as error:
@@ -395,6 +395,9 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
                    exports: Sequence[str] = ()) -> CommandOutcome:
     """What both scripts do once they have their labelled images: with `dry_run`, every check
     before training and the data summary; otherwise train, save, and summarise the metrics."""
+    if exports:  # --export's backend and packages, checked by a dry run too
+        from symbol_trainer.export import check_formats
+        check_formats(exports)
     if dry_run:
         # An existing model directory is only a note here: dry runs are repeated after every
         # labelling session next to the model trained last time.

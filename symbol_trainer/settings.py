@@ -19,7 +19,7 @@ from pathlib import Path
 from symbol_trainer.errors import InputError
 
 RESIZE_METHODS = ("letterbox", "squash", "crop")
-EXPORT_FORMATS = ("saved_model", "tflite")
+EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
 SWITCH_SETTINGS = ("auto", "on", "off")  # --mixed-precision and --xla
 # Names of the augmentation policies of --augment (augmentation.py defines what each does).
 AUGMENT_POLICIES = ("none", "light", "default", "heavy")
@@ -572,10 +572,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--export", action="append", default=[], choices=EXPORT_FORMATS,
         help="Also write the model as a TensorFlow SavedModel for TensorFlow Serving "
-             "(saved_model/, whose default signature takes encoded image files) or as "
-             "TensorFlow Lite (model.tflite); each is loaded back and checked against the Keras "
-             "model's predictions before the run succeeds. Repeat the flag for both. "
-             "Default: neither.")
+             "(saved_model/, whose default signature takes encoded image files), as "
+             "TensorFlow Lite (model.tflite), or as ONNX for onnxruntime (model.onnx, under "
+             "every backend; needs requirements-onnx.txt installed); each is loaded back and "
+             "checked against the Keras model's predictions before the run succeeds. "
+             "saved_model and tflite need the TensorFlow backend. Repeat the flag for several "
+             "(see docs/exports.md). Default: none.")
     output.add_argument(
         "--download-weights-only", action="store_true",
         help="Only download the ImageNet weights of --backbone (and --alpha) into the Keras "

@@ -166,7 +166,7 @@ def test_overwrite_replaces_a_model_directory_but_not_files_added_to_it(binary_d
 
 def test_the_list_of_model_directory_entries_matches_the_modules_that_write_them():
     for name in (report.REPORT_FILE, report.PLOTS_DIR, export.SAVED_MODEL_FOLDER,
-                 export.TFLITE_FILE):
+                 export.TFLITE_FILE, export.ONNX_FILE):
         assert name in output_dir.MODEL_DIRECTORY_ENTRIES
     from symbol_trainer import model_format
     from symbol_trainer.output_dir import METADATA_FILE, MODEL_FILE
