@@ -64,3 +64,7 @@ class ImageReadError(InputError):
         self.reason = reason
         super().__init__(f"{printable(str(path))}: {reason}")
 
+
+
+class BackendError(InputError):
+    """A feature that the active Keras backend lacks was asked for. Exit code 2."""
