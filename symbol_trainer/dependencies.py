@@ -134,11 +134,25 @@ def pinned_requirements(distribution: str = DISTRIBUTION) -> dict[str, str]:
     return pinned
 
 
-def install_advice(missing: list[str], requirements_file: Path = REQUIREMENTS_FILE,
+def requirements_file_for(backend: str | None = None) -> Path:
+    """The checkout's requirements file for `backend` (default: the configured one):
+    requirements.txt for TensorFlow, requirements-jax.txt or requirements-torch.txt for the
+    others (the same packages without TensorFlow, with the backend's own)."""
+    try:
+        backend = backend or configured_backend()
+    except InputError:
+        backend = "tensorflow"
+    if backend == "tensorflow":
+        return REQUIREMENTS_FILE
+    return REQUIREMENTS_FILE.with_name(f"requirements-{backend}.txt")
+
+
+def install_advice(missing: list[str], requirements_file: Path | None = None,
                    distribution: str = DISTRIBUTION) -> str:
     """The sentence that says how to install the `missing` packages: from the checkout's
-    requirements file when there is one, else by name, at the versions the installed
-    distribution pins."""
+    requirements file for the configured backend (`requirements_file_for`) when there is
+    one, else by name, at the versions the installed distribution pins."""
+    requirements_file = requirements_file or requirements_file_for()
     pip = f"{sys.executable} -m pip install"
     if requirements_file.is_file():
         return (f"Install them with '{pip} -r {requirements_file}', or run the script with the "
