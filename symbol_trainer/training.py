@@ -232,9 +232,11 @@ def compiled_head(parts: ModelParts, symbols: Sequence[str], config: TrainingCon
         # millisecond of Keras's per-call overhead; running a whole epoch in one compiled call
         # halves the head epochs' time (0.3 s to 0.13 s at 5,000 frames and 45 symbols).
         # Keras 3.15 cannot run several steps per call under MirroredStrategy (an
-        # InvalidArgumentError in multi_step_on_iterator), so several replicas keep one.
+        # InvalidArgumentError in multi_step_on_iterator), so several replicas keep one, and
+        # Keras's torch backend runs one step per call only.
+        several = run.placement.replicas == 1 and BACKEND != "torch"
         compile_fused(fused, config.learning_rate, config.xla,
-                      steps_per_execution=steps if run.placement.replicas == 1 else 1)
+                      steps_per_execution=steps if several else 1)
     return fused
 
 
