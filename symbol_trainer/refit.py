@@ -129,8 +129,11 @@ def _fit_exactly(model, phase: str, epochs: int, batches, steps: int,
     rates["--learning-rate"] = config.learning_rate
     if distribution.is_multi_worker(run.placement):
         _build_for_workers(model, run.placement.strategy, batches)
-    model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=verbose, shuffle=False,
-              callbacks=[FiniteLossGuard(phase, rates), RefitLog(phase, epochs, rows)])
+    try:
+        model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=verbose, shuffle=False,
+                  callbacks=[FiniteLossGuard(phase, rates), RefitLog(phase, epochs, rows)])
+    finally:
+        batches.close()
 
 
 def _features(parts: ModelParts, images: LabelledImages,

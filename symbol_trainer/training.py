@@ -217,8 +217,11 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.tensorboard, phase),
                                                      write_graph=False))
     # shuffle=False: the batches come shuffled by epoch_batches.
-    model.fit(batches, steps_per_epoch=steps, initial_epoch=first_epoch, epochs=epochs,
-              verbose=verbose, callbacks=callbacks, shuffle=False)
+    try:
+        model.fit(batches, steps_per_epoch=steps, initial_epoch=first_epoch, epochs=epochs,
+                  verbose=verbose, callbacks=callbacks, shuffle=False)
+    finally:
+        batches.close()  # early stopping leaves batches loading ahead
     return early_stopping.best_epoch + 1
 
 
