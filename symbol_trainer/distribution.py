@@ -188,8 +188,7 @@ def _jax_devices(choice: DeviceChoice) -> list:
         devices = jax.devices("cpu")
         if len(devices) < choice.cpu_devices:
             raise ValueError(
-                f"--devices cpu:{choice.cpu_devices}: JAX has {len(devices)} CPU device(s) in "
-                f"this process; start it with XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"JAX has {len(devices)} CPU device(s) in this process; start it with XLA_FLAGS=--xla_force_host_platform_device_count="
                 f"{choice.cpu_devices}")
         return devices[:choice.cpu_devices]
     if choice.kind == "gpus":
@@ -223,6 +222,9 @@ def _local_placement(choice: DeviceChoice) -> Placement:
     names = ", ".join(str(d) for d in devices)
     keras.distribution.set_distribution(None)
     if len(devices) == 1:
+        if choice.kind != "auto":  # --devices cpu on a GPU machine, or one GPU of several
+            import jax
+            jax.config.update("jax_default_device", devices[0])
         return Placement(LocalScope(), 1, 1, 0, f"one device ({names})")
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     return Placement(LocalScope(), len(devices), 1, 0,
