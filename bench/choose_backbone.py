@@ -54,7 +54,7 @@ def speed(batch_size=32, size=224, repeats=3):
         config = settings.TrainingConfig(backbone=name, alpha=alpha, weights="none", image_size=size)
         parts = model.build_model(["s"], config, ImageGeometry(size, size))
         infer = datasets.compiled_inference(parts.features)
-        features = rate(lambda b: infer(b).numpy(), batch, repeats)
+        features = rate(lambda b: np.asarray(infer(b)), batch, repeats)
         model.unfreeze_top(parts.backbone, config.fine_tune_fraction)
         parts.model.compile(optimizer="adam", loss={"s": "binary_crossentropy"})
         train = rate(lambda b: parts.model.train_on_batch(b, labels), batch, repeats)

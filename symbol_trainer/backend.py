@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import sys
 
+from symbol_trainer import dependencies
 from symbol_trainer.dependencies import configured_backend
-from symbol_trainer.errors import InputError
+from symbol_trainer.errors import BackendError
 
 
 def _import_tensorflow_quietly():
@@ -48,10 +49,6 @@ def _import_tensorflow_quietly():
     return tensorflow
 
 
-class BackendError(InputError):
-    """A feature that the active Keras backend lacks was asked for. Exit code 2."""
-
-
 BACKEND = configured_backend()
 tf = _import_tensorflow_quietly() if BACKEND == "tensorflow" else None
 import keras  # noqa: E402  (after TensorFlow, which Keras imports as its backend)
@@ -64,10 +61,7 @@ if keras.backend.backend() != BACKEND:  # Keras resolved it differently: a bug o
 def require_tensorflow(feature: str) -> None:
     """Raise BackendError when the active backend is not TensorFlow: `feature` (for example
     "--export saved_model") exists only there."""
-    if BACKEND != "tensorflow":
-        raise BackendError(f"{feature} needs the TensorFlow backend, and this run uses "
-                           f"KERAS_BACKEND={BACKEND}. Run it with KERAS_BACKEND=tensorflow "
-                           f"(TensorFlow installed), or leave {feature} out.")
+    dependencies.require_tensorflow(feature, BACKEND)
 
 
 __all__ = ["BACKEND", "BackendError", "keras", "require_tensorflow", "tf"]

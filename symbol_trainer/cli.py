@@ -59,6 +59,8 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
     @run_warnings.collected  # from the first read of the labels on, for the report
     def run() -> int:
         config = settings.config_from_args(args)
+        # What only TensorFlow does here fails now, before the images are read (exit 2).
+        dependencies.require_backend_features(config.devices, config.tensorboard)
         if not args.download_weights_only:
             output_dir.check_outside_inputs(args.output_dir, {
                 **inputs, "--cache-dir": config.cache_dir, "--tensorboard": config.tensorboard},

@@ -48,7 +48,7 @@ def configure_logging(quiet: bool = False, debug: bool = False) -> None:
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "symbol_trainer", False)]
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("tensorflow", "absl", "h5py", "PIL"):
+    for noisy in ("tensorflow", "absl", "h5py", "PIL", "jax"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # what tf.get_logger() returns
 

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from symbol_trainer.errors import InputError
+from symbol_trainer.errors import BackendError, InputError
 
 # Import name -> the package that requirements.txt installs for it, whatever the backend.
 COMMON = {"numpy": "numpy", "pandas": "pandas", "PIL": "pillow", "keras": "keras",
@@ -56,6 +56,41 @@ def configured_backend() -> str:
         raise InputError(f"{source} names the Keras backend {backend!r}; this tool runs under "
                          f"{', '.join(BACKEND_PACKAGES)}. Set KERAS_BACKEND to one of them.")
     return backend
+
+
+def require_tensorflow(feature: str, backend: str | None = None) -> None:
+    """Raise BackendError when `backend` (default: the configured one) is not TensorFlow:
+    `feature` (for example "--export saved_model") exists only there."""
+    backend = backend or configured_backend()
+    if backend != "tensorflow":
+        raise BackendError(f"{feature} needs the TensorFlow backend, and this run uses "
+                           f"KERAS_BACKEND={backend}. Run it with KERAS_BACKEND=tensorflow "
+                           f"(TensorFlow installed), or leave {feature} out.")
+
+
+def tensorflow_only_features(devices: str = "auto", tensorboard: str | None = None,
+                             backend: str | None = None) -> list[str]:
+    """What of a training run (its --devices and --tensorboard, and the cluster its
+    environment describes) only the TensorFlow backend does here; empty under TensorFlow."""
+    backend = backend or configured_backend()
+    if backend == "tensorflow":
+        return []
+    features = ["--tensorboard"] if tensorboard else []
+    if os.environ.get("TF_CONFIG"):
+        features.append("TF_CONFIG (tf.distribute multi-worker training)")
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        features.append("training across several processes (srun with several tasks)")
+    several = re.fullmatch(r"cpu:(\d+)|\d+(,\d+)+", str(devices).strip().lower())
+    if backend == "torch" and several and (several.group(1) is None or int(several.group(1)) > 1):
+        features.append(f"--devices {devices} (several devices; KERAS_BACKEND=jax has them too)")
+    return features
+
+
+def require_backend_features(devices: str = "auto", tensorboard: str | None = None,
+                             backend: str | None = None) -> None:
+    """Raise BackendError naming the first of `tensorflow_only_features` when there is one."""
+    for feature in tensorflow_only_features(devices, tensorboard, backend):
+        require_tensorflow(feature, backend)
 
 
 def required_packages(backend: str | None = None) -> dict[str, str]:
@@ -99,11 +134,25 @@ def pinned_requirements(distribution: str = DISTRIBUTION) -> dict[str, str]:
     return pinned
 
 
-def install_advice(missing: list[str], requirements_file: Path = REQUIREMENTS_FILE,
+def requirements_file_for(backend: str | None = None) -> Path:
+    """The checkout's requirements file for `backend` (default: the configured one):
+    requirements.txt for TensorFlow, requirements-jax.txt or requirements-torch.txt for the
+    others (the same packages without TensorFlow, with the backend's own)."""
+    try:
+        backend = backend or configured_backend()
+    except InputError:
+        backend = "tensorflow"
+    if backend == "tensorflow":
+        return REQUIREMENTS_FILE
+    return REQUIREMENTS_FILE.with_name(f"requirements-{backend}.txt")
+
+
+def install_advice(missing: list[str], requirements_file: Path | None = None,
                    distribution: str = DISTRIBUTION) -> str:
     """The sentence that says how to install the `missing` packages: from the checkout's
-    requirements file when there is one, else by name, at the versions the installed
-    distribution pins."""
+    requirements file for the configured backend (`requirements_file_for`) when there is
+    one, else by name, at the versions the installed distribution pins."""
+    requirements_file = requirements_file or requirements_file_for()
     pip = f"{sys.executable} -m pip install"
     if requirements_file.is_file():
         return (f"Install them with '{pip} -r {requirements_file}', or run the script with the "

@@ -1,7 +1,9 @@
-"""Which devices and machines train: a `tf.distribute` strategy from --devices, TF_CONFIG or SLURM.
+"""Which devices and machines train: a `tf.distribute` strategy from --devices, TF_CONFIG or
+SLURM under TensorFlow; a `keras.distribution.DataParallel` over local devices under JAX.
 
 Training never distributes work itself; it builds and fits its Keras models inside the scope
-of the strategy chosen here, and Keras splits every global batch over the replicas:
+of the strategy chosen here, and Keras splits every global batch over the replicas. Under
+TensorFlow:
 
 - one device (one GPU, or the CPU): TensorFlow's default strategy, no overhead;
 - several GPUs of one machine (all visible ones by default, or `--devices 0,2`):
@@ -11,6 +13,12 @@ of the strategy chosen here, and Keras splits every global batch over the replic
 - several processes, described by TF_CONFIG or started by `srun` with more than one task:
   `MultiWorkerMirroredStrategy`, each worker using the GPUs it sees (or its CPU).
 
+Under JAX, several local devices (every visible GPU by default, `--devices 0,2`, or
+`--devices cpu:N`, for which this process asks XLA for N host devices before JAX starts)
+train under `keras.distribution.DataParallel`; the strategy object is then a stand-in whose
+scope does nothing. Several processes (TF_CONFIG, srun with several tasks) need TensorFlow
+under this tool, as does more than one device under torch: both stop with a BackendError.
+
 The global batch is `--batch-size` times the number of replicas. Only the chief (worker 0)
 writes the model directory and its checkpoints; every worker reads the same checkpoint to
 resume, so the model directory must be on a filesystem all workers share.
@@ -18,13 +26,14 @@ resume, so the model directory must be on a filesystem all workers share.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 from dataclasses import dataclass
 
-from symbol_trainer.backend import tf  # TensorFlow first, quietly
+from symbol_trainer.backend import BACKEND, keras, tf  # TensorFlow first, quietly
 
 from symbol_trainer.settings import DEVICES_HELP, DeviceChoice  # noqa: F401  (re-exported)
 
@@ -34,7 +43,7 @@ log = logging.getLogger(__name__)
 class Placement:
     """The strategy training runs under, and this process's part in it."""
 
-    strategy: tf.distribute.Strategy
+    strategy: object         # tf.distribute.Strategy, or LocalScope under JAX and torch
     replicas: int            # devices that each take a share of every global batch
     workers: int             # processes taking part
     worker_index: int
@@ -139,10 +148,96 @@ def _rearm_python_sigterm() -> None:
             pass
 
 
+def is_multi_worker(placement: Placement) -> bool:
+    """Whether `placement` is TensorFlow's MultiWorkerMirroredStrategy."""
+    return tf is not None and isinstance(placement.strategy,
+                                         tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def batch_multiple(placement: Placement) -> int:
+    """What every batch's length must be a multiple of: the replicas under keras.distribution
+    (JAX), which splits batches evenly; 1 under tf.distribute, which splits any batch."""
+    return 1 if BACKEND == "tensorflow" else placement.replicas
+
+
+class LocalScope:
+    """The stand-in for a tf.distribute strategy under JAX and torch: Keras's distribution
+    (if any) is set globally, so a scope has nothing to do."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def default_placement() -> Placement:
+    """The backend's default device, no distribution: one process, one replica."""
+    strategy = tf.distribute.get_strategy() if BACKEND == "tensorflow" else LocalScope()
+    return Placement(strategy, 1, 1, 0, "the default device")
+
+
+def _jax_devices(choice: DeviceChoice) -> list:
+    import jax
+
+    if choice.kind == "cpu":
+        if choice.cpu_devices > 1 and "xla_force_host_platform_device_count" not in \
+                os.environ.get("XLA_FLAGS", ""):
+            # Read when JAX starts its CPU client, which nothing has asked for yet in a run.
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                       f"platform_device_count={choice.cpu_devices}").strip()
+        devices = jax.devices("cpu")
+        if len(devices) < choice.cpu_devices:
+            raise ValueError(
+                f"JAX has {len(devices)} CPU device(s) in this process; start it with XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{choice.cpu_devices}")
+        return devices[:choice.cpu_devices]
+    if choice.kind == "gpus":
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        missing = [i for i in choice.gpu_indices if i >= len(gpus)]
+        if missing:
+            raise ValueError(f"GPU {missing[0]} does not exist: this machine has {len(gpus)} "
+                             f"visible GPU(s), numbered from 0")
+        return [gpus[i] for i in choice.gpu_indices]
+    return jax.local_devices()
+
+
+def _local_placement(choice: DeviceChoice) -> Placement:
+    """JAX and torch: the devices of `choice` on this machine, data parallel under JAX when
+    there are several."""
+    if BACKEND == "torch":
+        from keras.src.backend.torch.core import get_device
+        device = str(get_device())
+        if choice.kind == "cpu" and device != "cpu":
+            raise ValueError("--devices cpu under torch: start the run with "
+                             "KERAS_TORCH_DEVICE=cpu (torch picks its device when it starts)")
+        if choice.kind == "gpus" and (choice.gpu_indices != (0,) or device == "cpu"):
+            raise ValueError(f"--devices {choice.gpu_indices[0]} under torch: make that GPU "
+                             f"the only visible one (CUDA_VISIBLE_DEVICES) and leave --devices "
+                             f"at auto")
+        return Placement(LocalScope(), 1, 1, 0, f"one device ({device})")
+    devices = _jax_devices(choice)
+    names = ", ".join(str(d) for d in devices)
+    keras.distribution.set_distribution(None)
+    if len(devices) == 1:
+        if choice.kind != "auto":  # --devices cpu on a GPU machine, or one GPU of several
+            import jax
+            jax.config.update("jax_default_device", devices[0])
+        return Placement(LocalScope(), 1, 1, 0, f"one device ({names})")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return Placement(LocalScope(), len(devices), 1, 0,
+                     f"keras.distribution.DataParallel over {len(devices)} devices ({names})")
+
+
 def placement(choice: DeviceChoice) -> Placement:
     """The strategy for `choice` and the cluster this process belongs to (TF_CONFIG, SLURM).
     Call it before any TensorFlow operation runs: devices and collective operations can only
-    be set up before TensorFlow starts its runtime. Raises ValueError for impossible choices."""
+    be set up before TensorFlow starts its runtime. Raises ValueError for impossible choices,
+    BackendError for what only TensorFlow does here."""
+    if BACKEND != "tensorflow":
+        return _local_placement(choice)
     cluster = _cluster_workers()
     _restrict_devices(choice)
     if cluster is not None:

@@ -67,3 +67,6 @@ class ImageReadError(InputError):
     def __reduce__(self):  # pickled whole, so that a decoding process can raise it
         return type(self), (self.path, self.reason)
 
+
+class BackendError(InputError):
+    """A feature that the active Keras backend lacks was asked for. Exit code 2."""

@@ -227,7 +227,9 @@ def _call(model, batch: np.ndarray):
         # A loaded model's one input is the list ['image'] to Keras, and a bare batch means
         # the same (as in datasets.compiled_inference).
         warnings.filterwarnings("ignore", message="The structure of `inputs`")
-        return model(batch, training=False)
+        import keras
+        # NumPy whatever the backend (a torch tensor that tracks gradients has no __array__).
+        return keras.tree.map_structure(keras.ops.convert_to_numpy, model(batch, training=False))
 
 
 def heatmaps(loaded_model, images: Sequence, *, batch_size: int = 32) -> np.ndarray:

@@ -6,15 +6,13 @@ videos and outputs are in prediction).
 from __future__ import annotations
 
 import os
-import re
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from symbol_trainer.backend import tf
 from symbol_trainer.datasets import image_dataset, run_inference
-from symbol_trainer.errors import ImageReadError, InputError
+from symbol_trainer.errors import ImageReadError
 from symbol_trainer.images import ImageGeometry
 from symbol_trainer.labels_csv import VISIBLE_SUFFIX
 from symbol_trainer.model_dir import LoadedModel, decision_thresholds, load_model_dir
@@ -40,15 +38,8 @@ def predict_images(model_dir_or_loaded: str | os.PathLike | LoadedModel,
     for path in paths:
         if not os.path.isfile(path):
             raise ImageReadError(path, "file not found")
-    try:
-        outputs = run_inference(loaded.model, image_dataset(paths, geometry, batch_size))
-    except tf.errors.OpError as error:
-        # A file that became unreadable surfaces from the tf.data worker as an OpError
-        # whose text carries our ImageReadError message; give the user that line only.
-        match = re.search(r"ImageReadError: (.*?)(?:\n|$)", str(error))
-        if match is None:
-            raise
-        raise InputError(match.group(1)) from None
+    # A file that became unreadable raises its ImageReadError (an InputError) from here.
+    outputs = run_inference(loaded.model, image_dataset(paths, geometry, batch_size))
     table = pd.DataFrame({"filename": paths})
     for symbol in symbols:
         probability = outputs[symbol][:, 0].astype(np.float64)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from symbol_trainer.backend import keras, tf
+from symbol_trainer.backend import keras
 from symbol_trainer import heads
 from symbol_trainer.errors import WeightsUnavailableError
 from symbol_trainer.images import ImageGeometry
@@ -151,7 +151,7 @@ def calibrate_batchnorm(parts: ModelParts, images: np.ndarray) -> None:
     """
     layers = [l for l in parts.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in layers]
-    x = tf.convert_to_tensor(images, dtype=tf.float32)
+    x = keras.ops.convert_to_tensor(np.asarray(images, np.float32))
     if parts.preprocessing is not None:
         x = parts.preprocessing(x)
     trainable = parts.backbone.trainable

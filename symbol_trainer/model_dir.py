@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from symbol_trainer.backend import keras, tf
+from symbol_trainer.backend import BACKEND, keras
 from symbol_trainer import output_dir as output_dir_checks
 from symbol_trainer import run_lock
 from symbol_trainer.errors import InputError, listing
@@ -102,8 +102,11 @@ class ModelDirectory:
 
 def package_versions() -> dict:
     import PIL
-    return {"python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+    import importlib
+    backend = importlib.import_module(BACKEND)  # already imported by Keras
+    # "backend" names the Keras backend that trained the model; its package has its version.
+    return {"python": platform.python_version(), "backend": BACKEND,
+            BACKEND: backend.__version__, "keras": keras.__version__, "numpy": np.__version__, "pandas": pd.__version__,
             "pillow": PIL.__version__}
 
 

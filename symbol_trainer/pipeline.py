@@ -38,7 +38,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from symbol_trainer.backend import keras
+from symbol_trainer.backend import BACKEND, keras
+from symbol_trainer.dependencies import require_backend_features
 from symbol_trainer import checkpoints
 from symbol_trainer import distribution
 from symbol_trainer import evaluation
@@ -228,6 +229,8 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     if exports:  # the backend and the packages each export needs, before any training
         from symbol_trainer.export import check_formats
         check_formats(exports)
+    # What only TensorFlow does (--tensorboard, TF_CONFIG, ...) fails before any work.
+    require_backend_features(config.devices, config.tensorboard, BACKEND)
     try:
         placement = distribution.placement(distribution.DeviceChoice.parse(config.devices))
     except ValueError as error:

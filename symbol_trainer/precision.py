@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 from typing import Sequence
 
-from symbol_trainer.backend import keras, tf
+from symbol_trainer.backend import BACKEND, keras, tf
 from symbol_trainer.images import ImageGeometry
 from symbol_trainer.model import ModelParts, build_model
 from symbol_trainer.settings import TrainingConfig
@@ -18,14 +18,34 @@ def mixed_precision_enabled(setting: str) -> bool:
     """Whether --mixed-precision `setting` means float16 compute on this machine."""
     if setting != "auto":
         return setting == "on"
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return False
+    capabilities = gpu_capabilities()
+    return bool(capabilities) and all(c is not None and c >= (7, 0) for c in capabilities)
+
+
+def gpu_capabilities() -> list[tuple[int, int] | None]:
+    """The CUDA compute capability of each GPU the backend sees (None where it does not say);
+    an empty list without GPUs."""
+    if BACKEND == "tensorflow":
+        capabilities = []
+        for gpu in tf.config.list_physical_devices("GPU"):
+            capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            capabilities.append(tuple(capability) if capability else None)
+        return capabilities
+    if BACKEND == "torch":
+        import torch
+        if not torch.cuda.is_available():
+            return []
+        return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+    import jax
+    gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+    capabilities = []
     for gpu in gpus:
-        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
-        if not capability or tuple(capability) < (7, 0):
-            return False
-    return True
+        text = getattr(gpu, "compute_capability", None)  # "9.0" on CUDA devices
+        try:
+            capabilities.append(tuple(int(part) for part in str(text).split(".")[:2]))
+        except ValueError:
+            capabilities.append(None)
+    return capabilities
 
 
 @contextlib.contextmanager

@@ -577,9 +577,9 @@ def predict_inputs(loaded: LoadedModel, inputs: Inputs, writer: RowWriter, *,
         if readable:
             outputs = infer(np.stack([f.pixels for f in readable]))
             if heatmap_writer:
-                maps = iter(heatmaps.sigmoid(outputs["score_map"].numpy()))
+                maps = iter(heatmaps.sigmoid(outputs["score_map"]))
                 outputs = outputs["probabilities"]
-            values = iter(np.concatenate([outputs[s].numpy() for s in symbols], axis=1)
+            values = iter(np.concatenate([outputs[s] for s in symbols], axis=1)
                           .astype(np.float64))
         for frame in batch:
             if frame.video != current_video:

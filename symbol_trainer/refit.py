@@ -31,7 +31,8 @@ from typing import Sequence
 import numpy as np
 
 from symbol_trainer import symbol_paste
-from symbol_trainer.backend import keras, tf
+from symbol_trainer import distribution
+from symbol_trainer.backend import keras
 from symbol_trainer.callbacks import FiniteLossGuard
 from symbol_trainer.datasets import epoch_batches, feature_dataset
 from symbol_trainer.features import backbone_features
@@ -126,10 +127,13 @@ def _fit_exactly(model, phase: str, epochs: int, batches, steps: int,
     rates = {"--fine-tune-learning-rate": config.fine_tune_learning_rate} \
         if phase == "fine_tune" else {}
     rates["--learning-rate"] = config.learning_rate
-    if isinstance(run.placement.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if distribution.is_multi_worker(run.placement):
         _build_for_workers(model, run.placement.strategy, batches)
-    model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=verbose, shuffle=False,
-              callbacks=[FiniteLossGuard(phase, rates), RefitLog(phase, epochs, rows)])
+    try:
+        model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=verbose, shuffle=False,
+                  callbacks=[FiniteLossGuard(phase, rates), RefitLog(phase, epochs, rows)])
+    finally:
+        batches.close()
 
 
 def _features(parts: ModelParts, images: LabelledImages,
@@ -173,7 +177,8 @@ def train_on_all_frames(images: LabelledImages, config: TrainingConfig,
     fused = compiled_head(parts, symbols, config, run, steps)
     _fit_exactly(fused, "head", epochs["head"], feature_dataset(
         features, targets, batch, epoch_batches(len(targets), batch, config.seed, 0,
-                                                epochs["head"])),
+                                                epochs["head"],
+                                                distribution.batch_multiple(run.placement))),
         steps, config, run, rows)
     _copy_fused_head(fused, parts, symbols)
     del features
@@ -186,7 +191,8 @@ def train_on_all_frames(images: LabelledImages, config: TrainingConfig,
         # --symbol-image pastes as in the validation run's fine-tuning (symbol_paste.py).
         paster = symbol_paste.paster_for(symbol_images, symbols, config)
         _fit_exactly(model, "fine_tune", epochs["fine_tune"], fine_tuning_batches(
-            paths, targets, geometry, batch, config, store, paster, 0, epochs["fine_tune"]),
+            paths, targets, geometry, batch, config, store, paster, 0, epochs["fine_tune"],
+            distribution.batch_multiple(run.placement)),
             steps, config, run, rows)
         _copy_fused_head(fused, parts, symbols)
         parts.backbone.trainable = False

@@ -69,8 +69,9 @@ DEVICES_HELP = (
     "GPUs are visible), or 'cpu:N' (N logical CPU devices under MirroredStrategy, to try the "
     "multi-device path without GPUs; slower than one). --batch-size is per device: the global "
     "batch is --batch-size times the number of devices. Across machines, TF_CONFIG or an srun "
-    "with several tasks starts MultiWorkerMirroredStrategy (see docs/batch-jobs.md). "
-    "Default: %(default)s.")
+    "with several tasks starts MultiWorkerMirroredStrategy (see docs/batch-jobs.md). Under "
+    "KERAS_BACKEND=jax several devices train under keras.distribution.DataParallel instead, "
+    "and several machines need TensorFlow (docs/backends.md). Default: %(default)s.")
 
 
 @dataclass(frozen=True)

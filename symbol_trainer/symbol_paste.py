@@ -257,20 +257,11 @@ def paster_for(images: Sequence[SymbolImage], symbols: Sequence[str],
 
 
 def pasting(dataset, paster: SymbolPaster | None, first_batch: int = 0):
-    """`dataset` of (images, targets) batches with `paster` applied, the batches numbered
-    from `first_batch` (an epoch's batches are then the same when a run resumes there);
-    `dataset` itself when `paster` is None."""
+    """`dataset` (a datasets.Batches stream of (images, targets) batches) with `paster`
+    applied to each batch in NumPy, in the threads that load them, the batches numbered from
+    `first_batch` (an epoch's batches are then the same when a run resumes there); `dataset`
+    itself when `paster` is None."""
     if paster is None:
         return dataset
-    from symbol_trainer.backend import tf  # the input pipeline is tf.data; the paste itself is NumPy
-
-    def apply(number, batch):
-        images, targets = batch
-        pasted, labelled = tf.numpy_function(paster.paste_batch, [images, targets, number],
-                                             (tf.uint8, tf.float32), stateful=False)
-        pasted.set_shape(images.shape)
-        labelled.set_shape(targets.shape)
-        return pasted, labelled
-
-    return dataset.enumerate(first_batch).map(apply, num_parallel_calls=tf.data.AUTOTUNE,
-                                               deterministic=True).prefetch(tf.data.AUTOTUNE)
+    return dataset.map_batches(lambda batch, number: paster.paste_batch(*batch, number),
+                               first_batch)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from symbol_trainer.backend import keras, tf
+from symbol_trainer.backend import BACKEND, keras
 from symbol_trainer import augmentation
 from symbol_trainer import checkpoints
 from symbol_trainer import distribution
@@ -23,7 +23,7 @@ from symbol_trainer import schedules
 from symbol_trainer import symbol_paste
 from symbol_trainer.callbacks import (
     EpochCheckpoint, EpochLog, FiniteLossGuard, ResumableEarlyStopping, ValidationScores)
-from symbol_trainer.datasets import epoch_batches, feature_dataset, image_dataset
+from symbol_trainer.datasets import Batches, epoch_batches, feature_dataset, image_dataset
 from symbol_trainer.errors import InputError
 from symbol_trainer.images import ImageGeometry
 from symbol_trainer.model import ModelParts, unfreeze_top
@@ -128,10 +128,9 @@ class TrainingRun:
 
 
 def single_device_run() -> TrainingRun:
-    """Training on TensorFlow's default device, without a checkpoint: what library callers that
-    train one phase by hand (benchmarks, tests) get."""
-    return TrainingRun(distribution.Placement(tf.distribute.get_strategy(), 1, 1, 0,
-                                              "the default device"))
+    """Training on the backend's default device, without a checkpoint: what library callers
+    that train one phase by hand (benchmarks, tests) get."""
+    return TrainingRun(distribution.default_placement())
 
 
 def _restore_variables(model: keras.Model, state: checkpoints.PhaseState) -> None:
@@ -150,24 +149,22 @@ def _restore_variables(model: keras.Model, state: checkpoints.PhaseState) -> Non
         variable.assign(value)
 
 
-def _build_for_workers(model: keras.Model, strategy: tf.distribute.Strategy,
-                       dataset: tf.data.Dataset) -> None:
+def _build_for_workers(model: keras.Model, strategy, dataset) -> None:
     """Build `model`'s state from the shapes of `dataset` before fitting it across workers.
 
     Keras 3.15 builds a model under a tf.distribute strategy inside fit() by averaging its
     first batch over the replicas with `strategy.reduce`, which MultiWorkerMirroredStrategy
     cannot do for an (images, targets) pair ('unsupported type PerReplica'). Built here from
     shapes alone, fit() and evaluate() are told to skip that step."""
-    example = tf.nest.map_structure(
-        lambda spec: np.zeros([1, *spec.shape[1:]], spec.dtype.as_numpy_dtype),
-        dataset.element_spec)
+    example = keras.tree.map_structure(lambda a: np.zeros([1, *a.shape[1:]], a.dtype),
+                                       dataset[0])
     with strategy.scope():
         model._symbolic_build(data_batch=example)
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
 def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: TrainingRun,
-              train_data: Callable[[int], tf.data.Dataset], steps: int,
+              train_data: Callable[[int], Batches], steps: int,
               validation: ValidationScores, rows: list[dict], verbose: int = 0,
               keep_start_unless_beaten: bool = False) -> int:
     """Fit a compiled `model` for one phase, with `validation` scoring every epoch, early
@@ -204,7 +201,7 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
             return int(resumed.early_stopping.get("best_epoch", -1)) + 1
         first_epoch = resumed.epochs_done
     batches = train_data(first_epoch)
-    if isinstance(run.placement.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if distribution.is_multi_worker(run.placement):
         _build_for_workers(model, run.placement.strategy, batches)
     # Validation first: the callbacks after it read its scores from the epoch's logs.
     # A head phase that trained at too high a rate can leave weights that only overflow in
@@ -220,8 +217,11 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.tensorboard, phase),
                                                      write_graph=False))
     # shuffle=False: the batches come shuffled by epoch_batches.
-    model.fit(batches, steps_per_epoch=steps, initial_epoch=first_epoch, epochs=epochs,
-              verbose=verbose, callbacks=callbacks, shuffle=False)
+    try:
+        model.fit(batches, steps_per_epoch=steps, initial_epoch=first_epoch, epochs=epochs,
+                  verbose=verbose, callbacks=callbacks, shuffle=False)
+    finally:
+        batches.close()  # early stopping leaves batches loading ahead
     return early_stopping.best_epoch + 1
 
 
@@ -235,9 +235,11 @@ def compiled_head(parts: ModelParts, symbols: Sequence[str], config: TrainingCon
         # millisecond of Keras's per-call overhead; running a whole epoch in one compiled call
         # halves the head epochs' time (0.3 s to 0.13 s at 5,000 frames and 45 symbols).
         # Keras 3.15 cannot run several steps per call under MirroredStrategy (an
-        # InvalidArgumentError in multi_step_on_iterator), so several replicas keep one.
+        # InvalidArgumentError in multi_step_on_iterator), so several replicas keep one, and
+        # Keras's torch backend runs one step per call only.
+        several = run.placement.replicas == 1 and BACKEND != "torch"
         compile_fused(fused, config.learning_rate, config.xla,
-                      steps_per_execution=steps if run.placement.replicas == 1 else 1)
+                      steps_per_execution=steps if several else 1)
     return fused
 
 
@@ -254,7 +256,8 @@ def train_head(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig
     targets = fused_targets(train[1], train[2])
     fit_phase(fused, "head", config, run,
               lambda first: feature_dataset(train[0], targets, batch, epoch_batches(
-                  len(targets), batch, config.seed, first, config.epochs)),
+                  len(targets), batch, config.seed, first, config.epochs,
+                  distribution.batch_multiple(run.placement))),
               steps,
               ValidationScores(lambda: (validation[0][i:i + batch]
                                         for i in range(0, len(validation[0]), batch)),
@@ -287,9 +290,11 @@ def compiled_fine_tuning(parts: ModelParts, symbols: Sequence[str], config: Trai
     log.info("Fine-tuning the top %d weighted layers of %s, learning rate %s", layers,
              config.backbone, schedules.describe(rate))
     # XLA is not known to compile the augmentation's image resampling op, so 'auto' leaves
-    # an augmented fine-tuning step to TensorFlow's own kernels; --xla on forces it.
+    # an augmented fine-tuning step to TensorFlow's own kernels; --xla on forces it. Under
+    # JAX, XLA is the only compiler (off runs every op eagerly, many times slower), and
+    # under torch 'auto' is Keras's choice.
     augmented = augmentation.augments(config.augment, config.flip)
-    xla = "off" if augmented and config.xla == "auto" else config.xla
+    xla = "off" if augmented and config.xla == "auto" and BACKEND == "tensorflow" else config.xla
     with run.placement.strategy.scope():
         fused = fused_head(parts, symbols, config.dropout)
         model = training_model(parts, fused, config)
@@ -299,13 +304,14 @@ def compiled_fine_tuning(parts: ModelParts, symbols: Sequence[str], config: Trai
 
 def fine_tuning_batches(paths: Sequence[str], targets: np.ndarray, geometry: ImageGeometry,
                         batch: int, config: TrainingConfig, store: PixelStore | None,
-                        paster, first: int, epochs: int):
+                        paster, first: int, epochs: int, multiple: int = 1) -> Batches:
     """The fine-tuning batches from epoch `first` (counted from 0) of `epochs`: the images in
-    each epoch's seeded order, --symbol-image pastes numbered from that epoch's first batch."""
+    each epoch's seeded order, --symbol-image pastes numbered from that epoch's first batch.
+    `multiple`: see datasets.BatchOrder."""
     steps = math.ceil(len(targets) / batch)
     return symbol_paste.pasting(image_dataset(
         paths, geometry, batch, targets=targets, store=store,
-        order=epoch_batches(len(targets), batch, config.seed, first, epochs)),
+        order=epoch_batches(len(targets), batch, config.seed, first, epochs, multiple)),
         paster, first * steps)
 
 
@@ -330,7 +336,8 @@ def fine_tune(parts: ModelParts, symbols: Sequence[str], config: TrainingConfig,
     kept = fit_phase(model, "fine_tune", config, run,
                      lambda first: fine_tuning_batches(train[0], targets, geometry, batch,
                                                        config, store, paster, first,
-                                                       config.fine_tune_epochs),
+                                                       config.fine_tune_epochs,
+                                                       distribution.batch_multiple(run.placement)),
                      steps,
                      ValidationScores(lambda: image_dataset(validation[0], geometry, batch,
                                                             store=store),

@@ -70,3 +70,41 @@ def test_configured_backend_follows_keras_rules(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "theano")
     with pytest.raises(InputError, match="KERAS_BACKEND names the Keras backend 'theano'"):
         dependencies.configured_backend()
+
+
+def test_each_backend_is_told_its_own_requirements_file(monkeypatch):
+    assert dependencies.requirements_file_for("tensorflow") == ROOT / "requirements.txt"
+    for backend in ("jax", "torch"):
+        path = dependencies.requirements_file_for(backend)
+        assert path == ROOT / f"requirements-{backend}.txt" and path.is_file()
+        pins = path.read_text()
+        assert "tensorflow" not in pins and f"\n{backend}" in pins
+        monkeypatch.setenv("KERAS_BACKEND", backend)
+        assert f"-r {path}'" in dependencies.install_advice([backend])
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    assert f"-r {ROOT / 'requirements.txt'}'" in dependencies.install_advice(["numpy"])
+    # The backend files pin the same versions as requirements.txt, less TensorFlow's two.
+    common = {l for l in (ROOT / "requirements.txt").read_text().splitlines()
+              if "==" in l and not l.startswith(("tensorflow", "tensorboard"))}
+    for backend in ("jax", "torch"):
+        assert common <= set(dependencies.requirements_file_for(backend).read_text().splitlines())
+
+
+def test_tensorflow_only_run_features_are_named_under_other_backends(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert dependencies.tensorflow_only_features("cpu:2", "logs", "tensorflow") == []
+    assert dependencies.tensorflow_only_features("cpu:2", None, "jax") == []
+    assert dependencies.tensorflow_only_features("auto", "logs", "jax") == ["--tensorboard"]
+    assert dependencies.tensorflow_only_features("0,1", None, "torch") == [
+        "--devices 0,1 (several devices; KERAS_BACKEND=jax has them too)"]
+    assert dependencies.tensorflow_only_features("0", None, "torch") == []
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {}}')
+    assert dependencies.tensorflow_only_features("auto", None, "jax") == [
+        "TF_CONFIG (tf.distribute multi-worker training)"]
+    from symbol_trainer.errors import BackendError
+    with pytest.raises(BackendError, match=r"^TF_CONFIG \(tf.distribute multi-worker training\) "
+                                           r"needs the TensorFlow backend, and this run uses "
+                                           r"KERAS_BACKEND=jax\. Run it with"):
+        dependencies.require_backend_features("auto", None, "jax")
+    dependencies.require_backend_features("auto", "logs", "tensorflow")

@@ -123,12 +123,12 @@ def test_each_output_is_the_sigmoid_of_its_symbols_pooled_logit():
 def test_feature_dataset_gathers_maps_by_index():
     maps = np.arange(6 * 2 * 3 * 4, dtype=np.float16).reshape(6, 2, 3, 4)
     targets = np.arange(6, dtype=np.float32)[:, None]
-    import tensorflow as tf
-    order = tf.data.Dataset.from_tensor_slices(np.array([[4, 1], [0, 5]], np.int64))
+    order = datasets.BatchOrder(6, 2, batches=[[4, 1], [0, 5]])
     batches = list(datasets.feature_dataset(maps, targets, 2, order))
-    np.testing.assert_array_equal(batches[0][0].numpy(), maps[[4, 1]])
-    np.testing.assert_array_equal(batches[1][1].numpy(), targets[[0, 5]])
-    assert batches[0][0].dtype == tf.float16
+    assert len(batches) == 2
+    np.testing.assert_array_equal(batches[0][0], maps[[4, 1]])
+    np.testing.assert_array_equal(batches[1][1], targets[[0, 5]])
+    assert batches[0][0].dtype == np.float16
 
 
 def test_pooling_is_a_checked_setting_in_the_run_key():

@@ -112,17 +112,19 @@ def test_rate_zero_pastes_nothing():
 
 
 def test_the_dataset_hook_maps_batches_and_numbers_them_from_the_given_batch():
-    import tensorflow as tf
+    from symbol_trainer.datasets import BatchOrder, Batches
 
     paster = symbol_paste.SymbolPaster([green_ring_image()], SYMBOLS, rate=0.5, seed=1)
     given = targets(np.zeros((6, 2)), np.ones((6, 2)))
-    dataset = tf.data.Dataset.from_tensors((grey_batch(), given)).repeat(3)
-    batches = list(symbol_paste.pasting(dataset, paster, first_batch=10).as_numpy_iterator())
+    dataset = Batches(BatchOrder(6, 6, epochs=3), lambda rows: (grey_batch(), given[rows]))
+    batches = list(symbol_paste.pasting(dataset, paster, first_batch=10))
     assert len(batches) == 3
     for number, (images, labelled) in enumerate(batches, start=10):
         expected = paster.paste_batch(grey_batch(), given, number)
         np.testing.assert_array_equal(images, expected[0])
         np.testing.assert_array_equal(labelled, expected[1])
+    assert not np.array_equal(batches[0][0], batches[1][0])  # numbered, not pasted alike
+    np.testing.assert_array_equal(dataset[1][0], batches[1][0])  # the same when asked again
 
 
 def test_symbol_without_alpha_is_pasted_as_a_rectangle_with_a_soft_border(tmp_path):

@@ -1,0 +1,120 @@
+"""The tool under other Keras backends than TensorFlow: the scripts started in subprocesses
+with KERAS_BACKEND=jax (or torch, when this Python has it): training, predict.py, a model
+trained under one backend predicting the same under another, TensorFlow-only features
+refused in one line, and several devices under keras.distribution."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import build_multi_hot_model
+from conftest import FAST, ROOT, process_environment, run_script, training_command
+
+BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
+    importlib.util.find_spec(name) is None, reason=f"{name} is not installed in this Python "
+    f"(requirements-dev.txt installs jax[cpu]; torch is optional)")) for name in ("jax", "torch")]
+# Small and quick: the fine-tuning step is compiled once per batch shape, which costs most
+# of a JAX run on CPU; one head epoch and one fine-tuning epoch of one batch length.
+QUICK = [*FAST, "--weights", "none", "--epochs", "2", "--batch-size", "12"]
+
+
+def _environment(tmp_path, backend: str, **extra) -> dict:
+    home = tmp_path / f"keras_home_{backend}"
+    home.mkdir(exist_ok=True)
+    return process_environment(home, KERAS_BACKEND=backend, **extra)
+
+
+def _run(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _predict(model_dir, images, out, env) -> pd.DataFrame:
+    done = _run([sys.executable, str(ROOT / "predict.py"), str(model_dir), str(images),
+                 "--output", str(out)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pd.read_csv(out).sort_values("filename").reset_index(drop=True)
+
+
+def _probabilities(table: pd.DataFrame) -> np.ndarray:
+    return table[[c for c in table.columns if c.endswith("_probability")]].to_numpy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_trained_under_the_backend_predicts_the_same_under_tensorflow(
+        backend, small_two_symbol_csv, tmp_path):
+    out = tmp_path / "model"
+    env = _environment(tmp_path, backend)
+    done = _run(training_command(small_two_symbol_csv, out, *QUICK, "--json"), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["status"] == "ok" and record["written"]
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["packages"]["backend"] == backend and backend in metadata["packages"]
+    assert "tensorflow" not in metadata["packages"]
+    frames = small_two_symbol_csv[0]
+    there = _predict(out, frames, tmp_path / f"{backend}.csv", env)
+    assert len(there) == 32 and there["error"].isna().all()
+    here = _predict(out, frames, tmp_path / "tensorflow.csv",
+                    _environment(tmp_path, "tensorflow"))
+    assert list(here["filename"]) == list(there["filename"])
+    np.testing.assert_allclose(_probabilities(there), _probabilities(here), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_trained_under_tensorflow_predicts_the_same_under_the_backend(
+        backend, small_two_symbol_csv, tmp_path):
+    out = tmp_path / "model"
+    frames, labels = small_two_symbol_csv
+    assert run_script(build_multi_hot_model, [frames, labels, out, *FAST, "--weights", "none",
+                                              "--fine-tune-epochs", "0"]) == 0
+    assert json.loads((out / "metadata.json").read_text())["packages"]["backend"] == "tensorflow"
+    here = _predict(out, frames, tmp_path / "tensorflow.csv", _environment(tmp_path, "tensorflow"))
+    there = _predict(out, frames, tmp_path / f"{backend}.csv", _environment(tmp_path, backend))
+    assert list(here["filename"]) == list(there["filename"])
+    np.testing.assert_allclose(_probabilities(there), _probabilities(here), atol=1e-4)
+    assert (there.filter(like="_visible") == here.filter(like="_visible")).all().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensorflow_only_features_stop_at_once_in_one_line(backend, small_two_symbol_csv,
+                                                            tmp_path):
+    env = _environment(tmp_path, backend)
+    done = _run(training_command(small_two_symbol_csv, tmp_path / "model", *QUICK,
+                                 "--tensorboard", tmp_path / "logs"), env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == (f"ERROR: --tensorboard needs the TensorFlow backend, and this run uses "
+                         f"KERAS_BACKEND={backend}. Run it with KERAS_BACKEND=tensorflow "
+                         f"(TensorFlow installed), or leave --tensorboard out.")
+    assert not (tmp_path / "model").exists() and not (tmp_path / "logs").exists()
+    cluster = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                          "task": {"type": "worker", "index": 0}})
+    done = _run(training_command(small_two_symbol_csv, tmp_path / "model", *QUICK),
+                {**env, "TF_CONFIG": cluster})
+    assert done.returncode == 2
+    assert "TF_CONFIG (tf.distribute multi-worker training) needs the TensorFlow backend" in \
+        done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_two_cpu_devices_train_data_parallel_under_jax(small_two_symbol_csv, tmp_path):
+    """--devices cpu:2 asks XLA for two host devices; keras.distribution splits each global
+    batch of 2 x --batch-size over them (the last, shorter batch filled up to an even
+    length). The fine-tuning phase is left out: its compilation would double the time."""
+    env = _environment(tmp_path, "jax")
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "model"
+    done = _run(training_command(small_two_symbol_csv, out, *QUICK, "--fine-tune-epochs", "0",
+                                 "--batch-size", "5", "--devices", "cpu:2", "--json"), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "keras.distribution.DataParallel over 2 devices" in done.stderr
+    metrics = json.loads((out / "metadata.json").read_text())
+    assert json.loads(done.stdout.strip().splitlines()[-1])["written"]
+    assert metrics["training"]["replicas"] == 2 and metrics["training"]["global_batch_size"] == 10
