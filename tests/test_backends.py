@@ -79,7 +79,6 @@ def test_a_model_trained_under_tensorflow_predicts_the_same_under_the_backend(
     there = _predict(out, frames, tmp_path / f"{backend}.csv", _environment(tmp_path, backend))
     assert list(here["filename"]) == list(there["filename"])
     np.testing.assert_allclose(_probabilities(there), _probabilities(here), atol=1e-4)
-    assert (there.filter(like="_visible") == here.filter(like="_visible")).all().all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,7 +113,7 @@ def test_two_cpu_devices_train_data_parallel_under_jax(small_two_symbol_csv, tmp
     done = _run(training_command(small_two_symbol_csv, out, *QUICK, "--fine-tune-epochs", "0",
                                  "--batch-size", "5", "--devices", "cpu:2", "--json"), env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "keras.distribution.DataParallel over 2 devices" in done.stderr
-    metrics = json.loads((out / "metadata.json").read_text())
     assert json.loads(done.stdout.strip().splitlines()[-1])["written"]
-    assert metrics["training"]["replicas"] == 2 and metrics["training"]["global_batch_size"] == 10
+    training = json.loads((out / "metadata.json").read_text())["training"]
+    assert training["devices"].startswith("keras.distribution.DataParallel over 2 devices")
+    assert training["replicas"] == 2 and training["global_batch_size"] == 10
