@@ -61,7 +61,7 @@ def augmented_features(parts, paths, geometry, policy: str, seed: int) -> np.nda
             paths, geometry, FEATURE_CHUNK_BATCHES * BATCH)) as decoded:
         for images in decoded:
             for first in range(0, len(images), BATCH):
-                chunks.append(infer(images[first:first + BATCH]).numpy())
+                chunks.append(np.asarray(infer(images[first:first + BATCH])))
     return np.concatenate(chunks).astype(np.float32)
 
 
