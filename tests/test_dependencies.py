@@ -108,3 +108,26 @@ def test_tensorflow_only_run_features_are_named_under_other_backends(monkeypatch
                                            r"KERAS_BACKEND=jax\. Run it with"):
         dependencies.require_backend_features("auto", None, "jax")
     dependencies.require_backend_features("auto", "logs", "tensorflow")
+
+
+def _pins(path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            name, _, version = line.partition("==")
+            pins[name.split("[", 1)[0].lower()] = version
+    return pins
+
+
+@pytest.mark.parametrize("backend_file, backend_package", [
+    ("requirements-jax.txt", "jax"), ("requirements-torch.txt", "torch")])
+def test_backend_requirement_files_pin_what_requirements_txt_pins(backend_file, backend_package):
+    # requirements.txt stays flat (pyproject.toml reads it), so the other backends' files
+    # repeat its pins: they must not drift apart.
+    default = _pins(ROOT / "requirements.txt")
+    other = _pins(ROOT / backend_file)
+    shared = {name: version for name, version in default.items()
+              if name not in ("tensorflow", "tensorboard")}
+    assert {name: version for name, version in other.items() if name != backend_package} == shared
+    assert backend_package in other
