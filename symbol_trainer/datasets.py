@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import os
 import threading
 import time
 import warnings
@@ -23,14 +22,16 @@ import numpy as np
 
 from symbol_trainer.backend import BACKEND, keras, tf
 from symbol_trainer import checkpoints
+from symbol_trainer import decoding
 from symbol_trainer.images import ImageGeometry, load_image_array
 from symbol_trainer.pixel_store import PixelStore
 
 log = logging.getLogger(__name__)
 
 # Threads that load batches ahead of the model: Pillow releases the GIL while it decodes, and
-# a read from the pixel store is one pread. At least 2, so one batch loads while one is used.
-LOADING_THREADS = max(2, min(16, os.cpu_count() or 1))
+# a read from the pixel store is one pread. One per usable core (a job's share of the node,
+# decoding.usable_cores), at least 2, so one batch loads while one is used.
+LOADING_THREADS = max(2, min(16, decoding.usable_cores()))
 BATCHES_AHEAD = 2 * LOADING_THREADS
 
 
