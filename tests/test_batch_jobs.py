@@ -22,8 +22,11 @@ from conftest import (ROOT, listdir, process_environment, run_script, training_c
 # that early stopping never ends a phase before its last epoch. A head epoch here takes a
 # fraction of a second, so the signal sent after its second epoch needs several more to land
 # before the phase is over.
+# 30 head epochs (each a few milliseconds on cached 32 px features), so that the Ctrl-C sent
+# once the checkpoint holds epoch 2 still lands in the head phase on a loaded machine: with 6,
+# the whole phase once ended between two polls.
 RESUMABLE = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",
-             "--weights", "none", "--epochs", "6", "--fine-tune-epochs", "3", "--patience", "9",
+             "--weights", "none", "--epochs", "30", "--fine-tune-epochs", "3", "--patience", "30",
              "--fine-tune-patience", "9",
              "--batch-size", "8", "--group-by", "none"]
 
