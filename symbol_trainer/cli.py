@@ -30,16 +30,33 @@ def print_json_line(record: dict) -> None:
     sys.stdout.flush()
 
 
+def training_parser(description: str,
+                    positionals: Mapping[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    """The parser of a training program, before its own flags and the training flags are
+    added: `positionals` maps each positional argument's destination to its name in the
+    usage line and its help. They are optional to argparse because --download-weights-only
+    alone may leave them out; `training_main` requires them otherwise."""
+    names = " ".join(metavar for metavar, _ in positionals.values())
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"%(prog)s {names} [options]\n"
+              "       %(prog)s --download-weights-only [--backbone NAME] [--alpha A]",
+        allow_abbrev=False)  # a prefix that works today would break when a flag is added
+    for destination, (metavar, help_text) in positionals.items():
+        parser.add_argument(destination, nargs="?", metavar=metavar, help=help_text)
+    return parser
+
+
 def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
                   labelled_images: Callable[[], tuple],
-                  positionals: dict[str, str],
+                  positionals: Mapping[str, tuple[str, str]],
                   inputs: Mapping[str, str | None] = {},
                   input_files: Mapping[str, str | None] = {}) -> int:
     """The body of both training scripts once their flags are parsed: logging, the
     --download-weights-only mode, then the checks or the training of `labelled_images()`
     (images and the given validation mask, or None), with the summary or the --json line.
-    `positionals` maps the destinations of the positional arguments, which only
-    --download-weights-only may leave out, to their names in the usage line; `inputs` maps
+    `positionals` is what `training_parser` was given: the positional arguments, which only
+    --download-weights-only may leave out, with their names in the usage line; `inputs` maps
     how the user named each input folder (IMAGE_DIR, WITH_DIR, ...) to the path, which
     OUTPUT_MODEL_DIR must stay out of, and `input_files` each input file (LABELS_CSV, ...),
     whose folder OUTPUT_MODEL_DIR must not be or contain.
@@ -52,7 +69,8 @@ def training_main(parser: argparse.ArgumentParser, args: argparse.Namespace,
         # with its bytes escaped, as the log on standard error shows it, instead of crashing.
         sys.stdout.reconfigure(errors="backslashreplace")
     if not args.download_weights_only:
-        missing = [shown for name, shown in positionals.items() if getattr(args, name) is None]
+        missing = [metavar for name, (metavar, _) in positionals.items()
+                   if getattr(args, name) is None]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
 

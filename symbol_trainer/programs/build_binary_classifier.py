@@ -14,24 +14,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-# The positional arguments, which --download-weights-only alone may leave out.
-POSITIONALS = {"with_dir": "WITH_DIR", "without_dir": "WITHOUT_DIR", "output_dir": "OUTPUT_MODEL_DIR"}
+# The positional arguments (usage name, help), which --download-weights-only alone may leave out.
+POSITIONALS = {
+    "with_dir": ("WITH_DIR", "Folder of frames in which the symbol is visible."),
+    "without_dir": ("WITHOUT_DIR", "Folder of frames in which the symbol is not visible."),
+    "output_dir": ("OUTPUT_MODEL_DIR", "Folder to write the model directory to."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from symbol_trainer import settings  # the standard library only: --help never waits for TensorFlow
+    # The standard library only: --help never waits for TensorFlow.
+    from symbol_trainer import cli, settings
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s WITH_DIR WITHOUT_DIR OUTPUT_MODEL_DIR [options]\n"
-              "       %(prog)s --download-weights-only [--backbone NAME] [--alpha A]",
-        allow_abbrev=False)  # a prefix that works today would break when a flag is added
-    parser.add_argument("with_dir", nargs="?", metavar="WITH_DIR",
-                        help="Folder of frames in which the symbol is visible.")
-    parser.add_argument("without_dir", nargs="?", metavar="WITHOUT_DIR",
-                        help="Folder of frames in which the symbol is not visible.")
-    parser.add_argument("output_dir", nargs="?", metavar="OUTPUT_MODEL_DIR",
-                        help="Folder to write the model directory to.")
+    parser = cli.training_parser(__doc__, POSITIONALS)
     parser.add_argument(
         "--symbol", metavar="NAME",
         help="Name of the model's output. Default: WITH_DIR's folder name without a 'with_' "

@@ -18,24 +18,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-# The positional arguments, which --download-weights-only alone may leave out.
-POSITIONALS = {"image_dir": "IMAGE_DIR", "labels_csv": "LABELS_CSV", "output_dir": "OUTPUT_MODEL_DIR"}
+# The positional arguments (usage name, help), which --download-weights-only alone may leave out.
+POSITIONALS = {
+    "image_dir": ("IMAGE_DIR", "Folder the file names in LABELS_CSV are relative to."),
+    "labels_csv": ("LABELS_CSV",
+                   "CSV with a filename column and one <symbol>_visible column per symbol."),
+    "output_dir": ("OUTPUT_MODEL_DIR", "Folder to write the model directory to."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from symbol_trainer import settings  # the standard library only: --help never waits for TensorFlow
+    # The standard library only: --help never waits for TensorFlow.
+    from symbol_trainer import cli, settings
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s IMAGE_DIR LABELS_CSV OUTPUT_MODEL_DIR [options]\n"
-              "       %(prog)s --download-weights-only [--backbone NAME] [--alpha A]",
-        allow_abbrev=False)  # a prefix that works today would break when a flag is added
-    parser.add_argument("image_dir", nargs="?", metavar="IMAGE_DIR",
-                        help="Folder the file names in LABELS_CSV are relative to.")
-    parser.add_argument("labels_csv", nargs="?", metavar="LABELS_CSV",
-                        help="CSV with a filename column and one <symbol>_visible column per symbol.")
-    parser.add_argument("output_dir", nargs="?", metavar="OUTPUT_MODEL_DIR",
-                        help="Folder to write the model directory to.")
+    parser = cli.training_parser(__doc__, POSITIONALS)
     parser.add_argument(
         "--symbols", metavar="A,B", type=lambda text: text.split(","),
         help="Train only on these symbols, given by name (star) or column (star_visible), "
