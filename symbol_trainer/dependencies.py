@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from symbol_trainer.errors import BackendError, InputError
+from symbol_trainer.settings import DeviceChoice
 
 # Import name -> the package that requirements.txt installs for it, whatever the backend.
 COMMON = {"numpy": "numpy", "pandas": "pandas", "PIL": "pillow", "keras": "keras",
@@ -80,8 +81,12 @@ def tensorflow_only_features(devices: str = "auto", tensorboard: str | None = No
         features.append("TF_CONFIG (tf.distribute multi-worker training)")
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
         features.append("training across several processes (srun with several tasks)")
-    several = re.fullmatch(r"cpu:(\d+)|\d+(,\d+)+", str(devices).strip().lower())
-    if backend == "torch" and several and (several.group(1) is None or int(several.group(1)) > 1):
+    try:
+        choice = DeviceChoice.parse(str(devices))
+    except ValueError:  # a bad value is --devices' own check's to report
+        choice = None
+    if backend == "torch" and choice is not None and (
+            len(choice.gpu_indices) > 1 or choice.cpu_devices > 1):
         features.append(f"--devices {devices} (several devices; KERAS_BACKEND=jax has them too)")
     return features
 
