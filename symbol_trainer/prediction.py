@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
-import functools
 import glob
 import json
 import logging
@@ -310,22 +309,13 @@ class Frame:
     shown: object = None           # for heatmaps: (the frame reduced, its size as decoded)
 
 
-def _load_image(item: ImageInput, geometry: ImageGeometry,
-                keep: tuple[int, int] | None = None) -> Frame:
-    try:
-        pixels, shown = decoding.decode_frame(item.path, geometry, keep)
-        return Frame(item.filename, pixels, shown=shown)
-    except ImageReadError as error:
-        return Frame(item.filename, None, printable(str(error)))
-
-
 def _shown(image, keep: tuple[int, int] | None):
     """What --heatmaps draws on: a copy of the frame reduced to fit in `keep`, and its size."""
     return None if keep is None else (heatmaps.reduced(image, keep), image.size)
 
 
-def _frame_decoded_elsewhere(item: ImageInput, future: concurrent.futures.Future) -> Frame:
-    """The Frame of `item` from a decoding process's decoding.decode_frame."""
+def _decoded_frame(item: ImageInput, future: concurrent.futures.Future) -> Frame:
+    """The Frame of `item` from its decoding.decode_frame in the pool."""
     try:
         pixels, shown = future.result()
         return Frame(item.filename, pixels, shown=shown)
@@ -336,30 +326,16 @@ def _frame_decoded_elsewhere(item: ImageInput, future: concurrent.futures.Future
 def _image_frames(items: Iterable[ImageInput], geometry: ImageGeometry,
                   pool: concurrent.futures.Executor, ahead: int,
                   keep: tuple[int, int] | None = None) -> Iterator[Frame]:
-    """Decode in the pool, at most `ahead` images in flight, yielding in input order. In a
-    process pool the workers run decoding.decode_frame (a module that imports no Keras
+    """Decode in the pool, at most `ahead` images in flight, yielding in input order. The
+    workers, threads or processes, run decoding.decode_frame (a module that imports no Keras
     backend) and the Frames are made here."""
     pending: collections.deque = collections.deque()
-    if decoding.in_processes(pool):
-        def submit(item):
-            return item, pool.submit(decoding.decode_frame, item.path, geometry, keep)
-
-        def finish(entry):
-            return _frame_decoded_elsewhere(*entry)
-    else:
-        load = _load_image if keep is None else functools.partial(_load_image, keep=keep)
-
-        def submit(item):
-            return pool.submit(load, item, geometry)
-
-        def finish(entry):
-            return entry.result()
     for item in items:
-        pending.append(submit(item))
+        pending.append((item, pool.submit(decoding.decode_frame, item.path, geometry, keep)))
         if len(pending) >= ahead:
-            yield finish(pending.popleft())
+            yield _decoded_frame(*pending.popleft())
     while pending:
-        yield finish(pending.popleft())
+        yield _decoded_frame(*pending.popleft())
 
 
 def _video_frames(item: VideoInput, geometry: ImageGeometry, fps: float | None,

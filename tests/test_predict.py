@@ -255,24 +255,24 @@ def test_image_decoding_keeps_a_bounded_number_in_flight(tmp_path):
     running, most = [0], [0]
     lock = threading.Lock()
 
-    def slow(item, geometry):
+    def slow(path, geometry, keep):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
         time.sleep(0.001)
         with lock:
             running[0] -= 1
-        return prediction.Frame(item.filename, np.zeros((1, 1, 3), np.uint8))
+        return np.zeros((1, 1, 3), np.uint8), None
 
     items = (prediction.ImageInput(f"{i}.png", f"{i}.png") for i in range(500))
-    original = prediction._load_image
-    prediction._load_image = slow
+    original = prediction.decoding.decode_frame
+    prediction.decoding.decode_frame = slow
     try:
         import concurrent.futures
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             names = [f.filename for f in prediction._image_frames(items, None, pool, ahead=16)]
     finally:
-        prediction._load_image = original
+        prediction.decoding.decode_frame = original
     assert names == [f"{i}.png" for i in range(500)] and most[0] <= 16
 
 
