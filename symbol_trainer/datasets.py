@@ -11,6 +11,7 @@ between epochs, and loading runs ahead across the end of an epoch as it does wit
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import threading
@@ -196,11 +197,17 @@ def _to_numpy(outputs):
     return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), outputs)
 
 
-def _quiet_call(model: keras.Model, images):
+@contextlib.contextmanager
+def _bare_batch_accepted():
+    """A loaded model's one input is the list ['image'] to Keras, and a bare batch means the
+    same; the warning about it would only alarm users of predict.py."""
     with warnings.catch_warnings():
-        # A loaded model's one input is the list ['image'] to Keras, and a bare batch means
-        # the same; the warning about it would only alarm users of predict.py.
         warnings.filterwarnings("ignore", message="The structure of `inputs`")
+        yield
+
+
+def _quiet_call(model: keras.Model, images):
+    with _bare_batch_accepted():
         return model(images, training=False)
 
 
@@ -229,8 +236,7 @@ def _jax_forward(model: keras.Model, traces: list):
     @jax.jit
     def forward(trainable, non_trainable, images):
         traces.append(images.shape)  # runs only while jax traces
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The structure of `inputs`")
+        with _bare_batch_accepted():
             outputs, _ = model.stateless_call(trainable, non_trainable, images, training=False)
         return outputs
 
@@ -241,7 +247,7 @@ def _jax_forward(model: keras.Model, traces: list):
     return call
 
 
-def _torch_forward(model: keras.Model, traces: list):
+def _torch_forward(model: keras.Model):
     import torch
 
     def call(images):
@@ -264,21 +270,20 @@ def compiled_inference(model: keras.Model):
     if BACKEND == "tensorflow":
         return _tensorflow_inference(model)
     traces: list = []
-    forward = (_jax_forward if BACKEND == "jax" else _torch_forward)(model, traces)
+    forward = _jax_forward(model, traces) if BACKEND == "jax" else _torch_forward(model)
     lengths: dict = {}
 
     def padded(images):
         images = np.asarray(images)
         key = (images.dtype.str, images.shape[1:])
         length = lengths.setdefault(key, len(images))
-        if BACKEND == "torch" and len(traces) < len(lengths):
-            traces.append(key)  # torch runs eagerly: one "trace" per shape, for the count
         if len(images) >= length:
             return _to_numpy(forward(images))
         filler = np.zeros((length - len(images), *images.shape[1:]), images.dtype)
         outputs = _to_numpy(forward(np.concatenate([images, filler])))
         return keras.tree.map_structure(lambda a: a[:len(images)], outputs)
-    padded.tracing_count = lambda: len(traces)
+    # torch runs eagerly: a "trace" per image shape and dtype, for the count.
+    padded.tracing_count = (lambda: len(traces)) if BACKEND == "jax" else (lambda: len(lengths))
     return padded
 
 
