@@ -23,8 +23,10 @@ Data sets (--sets), each split into training groups and unseen groups:
                  expression on the class names; default the speed-limit signs, 8 classes, since
                  one class alone has only 3 tracks), grouped by track: the last track of every
                  class is unseen.
-  logodet        ../shared/data/logodet3k_clothes (45 brands; larger): its own test split is
-                 unseen, each image its own group.
+  logodet        ../shared/data/logodet3k_clothes (45 brands; larger): the pictures of its own
+                 test split are unseen, with their exact copies and look-alikes from the other
+                 splits (most test images are copies of training images); grouped by
+                 look-alike cluster.
 The synthetic frames are generated into --work when missing, by running the tool with
 --frames-python (it needs numpy, pillow, scikit-learn and scikit-image).
 
@@ -274,17 +276,71 @@ def load_gtsrb(args) -> DataSet:
                     "track", "track", "tracks")
 
 
+def picture_clusters(sha1: list[str], looks: list[int], max_bits: int) -> np.ndarray:
+    """A cluster number per image: images with the same content, or perceptual hashes within
+    `max_bits` of each other (directly or through a chain of such images), share one."""
+    parent = list(range(len(sha1)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(i: int, j: int) -> None:
+        parent[root(i)] = root(j)
+
+    first_of: dict[str, int] = {}
+    for i, digest in enumerate(sha1):
+        join(i, first_of.setdefault(digest, i))
+    hashes = np.array([int(h) for h in looks], dtype=np.uint64)
+    for start in range(0, len(hashes), 512):
+        close = np.bitwise_count(hashes[start:start + 512, None] ^ hashes[None, :]) <= max_bits
+        for i, j in zip(*np.nonzero(close)):
+            join(start + int(i), int(j))
+    roots = [root(i) for i in range(len(sha1))]
+    return np.unique(roots, return_inverse=True)[1]
+
+
 def load_logodet(args) -> DataSet:
+    """The original test split's pictures are unseen; its copies are not. 530 of the 637 test
+    images are byte-identical copies of training or validation images, and 54 more are within
+    4 bits of one (perceptual hash): scored as they come, "unseen" would mostly be seen. So
+    images are clustered by content and look (`picture_clusters`); every cluster holding a
+    test image is unseen, with each picture once; the rest trains, grouped by cluster."""
     import pandas as pd
 
+    from symbol_trainer import images as image_files
     from symbol_trainer import labels_csv
+    from symbol_trainer.splitting import NEAR_DUPLICATE_BITS
     base = DATA / "logodet3k_clothes"
-    images = labels_csv.images_from_csv(base / "images", base / "labels.csv", group_by="none")
-    original = pd.read_csv(base / "splits.csv").set_index("filename")["original_split"]
-    unseen = (images.table["filename"].map(original) == "test").to_numpy()
+    csv_path = Path(args.work) / f"logodet_pictures_{NEAR_DUPLICATE_BITS}bits.csv"
+    if not csv_path.is_file():
+        labels = pd.read_csv(base / "labels.csv")
+        original = pd.read_csv(base / "splits.csv").set_index("filename")["original_split"]
+        scan = image_files.scan_images([base / "images" / f for f in labels["filename"]])
+        if scan.errors:
+            raise SystemExit(f"logodet: unreadable images: {scan.errors[:3]}")
+        clusters = picture_clusters(scan.sha1, scan.look, NEAR_DUPLICATE_BITS)
+        is_test = (labels["filename"].map(original) == "test").to_numpy()
+        unseen = np.isin(clusters, clusters[is_test])
+        repeated = pd.Series(scan.sha1).duplicated().to_numpy()
+        labels.insert(1, "picture", clusters)
+        labels.insert(2, "unseen", unseen.astype(int))
+        kept = labels[~(unseen & repeated)]
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        kept.to_csv(csv_path.with_suffix(".tmp"), index=False)
+        csv_path.with_suffix(".tmp").replace(csv_path)
+    table = pd.read_csv(csv_path)
+    images = labels_csv.images_from_csv(base / "images", csv_path, group_by="picture")
+    unseen = images.table["filename"].map(dict(zip(table["filename"], table["unseen"])))
+    unseen = unseen.astype(bool).to_numpy()
     return held_out(images, unseen, "logodet",
-                    "logodet3k_clothes: its own test split unseen, each image its own group",
-                    "filename", "none", "images")
+                    f"logodet3k_clothes: the pictures of its own test split unseen, each once "
+                    f"({unseen.sum():,} images in {images.table.loc[unseen, 'picture'].nunique():,} "
+                    f"look-alike clusters), with their copies and look-alikes from the other "
+                    f"splits; {(~unseen).sum():,} images to train on, grouped by cluster",
+                    "picture", "picture", "picture clusters")
 
 
 LOADERS = {"frames-multi": lambda args: load_frames(args, "multi"),
