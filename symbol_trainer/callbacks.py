@@ -44,7 +44,8 @@ def validation_macro_ap(labels: np.ndarray, weights: np.ndarray, probabilities: 
 
 
 def mean_weighted_crossentropy(targets: np.ndarray, logits: np.ndarray) -> float:
-    """`weighted_binary_crossentropy` averaged over frames, in numpy: the training loss."""
+    """`weighted_binary_crossentropy` averaged over frames, in numpy: the training loss
+    without --focal-gamma's factor, so a proper score of the probabilities either way."""
     labels, weights = np.split(np.asarray(targets, np.float64), 2, axis=1)
     x = np.asarray(logits, np.float64)
     losses = np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))
@@ -53,7 +54,7 @@ def mean_weighted_crossentropy(targets: np.ndarray, logits: np.ndarray) -> float
 
 class ValidationScores(keras.callbacks.Callback):
     """Scores the model on the validation frames after every epoch and adds `val_loss` (the
-    training loss) and `val_ap` (`validation_macro_ap`) to the epoch's logs, for early
+    weighted cross-entropy) and `val_ap` (`validation_macro_ap`) to the epoch's logs, for early
     stopping, the log line, the history and TensorBoard, which come after it.
 
     Early stopping watches `val_ap` because the weighted loss is the wrong judge on the

@@ -295,6 +295,13 @@ class TrainingConfig:
         "How a symbol's positive frames are weighted in the loss: 'balanced' weights them by "
         "negatives/positives of that symbol (capped at 100) so rare symbols are still learned; "
         "'none' weights every frame 1. Default: %(default)s.", choices=("balanced", "none"))
+    focal_gamma: float = _setting(
+        0.0, "--focal-gamma",
+        "Focal loss (Lin et al., 2017): each frame's loss for a symbol is multiplied by "
+        "(1 - p)^G, where p is the probability the model gives the frame's true label, so "
+        "frames it already gets right count less and those it confuses (look-alikes of a "
+        "symbol, hard negatives) count more. 0 is plain cross-entropy; 2 is the usual focal "
+        "setting; from 0 to 5. Default: %(default)s.", type=float, metavar="G")
     validation_split: float = _setting(
         0.2, "--validation-split",
         "Share of the images held out for validation, between 0 and 0.5. Default: %(default)s.",
@@ -423,6 +430,8 @@ class TrainingConfig:
              f"must be a whole number from 1 to {MAX_EPOCHS}"),
             ("positive_weighting", self.positive_weighting in ("balanced", "none"),
              "choose 'balanced' or 'none'"),
+            ("focal_gamma", _real(self.focal_gamma) and 0 <= self.focal_gamma <= 5,
+             "must be a number from 0 to 5 (2 is the usual focal setting)"),
             ("validation_split", _real(self.validation_split) and 0 < self.validation_split <= 0.5,
              "must be greater than 0 and at most 0.5"),
             ("max_unreadable", _real(self.max_unreadable) and 0 <= self.max_unreadable <= 1,

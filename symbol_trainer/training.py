@@ -54,12 +54,30 @@ def _jit_compile(setting: str):
     return {"auto": "auto", "on": True, "off": False}[setting]
 
 
-def weighted_binary_crossentropy(labels_and_weights, logits):
+def weighted_binary_crossentropy(labels_and_weights, logits, focal_gamma: float = 0.0):
     """Sum over symbols of weight x binary cross-entropy, for one frame. `labels_and_weights`
-    is the labels and the per-symbol weights side by side, (batch, 2 x symbols)."""
+    is the labels and the per-symbol weights side by side, (batch, 2 x symbols). With
+    `focal_gamma` G above 0, each term is multiplied by (1 - p)^G, p being the probability
+    given to the true label (focal loss): confidently right frames count less."""
     labels, weights = keras.ops.split(labels_and_weights, 2, axis=-1)
     losses = keras.ops.binary_crossentropy(labels, logits, from_logits=True)
+    if focal_gamma:
+        # 1 - p of the true label is sigmoid(-logit) for a positive, sigmoid(logit) for a
+        # negative: sigmoid((1 - 2 x label) x logit), without 1 - p rounding to 0.
+        wrong = keras.ops.sigmoid((1.0 - 2.0 * labels) * logits)
+        losses = losses * keras.ops.power(wrong, focal_gamma)
     return keras.ops.sum(losses * weights, axis=-1)
+
+
+def training_loss(focal_gamma: float = 0.0) -> Callable:
+    """The loss both phases compile: `weighted_binary_crossentropy`, focal when
+    `focal_gamma` (--focal-gamma) is above 0."""
+    if not focal_gamma:
+        return weighted_binary_crossentropy
+
+    def focal_weighted_binary_crossentropy(labels_and_weights, logits):
+        return weighted_binary_crossentropy(labels_and_weights, logits, focal_gamma)
+    return focal_weighted_binary_crossentropy
 
 
 def fused_targets(labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -70,12 +88,13 @@ def fused_targets(labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def compile_fused(model: keras.Model,
                   learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
-                  xla: str = "auto", steps_per_execution: int = 1) -> None:
+                  xla: str = "auto", steps_per_execution: int = 1,
+                  focal_gamma: float = 0.0) -> None:
     """Compile a model with fused logits (`fused_head`) for training with `fused_targets`.
     `steps_per_execution` steps run in one call of the compiled step; it must divide the
     steps of an epoch, or an execution would run into the next epoch's batches."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=weighted_binary_crossentropy, jit_compile=_jit_compile(xla),
+                  loss=training_loss(focal_gamma), jit_compile=_jit_compile(xla),
                   steps_per_execution=steps_per_execution)
 
 
@@ -239,7 +258,8 @@ def compiled_head(parts: ModelParts, symbols: Sequence[str], config: TrainingCon
         # Keras's torch backend runs one step per call only.
         several = run.placement.replicas == 1 and BACKEND != "torch"
         compile_fused(fused, config.learning_rate, config.xla,
-                      steps_per_execution=steps if several else 1)
+                      steps_per_execution=steps if several else 1,
+                      focal_gamma=config.focal_gamma)
     return fused
 
 
@@ -298,7 +318,7 @@ def compiled_fine_tuning(parts: ModelParts, symbols: Sequence[str], config: Trai
     with run.placement.strategy.scope():
         fused = fused_head(parts, symbols, config.dropout)
         model = training_model(parts, fused, config)
-        compile_fused(model, rate, xla)
+        compile_fused(model, rate, xla, focal_gamma=config.focal_gamma)
     return fused, model
 
 

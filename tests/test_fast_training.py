@@ -192,6 +192,40 @@ def test_fused_head_has_the_loss_of_the_per_symbol_outputs():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_focal_gamma_weights_each_term_by_how_wrong_the_model_is():
+    # --focal-gamma G multiplies each symbol's weighted cross-entropy by (1 - p)^G, p being
+    # the probability of the true label; 0 is the plain loss. Checked against numpy at
+    # logits far out (no NaN or infinity where p rounds to 0 or 1) and through compile_fused.
+    rng = np.random.default_rng(3)
+    logits = np.array([[-60.0, 0.0, 60.0], [2.0, -3.0, 0.5], [40.0, -40.0, 1.0]], np.float32)
+    labels = np.array([[1, 0, 1], [0, 1, np.nan], [0, 1, 1]], np.float32)
+    weights = training.sample_weights(labels, np.array([3.0, 2.0, 1.0], np.float32))
+    targets = training.fused_targets(labels, weights)
+    y, x = np.nan_to_num(labels).astype(np.float64), logits.astype(np.float64)
+    crossentropy = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+    wrong = 1 / (1 + np.exp(-(1 - 2 * y) * x))  # 1 - p of the true label
+    for gamma in (0.0, 0.5, 2.0):
+        expected = (crossentropy * wrong ** gamma * weights).sum(axis=1)
+        got = keras.ops.convert_to_numpy(training.training_loss(gamma)(targets, logits))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert training.training_loss(0.0) is training.weighted_binary_crossentropy
+    # Frame 0 by hand: the far-wrong positive (logit -60, weight 3) keeps its whole loss,
+    # the undecided negative (logit 0) a quarter of ln 2, the confident right positive
+    # (logit 60) none: focal moves the weight onto what the model gets wrong.
+    focal = keras.ops.convert_to_numpy(training.weighted_binary_crossentropy(
+        targets[:1], logits[:1], focal_gamma=2.0))
+    assert focal[0] == pytest.approx(3.0 * 60.0 + np.log(2) * 0.25, rel=1e-5)
+
+    fused_inputs = keras.Input(shape=(4,))
+    model = keras.Model(fused_inputs, keras.layers.Dense(3)(fused_inputs))
+    features = rng.normal(size=(3, 4)).astype(np.float32)
+    training.compile_fused(model, 1e-3, focal_gamma=2.0)
+    compiled = model.evaluate(features, targets, batch_size=3, verbose=0)
+    raw = keras.ops.convert_to_numpy(model(features))
+    assert compiled == pytest.approx(float(np.mean(keras.ops.convert_to_numpy(
+        training.weighted_binary_crossentropy(targets, raw, focal_gamma=2.0)))), rel=1e-5)
+
+
 def test_fine_tuning_trains_the_saved_models_backbone_and_named_outputs():
     # Fine-tuning fits image -> features -> fused logits; the saved model must get both the
     # backbone it trained and the fused head's weights in its per-symbol outputs.

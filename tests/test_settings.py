@@ -30,6 +30,8 @@ SCRIPTS = ["build_binary_classifier.py", "build_multi_hot_model.py"]
     (["--epochs", "99999999"], "--epochs must be a whole number from 1 to 10000"),
     (["--fine-tune-epochs", "-1"], "--fine-tune-epochs must be a whole number from 0 to 10000"),
     (["--patience", "0"], "--patience must be a whole number from 1 to 10000"),
+    (["--focal-gamma", "6"], "--focal-gamma must be a number from 0 to 5 (2 is the usual focal setting); got 6"),
+    (["--focal-gamma", "nan"], "--focal-gamma must be a number from 0 to 5"),
     (["--dropout", "nan"], "--dropout must be at least 0 and below 1"),
     (["--fine-tune-fraction", "nan"], "--fine-tune-fraction must be greater than 0 and at most 1"),
     (["--decoded-cache-gb", "inf"], "--decoded-cache-gb must be a number of GB, 0 or more"),
