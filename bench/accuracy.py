@@ -369,6 +369,19 @@ def run_key(args, set_name: str, flags: str, seed: int, group_by: str | None = N
                          for f in dataclasses.fields(config)}}
 
 
+def same_run(stored: dict | None, key: dict) -> bool:
+    """Whether a stored run's key is `key`. A setting the stored key lacks was added to
+    TrainingConfig after that run; it matches when `key` has it at its default, since every
+    setting is added with a default that reproduces the behaviour before it (--pooling avg,
+    --focal-gamma 0)."""
+    if not stored or set(stored) != set(key) or not set(stored["settings"]) <= set(key["settings"]):
+        return stored == key
+    defaults = settings.TrainingConfig()
+    filled = {name: stored["settings"].get(name, repr(getattr(defaults, name)))
+              for name in key["settings"]}
+    return {**stored, "settings": filled} == key
+
+
 def train_and_score(args) -> dict:
     """The --job process: train one configuration on one set with one seed, predict the unseen
     images, store the probabilities, and return what the parent reports."""
@@ -403,7 +416,7 @@ def run_job(args, data: DataSet, config_name: str, flags: str, seed: int) -> dic
     stored = directory / "run.json"
     if stored.is_file() and (directory / "unseen_probabilities.npy").is_file():
         run = json.loads(stored.read_text())
-        if run.get("key") == key:
+        if same_run(run.get("key"), key):
             print(f"  {data.name} {config_name} seed {seed}: reused {stored}", flush=True)
             return run
     shutil.rmtree(directory, ignore_errors=True)

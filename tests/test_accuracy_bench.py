@@ -197,6 +197,19 @@ def test_a_stored_run_with_the_same_settings_is_reused(tmp_path, monkeypatch):
         accuracy.run_job(args, data, "old", "--dropout 0.2", 0)
 
 
+def test_a_run_stored_before_a_setting_existed_matches_that_setting_at_its_default():
+    args = argparse.Namespace(work="unused", quick=True, weights="none", n_frames=160,
+                              n_unseen=80, gtsrb_positive="^speed_limit")
+    key = accuracy.run_key(args, "frames-multi", "", 0)
+    older = {**key, "settings": {k: v for k, v in key["settings"].items() if k != "focal_gamma"}}
+    assert accuracy.same_run(older, key)
+    assert not accuracy.same_run(older, accuracy.run_key(args, "frames-multi", "--focal-gamma 2", 0))
+    # A setting the stored run had and this checkout lacks, or another value, is another run.
+    assert not accuracy.same_run({**key, "settings": {**key["settings"], "gone": "1"}}, key)
+    assert not accuracy.same_run({**older, "seed": 1}, key)
+    assert not accuracy.same_run(None, key)
+
+
 def test_one_run_trains_through_the_library_and_scores_unseen_frames(tmp_path, monkeypatch):
     from symbol_trainer import labels_csv
     train_table = write_two_symbol_frames(tmp_path / "train", 32, 4, seed=0)
