@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,18 @@ QUICK = [*FAST, "--weights", "none", "--epochs", "2", "--batch-size", "12"]
 
 
 def _environment(tmp_path, backend: str, **extra) -> dict:
+    """A subprocess under `backend`. Under JAX and torch, TensorFlow is hidden: a package
+    named tensorflow that fails to import comes first on PYTHONPATH, so the run is what a
+    virtual environment without TensorFlow would give (CI's has it, for the other tests)."""
     home = tmp_path / f"keras_home_{backend}"
     home.mkdir(exist_ok=True)
+    if backend != "tensorflow":
+        hidden = tmp_path / "without_tensorflow"
+        (hidden / "tensorflow").mkdir(parents=True, exist_ok=True)
+        (hidden / "tensorflow" / "__init__.py").write_text(
+            "raise ImportError('tensorflow is hidden from this test run')\n")
+        extra.setdefault("PYTHONPATH", os.pathsep.join(
+            p for p in (str(hidden), os.environ.get("PYTHONPATH", "")) if p))
     return process_environment(home, KERAS_BACKEND=backend, **extra)
 
 
