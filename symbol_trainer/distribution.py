@@ -147,7 +147,8 @@ def _rearm_python_sigterm() -> None:
     """Give SIGTERM back to Python's handler (the command's, which stops training with a
     checkpoint and exit code 143). TensorFlow's coordination service, which a multi-worker
     strategy starts, installs a C++ SIGTERM handler of its own for its preemption notices,
-    and with it the signal no longer reaches Python: workers kept training through it."""
+    and with it the signal no longer reaches Python: workers kept training through it.
+    jax.distributed.initialize starts the same notifier (its log says 'SIGTERM caught')."""
     handler = signal.getsignal(signal.SIGTERM)
     if callable(handler):
         try:
@@ -269,6 +270,7 @@ def _jax_cluster_placement(choice: DeviceChoice, cluster: jax_cluster.JaxCluster
     if choice.kind == "cpu":
         _request_cpu_devices(choice.cpu_devices)
     jax_cluster.join(cluster, list(choice.gpu_indices) if choice.kind == "gpus" else None)
+    _rearm_python_sigterm()  # JAX's preemption notifier takes SIGTERM as TensorFlow's does
     import jax
     by_process: dict[int, list] = {}
     for device in jax.devices("cpu" if choice.kind == "cpu" else None):
