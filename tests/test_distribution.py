@@ -216,3 +216,19 @@ def test_each_process_loads_its_share_of_every_global_batch():
         shares.append([order.rows(n) for n in range(len(order))])
     for n in range(len(whole)):  # the last batch of 2 rows too
         assert list(shares[0][n]) + list(shares[1][n]) == list(whole.rows(n))
+
+
+def test_the_shares_of_one_batch_are_transformed_with_numbers_of_their_own(monkeypatch):
+    """--symbol-image pastes are drawn from the batch's number: each process's share of a
+    batch draws from its own, so two processes do not paste alike."""
+    from symbol_trainer import distribution
+    from symbol_trainer.datasets import feature_dataset
+    import numpy as np
+    monkeypatch.setattr(distribution, "BACKEND", "jax")
+    seen = []
+    for index in range(2):
+        batches = feature_dataset(np.zeros((8, 1)), np.zeros((8, 2)), 4).map_batches(
+            lambda batch, number: seen.append((index, number)) or batch, 10)
+        distribution.local_share(batches, distribution.Placement(None, 2, 2, index, ""))
+        assert [len(b[0]) for b in batches] == [2, 2]
+    assert sorted(seen) == [(0, 20), (0, 22), (1, 21), (1, 23)]  # loaded by threads
