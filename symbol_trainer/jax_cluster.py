@@ -27,10 +27,12 @@ GPUs. Keras's seed synchronisation is not needed: every process seeds Keras with
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -242,7 +244,11 @@ def check_coordinator(cluster: JaxCluster, timeout: float) -> None:
     if cluster.process_id == 0:
         try:
             with socket.socket(socket.AF_INET6 if ":" in cluster.host else socket.AF_INET) as s:
+                # As JAX's server binds: connections of an earlier run that still linger in
+                # TIME_WAIT (a requeued job on the same node) do not make the port taken.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("", cluster.port))
+                s.listen()
         except OSError as error:
             raise ClusterError(f"Process 0 cannot listen on port {cluster.port} of {where}: "
                                f"{error.strerror or error}. Choose a free port "
@@ -286,6 +292,25 @@ def join(cluster: JaxCluster, local_device_ids: Sequence[int] | None = None,
         process_id=cluster.process_id, local_device_ids=local_device_ids,
         cluster_detection_method="deactivate",
         initialization_timeout=max(1, int(timeout - (time.monotonic() - started))))
+    global _joined
+    _joined = True
+    jax.devices()  # the backends start here, and with them JAX's own exit handlers
+    atexit.register(_exit_at_once_after_sigterm)  # so it runs before those
+
+
+_joined = False  # in a cluster that `leave` has not left
+
+
+def _exit_at_once_after_sigterm() -> None:
+    """At exit, after SIGTERM stopped a process still in the cluster: end it with 143 at once.
+    Its peers stop at other steps, and JAX's exit handlers then wait for a collective
+    operation that never completes (two processes stopped by SIGTERM both hung there)."""
+    from symbol_trainer.command import sigterm_received
+    if _joined and sigterm_received():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143)
 
 
 def leave(models: Sequence) -> None:
@@ -310,3 +335,5 @@ def leave(models: Sequence) -> None:
             variable._value = jax.device_put(value, device)
     keras.distribution.set_distribution(None)
     jax.distributed.shutdown()
+    global _joined
+    _joined = False

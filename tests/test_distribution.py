@@ -232,3 +232,19 @@ def test_the_shares_of_one_batch_are_transformed_with_numbers_of_their_own(monke
         distribution.local_share(batches, distribution.Placement(None, 2, 2, index, ""))
         assert [len(b[0]) for b in batches] == [2, 2]
     assert sorted(seen) == [(0, 20), (0, 22), (1, 21), (1, 23)]  # loaded by threads
+
+
+def test_keras_distribution_variables_stop_a_tensorflow_run_in_one_line(frames, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Keras's KERAS_DISTRIBUTION_* variables describe a JAX cluster: under TensorFlow every
+    process would train alone into the same folder, so the run stops (exit 2) and names what
+    TensorFlow reads instead."""
+    import build_multi_hot_model
+    from conftest import run_script
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    assert run_script(build_multi_hot_model, [*frames, tmp_path / "model", *TINY[:-1]]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("ERROR: KERAS_DISTRIBUTION_NUM_PROCESSES and its two companions "
+                                "describe a cluster for keras.distribution")
+    assert "TF_CONFIG or srun" in error[-1]
+    assert not (tmp_path / "model").exists()
