@@ -74,21 +74,18 @@ def tensorflow_only_features(devices: str = "auto", tensorboard: str | None = No
     """What of a training run (its --devices and --tensorboard, and the cluster its
     environment describes) only the TensorFlow backend does here; empty under TensorFlow.
     TF_CONFIG is TensorFlow's own format; several processes under JAX come from srun or
-    KERAS_DISTRIBUTION_* (jax_cluster.py), and torch trains in one process."""
+    KERAS_DISTRIBUTION_* (jax_cluster.py, and distribution.placement refuses the latter under
+    the other backends), and torch trains in one process."""
     backend = backend or configured_backend()
     if backend == "tensorflow":
         return []
     features = ["--tensorboard"] if tensorboard else []
     if os.environ.get("TF_CONFIG"):
         features.append("TF_CONFIG (tf.distribute multi-worker training)")
-    if backend == "torch":  # JAX joins these clusters (jax_cluster.py)
-        if "SLURM_PROCID" in os.environ and \
-                os.environ.get("SLURM_STEP_NUM_TASKS", "1").strip() not in ("", "0", "1"):
-            features.append("training across several processes (srun with several tasks; "
-                            "KERAS_BACKEND=jax has it too)")
-        if os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1").strip() not in ("", "0", "1"):
-            features.append("KERAS_DISTRIBUTION_NUM_PROCESSES (several processes; "
-                            "KERAS_BACKEND=jax has them too)")
+    if backend == "torch" and "SLURM_PROCID" in os.environ and \
+            os.environ.get("SLURM_STEP_NUM_TASKS", "1").strip() not in ("", "0", "1"):
+        features.append("training across several processes (srun with several tasks; "
+                        "KERAS_BACKEND=jax has it too)")
     try:
         choice = DeviceChoice.parse(str(devices))
     except ValueError:  # a bad value is --devices' own check's to report

@@ -309,13 +309,15 @@ def placement(choice: DeviceChoice) -> Placement:
         cluster = jax_cluster.cluster_from_environment()
         if cluster is not None:
             return _jax_cluster_placement(choice, cluster)
-    if BACKEND != "tensorflow":
-        return _local_placement(choice)
-    if os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1").strip() not in ("", "0", "1"):
+    elif os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1").strip() not in ("", "0", "1"):
+        # Each process would train alone, all into the same model directory.
         raise jax_cluster.ClusterError(
             "KERAS_DISTRIBUTION_NUM_PROCESSES and its two companions describe a cluster for "
-            "keras.distribution, which this tool uses under KERAS_BACKEND=jax only; under "
-            "TensorFlow start the processes with TF_CONFIG or srun instead (docs/batch-jobs.md).")
+            f"keras.distribution, which this tool joins under KERAS_BACKEND=jax only (this run "
+            f"uses {BACKEND}): run with KERAS_BACKEND=jax, or under TensorFlow start the "
+            "processes with TF_CONFIG or srun instead (docs/batch-jobs.md).")
+    if BACKEND != "tensorflow":
+        return _local_placement(choice)
     cluster = _cluster_workers()
     _restrict_devices(choice)
     if cluster is not None:

@@ -134,8 +134,8 @@ def test_backend_requirement_files_pin_what_requirements_txt_pins(backend_file, 
 
 
 def test_several_processes_are_refused_under_torch_only(monkeypatch):
-    """srun with several tasks, or Keras's KERAS_DISTRIBUTION_* variables: JAX joins the
-    cluster (jax_cluster.py), torch trains in one process and says so at once."""
+    """srun with several tasks: JAX joins the cluster (jax_cluster.py), torch trains in one
+    process and says so at once (KERAS_DISTRIBUTION_*: tests/test_distribution.py)."""
     for name in ("TF_CONFIG", "KERAS_DISTRIBUTION_NUM_PROCESSES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "0")
@@ -145,8 +145,3 @@ def test_several_processes_are_refused_under_torch_only(monkeypatch):
     assert dependencies.tensorflow_only_features("auto", None, "torch") == [
         "training across several processes (srun with several tasks; KERAS_BACKEND=jax has it "
         "too)"]
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
-    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
-    assert dependencies.tensorflow_only_features("auto", None, "jax") == []
-    assert dependencies.tensorflow_only_features("auto", None, "torch") == [
-        "KERAS_DISTRIBUTION_NUM_PROCESSES (several processes; KERAS_BACKEND=jax has them too)"]

@@ -246,5 +246,6 @@ def test_keras_distribution_variables_stop_a_tensorflow_run_in_one_line(frames, 
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("ERROR: KERAS_DISTRIBUTION_NUM_PROCESSES and its two companions "
                                 "describe a cluster for keras.distribution")
-    assert "TF_CONFIG or srun" in error[-1]
+    assert "(this run uses tensorflow): run with KERAS_BACKEND=jax, or under TensorFlow start " \
+        "the processes with TF_CONFIG or srun" in error[-1]
     assert not (tmp_path / "model").exists()
