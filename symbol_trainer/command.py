@@ -56,6 +56,11 @@ def configure_logging(quiet: bool = False, debug: bool = False) -> None:
 _sigterm_received = False
 
 
+def sigterm_received() -> bool:
+    """Whether SIGTERM arrived within the last `sigterm_raises` block of this process."""
+    return _sigterm_received
+
+
 def _raise_terminated(signum, frame):
     global _sigterm_received
     _sigterm_received = True

@@ -43,13 +43,16 @@ class BatchOrder:
     resumed run repeats it exactly); without one, rows in order. `batches`, when given, are
     the index batches of one epoch, listed. With `multiple` above 1, a batch whose length is
     not a multiple of it (the last of an epoch) is filled up with the epoch's first rows:
-    keras.distribution (JAX) splits every batch evenly over its devices."""
+    keras.distribution (JAX) splits every batch evenly over its devices. `share`
+    (index, count), set by distribution.local_share when several JAX processes train
+    together, keeps part `index` of `count` equal parts of every batch: this process's."""
 
     def __init__(self, items: int, batch_size: int, seed: int | None = None,
                  first_epoch: int = 0, epochs: int = 1,
                  batches: Sequence[np.ndarray] | None = None, multiple: int = 1):
         self.items, self.batch_size, self.seed = int(items), int(batch_size), seed
         self.multiple = int(multiple)
+        self.share = (0, 1)
         self.first_epoch, self.epochs = int(first_epoch), int(epochs)
         self._listed = None if batches is None else [np.asarray(b, np.int64) for b in batches]
         self.steps = len(self._listed) if batches is not None else \
@@ -64,7 +67,7 @@ class BatchOrder:
         """The rows of batch `number` of the stream."""
         epoch, step = self.first_epoch + number // self.steps, number % self.steps
         if self._listed is not None:
-            return self._listed[step]
+            return self._shared(self._listed[step])
         if self.seed is None:
             order = np.arange(self.items)
         else:
@@ -76,7 +79,17 @@ class BatchOrder:
                 order = self._orders[epoch]
         rows = order[step * self.batch_size:(step + 1) * self.batch_size]
         short = -len(rows) % self.multiple
-        return np.concatenate([rows, order[:short]]) if short else rows
+        return self._shared(np.concatenate([rows, order[:short]]) if short else rows)
+
+    def _shared(self, rows: np.ndarray) -> np.ndarray:
+        index, count = self.share
+        if count > 1:
+            if len(rows) % count:
+                raise ValueError(f"a batch of {len(rows)} rows does not split into {count} "
+                                 f"equal shares")
+            part = len(rows) // count
+            rows = rows[index * part:(index + 1) * part]
+        return rows
 
 
 def epoch_batches(items: int, batch_size: int, seed: int, first_epoch: int,

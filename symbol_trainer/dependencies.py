@@ -72,15 +72,20 @@ def require_tensorflow(feature: str, backend: str | None = None) -> None:
 def tensorflow_only_features(devices: str = "auto", tensorboard: str | None = None,
                              backend: str | None = None) -> list[str]:
     """What of a training run (its --devices and --tensorboard, and the cluster its
-    environment describes) only the TensorFlow backend does here; empty under TensorFlow."""
+    environment describes) only the TensorFlow backend does here; empty under TensorFlow.
+    TF_CONFIG is TensorFlow's own format; several processes under JAX come from srun or
+    KERAS_DISTRIBUTION_* (jax_cluster.py, and distribution.placement refuses the latter under
+    the other backends), and torch trains in one process."""
     backend = backend or configured_backend()
     if backend == "tensorflow":
         return []
     features = ["--tensorboard"] if tensorboard else []
     if os.environ.get("TF_CONFIG"):
         features.append("TF_CONFIG (tf.distribute multi-worker training)")
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
-        features.append("training across several processes (srun with several tasks)")
+    if backend == "torch" and "SLURM_PROCID" in os.environ and \
+            os.environ.get("SLURM_STEP_NUM_TASKS", "1").strip() not in ("", "0", "1"):
+        features.append("training across several processes (srun with several tasks; "
+                        "KERAS_BACKEND=jax has it too)")
     try:
         choice = DeviceChoice.parse(str(devices))
     except ValueError:  # a bad value is --devices' own check's to report

@@ -16,8 +16,15 @@ TensorFlow:
 Under JAX, several local devices (every visible GPU by default, `--devices 0,2`, or
 `--devices cpu:N`, for which this process asks XLA for N host devices before JAX starts)
 train under `keras.distribution.DataParallel`; the strategy object is then a stand-in whose
-scope does nothing. Several processes (TF_CONFIG, srun with several tasks) need TensorFlow
-under this tool, as does more than one device under torch: both stop with a BackendError.
+scope does nothing. Several processes (one per machine) train one model under JAX too, when
+`srun` starts them with several tasks or Keras's KERAS_DISTRIBUTION_* variables describe them
+(jax_cluster.py reads both, and joins the cluster before JAX touches a device): DataParallel
+then spans every device of every process, each process feeds its own share of each global
+batch (`local_share`), and every process scores the validation frames and computes the
+backbone features, as under TensorFlow, so that all take the same steps. After the last
+step they leave the cluster together (`leave_cluster`), and process 0 alone scores, saves
+and writes the report on its own devices. TF_CONFIG is TensorFlow's format and stops a JAX
+run with a BackendError; under torch, one process uses one device.
 
 The global batch is `--batch-size` times the number of replicas. Only the chief (worker 0)
 writes the model directory and its checkpoints; every worker reads the same checkpoint to
@@ -34,6 +41,7 @@ import signal
 from dataclasses import dataclass
 
 from symbol_trainer.backend import BACKEND, keras, tf  # TensorFlow first, quietly
+from symbol_trainer import jax_cluster
 
 from symbol_trainer.settings import DEVICES_HELP, DeviceChoice  # noqa: F401  (re-exported)
 
@@ -139,7 +147,8 @@ def _rearm_python_sigterm() -> None:
     """Give SIGTERM back to Python's handler (the command's, which stops training with a
     checkpoint and exit code 143). TensorFlow's coordination service, which a multi-worker
     strategy starts, installs a C++ SIGTERM handler of its own for its preemption notices,
-    and with it the signal no longer reaches Python: workers kept training through it."""
+    and with it the signal no longer reaches Python: workers kept training through it.
+    jax.distributed.initialize starts the same notifier (its log says 'SIGTERM caught')."""
     handler = signal.getsignal(signal.SIGTERM)
     if callable(handler):
         try:
@@ -152,6 +161,31 @@ def is_multi_worker(placement: Placement) -> bool:
     """Whether `placement` is TensorFlow's MultiWorkerMirroredStrategy."""
     return tf is not None and isinstance(placement.strategy,
                                          tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def local_share(batches, placement: Placement):
+    """`batches` (a datasets.Batches stream that fit() takes) cut to this process's share of
+    each global batch when several JAX processes train together: Keras makes one global array
+    of every process's share (jax.make_array_from_process_local_data). Each process loads only
+    its own rows. Unchanged otherwise (tf.distribute shards a dataset itself)."""
+    if BACKEND == "jax" and placement.workers > 1:
+        index, count = placement.worker_index, placement.workers
+        batches.order.share = (index, count)
+        # A transform draws from its batch's number (symbol_paste: the same pastes for the
+        # same batch): numbered per process, shares of one batch draw apart, not alike.
+        batches.transforms = [
+            (lambda batch, number, transform=transform: transform(batch, number * count + index),
+             first) for transform, first in batches.transforms]
+    return batches
+
+
+def leave_cluster(placement: Placement, models) -> None:
+    """After the last step all processes take together, under JAX with several processes:
+    copy the variables of `models` to this process's own device and leave the cluster
+    (jax_cluster.leave), so that process 0 scores, saves and reports alone and the others may
+    exit. Every process calls it at the same point; nothing happens otherwise."""
+    if BACKEND == "jax" and placement.workers > 1:
+        jax_cluster.leave([m for m in models if m is not None])
 
 
 def batch_multiple(placement: Placement) -> int:
@@ -176,15 +210,19 @@ def default_placement() -> Placement:
     return Placement(strategy, 1, 1, 0, "the default device")
 
 
+def _request_cpu_devices(count: int) -> None:
+    """Ask XLA for `count` host devices (under JAX); read when JAX starts its CPU client,
+    which nothing has asked for yet in a run."""
+    if count > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                   f"platform_device_count={count}").strip()
+
+
 def _jax_devices(choice: DeviceChoice) -> list:
     import jax
 
     if choice.kind == "cpu":
-        if choice.cpu_devices > 1 and "xla_force_host_platform_device_count" not in \
-                os.environ.get("XLA_FLAGS", ""):
-            # Read when JAX starts its CPU client, which nothing has asked for yet in a run.
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
-                                       f"platform_device_count={choice.cpu_devices}").strip()
+        _request_cpu_devices(choice.cpu_devices)
         devices = jax.devices("cpu")
         if len(devices) < choice.cpu_devices:
             raise ValueError(
@@ -231,11 +269,53 @@ def _local_placement(choice: DeviceChoice) -> Placement:
                      f"keras.distribution.DataParallel over {len(devices)} devices ({names})")
 
 
+def _jax_cluster_placement(choice: DeviceChoice, cluster: jax_cluster.JaxCluster) -> Placement:
+    """JAX, several processes: join `cluster`, then DataParallel over every device of every
+    process, the same number on each: `--devices` chooses this process's devices as on one
+    machine."""
+    if choice.kind == "cpu":
+        _request_cpu_devices(choice.cpu_devices)
+    jax_cluster.join(cluster, list(choice.gpu_indices) if choice.kind == "gpus" else None)
+    _rearm_python_sigterm()  # JAX's preemption notifier takes SIGTERM as TensorFlow's does
+    import jax
+    by_process: dict[int, list] = {}
+    for device in jax.devices("cpu" if choice.kind == "cpu" else None):
+        by_process.setdefault(device.process_index, []).append(device)
+    if choice.kind == "cpu":
+        by_process = {p: found[:choice.cpu_devices] for p, found in by_process.items()}
+    devices = [d for p in sorted(by_process) for d in by_process[p]]
+    local = by_process.get(jax.process_index(), [])
+    if len(devices) != len(local) * cluster.processes:
+        raise jax_cluster.ClusterError(
+            f"The {cluster.processes} processes have {len(devices)} devices in all and this "
+            f"one has {len(local)}: give every process as many devices (--devices, or the "
+            f"same GPUs per node), since each global batch is split evenly.")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(
+        devices=devices, auto_shard_dataset=False))  # each process feeds its share itself
+    return Placement(LocalScope(), len(devices), cluster.processes, cluster.process_id,
+                     f"keras.distribution.DataParallel over {len(devices)} devices in "
+                     f"{cluster.processes} processes from {cluster.source} "
+                     f"({len(local)} here; this is process {cluster.process_id})")
+
+
 def placement(choice: DeviceChoice) -> Placement:
-    """The strategy for `choice` and the cluster this process belongs to (TF_CONFIG, SLURM).
-    Call it before any TensorFlow operation runs: devices and collective operations can only
-    be set up before TensorFlow starts its runtime. Raises ValueError for impossible choices,
-    BackendError for what only TensorFlow does here."""
+    """The strategy for `choice` and the cluster this process belongs to (TF_CONFIG or SLURM
+    under TensorFlow; SLURM or KERAS_DISTRIBUTION_* under JAX, which it joins here).
+    Call it before any TensorFlow operation runs and before anything asks JAX for its
+    devices: devices and collective operations can only be set up before the backend starts
+    its runtime. Raises ValueError for impossible choices, BackendError for what only
+    TensorFlow does here, jax_cluster.ClusterError for a cluster that cannot be joined."""
+    if BACKEND == "jax":
+        cluster = jax_cluster.cluster_from_environment()
+        if cluster is not None:
+            return _jax_cluster_placement(choice, cluster)
+    elif os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1").strip() not in ("", "0", "1"):
+        # Each process would train alone, all into the same model directory.
+        raise jax_cluster.ClusterError(
+            "KERAS_DISTRIBUTION_NUM_PROCESSES and its two companions describe a cluster for "
+            f"keras.distribution, which this tool joins under KERAS_BACKEND=jax only (this run "
+            f"uses {BACKEND}): run with KERAS_BACKEND=jax, or under TensorFlow start the "
+            "processes with TF_CONFIG or srun instead (docs/batch-jobs.md).")
     if BACKEND != "tensorflow":
         return _local_placement(choice)
     cluster = _cluster_workers()

@@ -271,6 +271,10 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
             refitted = refit.refit_if_asked(images, config, geometry, is_validation, rows,
                                             store, run, mixed, phase_seconds,
                                             symbol_images=prepared.symbol_images)
+            # Several JAX processes: the last step taken together is behind them; process 0
+            # scores and saves on its own devices from here, the others stop.
+            distribution.leave_cluster(placement, [parts.model, refitted.parts and
+                                                   refitted.parts.model])
             if not placement.is_chief:
                 log.info("Worker %d is done; worker 0 writes the model directory.",
                          placement.worker_index)

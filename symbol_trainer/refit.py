@@ -127,6 +127,7 @@ def _fit_exactly(model, phase: str, epochs: int, batches, steps: int,
     rates = {"--fine-tune-learning-rate": config.fine_tune_learning_rate} \
         if phase == "fine_tune" else {}
     rates["--learning-rate"] = config.learning_rate
+    batches = distribution.local_share(batches, run.placement)
     if distribution.is_multi_worker(run.placement):
         _build_for_workers(model, run.placement.strategy, batches)
     try:

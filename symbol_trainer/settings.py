@@ -70,8 +70,9 @@ DEVICES_HELP = (
     "multi-device path without GPUs; slower than one). --batch-size is per device: the global "
     "batch is --batch-size times the number of devices. Across machines, TF_CONFIG or an srun "
     "with several tasks starts MultiWorkerMirroredStrategy (see docs/batch-jobs.md). Under "
-    "KERAS_BACKEND=jax several devices train under keras.distribution.DataParallel instead, "
-    "and several machines need TensorFlow (docs/backends.md). Default: %(default)s.")
+    "KERAS_BACKEND=jax several devices, and several machines (srun, or KERAS_DISTRIBUTION_*), "
+    "train under keras.distribution.DataParallel instead (docs/backends.md). Default: "
+    "%(default)s.")
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ def fit_phase(model: keras.Model, phase: str, config: TrainingConfig, run: Train
                 model.set_weights(resumed.best_weights)
             return int(resumed.early_stopping.get("best_epoch", -1)) + 1
         first_epoch = resumed.epochs_done
-    batches = train_data(first_epoch)
+    batches = distribution.local_share(train_data(first_epoch), run.placement)
     if distribution.is_multi_worker(run.placement):
         _build_for_workers(model, run.placement.strategy, batches)
     # Validation first: the callbacks after it read its scores from the epoch's logs.

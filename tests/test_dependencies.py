@@ -131,3 +131,17 @@ def test_backend_requirement_files_pin_what_requirements_txt_pins(backend_file, 
               if name not in ("tensorflow", "tensorboard")}
     assert {name: version for name, version in other.items() if name != backend_package} == shared
     assert backend_package in other
+
+
+def test_several_processes_are_refused_under_torch_only(monkeypatch):
+    """srun with several tasks: JAX joins the cluster (jax_cluster.py), torch trains in one
+    process and says so at once (KERAS_DISTRIBUTION_*: tests/test_distribution.py)."""
+    for name in ("TF_CONFIG", "KERAS_DISTRIBUTION_NUM_PROCESSES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert dependencies.tensorflow_only_features("auto", None, "jax") == []
+    assert dependencies.tensorflow_only_features("auto", None, "tensorflow") == []
+    assert dependencies.tensorflow_only_features("auto", None, "torch") == [
+        "training across several processes (srun with several tasks; KERAS_BACKEND=jax has it "
+        "too)"]
