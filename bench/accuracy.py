@@ -353,7 +353,12 @@ LOADERS = {"frames-multi": lambda args: load_frames(args, "multi"),
 
 
 def run_directory(args, set_name: str, config_name: str, seed: int) -> Path:
-    return Path(args.work) / "runs" / set_name / f"{config_name}_seed{seed}"
+    """Where one run is stored. Synthetic sets' runs sit in a folder of their frame counts,
+    so that runs on 600 frames and on 1,200 both stay (one replaced the other before)."""
+    folder = set_name
+    if set_name.startswith("frames-"):
+        folder = f"{set_name}_{args.n_frames}x{args.n_unseen}"
+    return Path(args.work) / "runs" / folder / f"{config_name}_seed{seed}"
 
 
 def run_key(args, set_name: str, flags: str, seed: int, group_by: str | None = None) -> dict:

@@ -197,6 +197,15 @@ def test_a_stored_run_with_the_same_settings_is_reused(tmp_path, monkeypatch):
         accuracy.run_job(args, data, "old", "--dropout 0.2", 0)
 
 
+def test_synthetic_runs_of_other_frame_counts_are_stored_apart():
+    small = argparse.Namespace(work="w", n_frames=600, n_unseen=300)
+    large = argparse.Namespace(work="w", n_frames=1200, n_unseen=300)
+    assert accuracy.run_directory(small, "frames-multi", "new", 0) != \
+        accuracy.run_directory(large, "frames-multi", "new", 0)
+    assert accuracy.run_directory(small, "adidas", "new", 0) == \
+        accuracy.run_directory(large, "adidas", "new", 0)
+
+
 def test_a_run_stored_before_a_setting_existed_matches_that_setting_at_its_default():
     args = argparse.Namespace(work="unused", quick=True, weights="none", n_frames=160,
                               n_unseen=80, gtsrb_positive="^speed_limit")
