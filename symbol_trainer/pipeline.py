@@ -224,11 +224,11 @@ def train_and_save(images: LabelledImages, config: TrainingConfig,
     written into the model directory and checked against the Keras model."""
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    check_output_outside_images(output_dir, images, config)
-    check_output_dir(output_dir, overwrite)
     if exports:  # the backend and the packages each export needs, before any training
         from symbol_trainer.export import check_formats
         check_formats(exports)
+    check_output_outside_images(output_dir, images, config)
+    check_output_dir(output_dir, overwrite)
     # What only TensorFlow does (--tensorboard, TF_CONFIG, ...) fails before any work.
     require_backend_features(config.devices, config.tensorboard, BACKEND)
     try:
@@ -402,10 +402,10 @@ def check_or_train(images: LabelledImages, config: TrainingConfig, output_dir: s
                    exports: Sequence[str] = ()) -> CommandOutcome:
     """What both scripts do once they have their labelled images: with `dry_run`, every check
     before training and the data summary; otherwise train, save, and summarise the metrics."""
-    if exports:  # --export's backend and packages, checked by a dry run too
-        from symbol_trainer.export import check_formats
-        check_formats(exports)
     if dry_run:
+        if exports:  # --export's backend and packages; train_and_save checks them otherwise
+            from symbol_trainer.export import check_formats
+            check_formats(exports)
         # An existing model directory is only a note here: dry runs are repeated after every
         # labelling session next to the model trained last time.
         if Path(output_dir).exists() and not Path(output_dir).is_dir():
