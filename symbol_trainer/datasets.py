@@ -124,6 +124,17 @@ class Batches(keras.utils.PyDataset):
         self.transforms.append((transform, int(first_number)))
         return self
 
+    def keep_share(self, index: int, count: int) -> "Batches":
+        """Keep part `index` of `count` equal parts of every batch (BatchOrder.share): one
+        process's share when several train together. Each transform then numbers the batch
+        `number x count + index`, so that the shares of one batch draw apart (the pastes of
+        symbol_paste depend on the number), not alike; returns this stream."""
+        self.order.share = (index, count)
+        self.transforms = [
+            (lambda batch, number, transform=transform: transform(batch, number * count + index),
+             first) for transform, first in self.transforms]
+        return self
+
     def __len__(self) -> int:
         return len(self.order)
 

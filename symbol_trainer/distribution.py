@@ -169,13 +169,7 @@ def local_share(batches, placement: Placement):
     of every process's share (jax.make_array_from_process_local_data). Each process loads only
     its own rows. Unchanged otherwise (tf.distribute shards a dataset itself)."""
     if BACKEND == "jax" and placement.workers > 1:
-        index, count = placement.worker_index, placement.workers
-        batches.order.share = (index, count)
-        # A transform draws from its batch's number (symbol_paste: the same pastes for the
-        # same batch): numbered per process, shares of one batch draw apart, not alike.
-        batches.transforms = [
-            (lambda batch, number, transform=transform: transform(batch, number * count + index),
-             first) for transform, first in batches.transforms]
+        return batches.keep_share(placement.worker_index, placement.workers)
     return batches
 
 
